@@ -1,0 +1,277 @@
+//! `motorpool-provider`: the contract between motorpool's engine and a cloud.
+//!
+//! This crate owns the [`Provider`] trait, the types that cross it
+//! ([`Instance`], [`LaunchRequest`], [`Page`], [`NodeType`]), the tag names
+//! every provider stores on the instances it launches ([`tags`]), and the typed
+//! errors ([`ProviderError`]) the engine uses to decide what to retry.
+//!
+//! It must not know about specs, plans or any cloud SDK: the engine depends on
+//! this crate, every provider crate depends on this crate, and nothing here
+//! depends on either.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub mod catalog;
+
+pub use catalog::{NodeType, cheapest_fit};
+
+/// Tags (labels on GCP) as key -> value. Ordered so that hashes and renders are stable.
+pub type Tags = BTreeMap<String, String>;
+
+/// The tag names motorpool writes on every instance it creates.
+///
+/// Observed state is found by these tags alone: there is no state file.
+pub mod tags {
+    /// The project (spec tree) that owns the instance.
+    pub const PROJECT: &str = "motorpool-project";
+    /// `pool` or `cluster`: which kind of resource the instance belongs to now.
+    pub const KIND: &str = "motorpool-kind";
+    /// The name of the pool or cluster the instance belongs to now.
+    pub const NAME: &str = "motorpool-name";
+    /// `idle`, `driver` or `worker`.
+    pub const ROLE: &str = "motorpool-role";
+    /// Hash of the spec fields that force a replace when they change.
+    pub const SPEC: &str = "motorpool-spec";
+    /// The last startup step the node finished.
+    pub const STEP: &str = "motorpool-step";
+    /// Unix seconds since when a pool instance has been idle.
+    pub const IDLE_SINCE: &str = "motorpool-idle-since";
+    /// The pool a cluster instance was drawn from, so it can go back when the cluster goes.
+    pub const POOL: &str = "motorpool-pool";
+    /// How many instances of this role the last apply left (workers of a cluster,
+    /// idle instances of a pool): fewer live ones than this is drift.
+    pub const SIZE: &str = "motorpool-size";
+    /// The runtime version the node was set up with (a replace-forcing field).
+    pub const RUNTIME: &str = "motorpool-runtime";
+}
+
+/// The lifecycle state of an instance, as the provider reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Pending,
+    Running,
+    Stopping,
+    Stopped,
+    /// Gone: terminated by someone, or (local provider) its process is dead.
+    Terminated,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Terminated => "terminated",
+        }
+    }
+
+    /// Pending or running: the instance is (about to be) doing work.
+    pub fn is_live(self) -> bool {
+        matches!(self, InstanceState::Pending | InstanceState::Running)
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One machine as the provider reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub node_type: String,
+    /// The image (AMI, local runtime, ...) the instance was launched from.
+    pub image: String,
+    pub state: InstanceState,
+    pub tags: Tags,
+    /// Where the node's agent listens, when the provider knows (`127.0.0.1:PORT` on local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The agent's process id (local provider only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Unix seconds of the launch.
+    pub launched_at: u64,
+}
+
+impl Instance {
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.get(key).map(String::as_str)
+    }
+}
+
+/// A filter on tags: every listed key must be present with exactly that value.
+pub type TagFilter = Tags;
+
+/// One page of a paginated list.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub instances: Vec<Instance>,
+    /// Pass back to get the next page; `None` on the last one.
+    pub next_token: Option<String>,
+}
+
+/// Launch `count` identical instances, tagged at birth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaunchRequest {
+    pub count: u32,
+    pub node_type: String,
+    /// `None`: the provider's default image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    pub tags: Tags,
+    /// Rendered user data (cloud-init) for cloud providers; the local provider ignores it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user_data: String,
+    /// Idempotency token: a second launch with the same token returns the
+    /// instances of the first instead of making new ones.
+    pub client_token: String,
+}
+
+/// A change of tags on a set of instances: `set` is written, `remove` is deleted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Retag {
+    pub set: Tags,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// What went wrong at the provider, typed so the engine knows what to retry.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ProviderError {
+    /// Rate limited (RequestLimitExceeded, 429): retry after a backoff.
+    #[error("throttled by the provider: {0}")]
+    Throttled(String),
+    /// A server-side failure (5xx): retry after a backoff.
+    #[error("provider server error: {0}")]
+    Server(String),
+    /// Not enough capacity for this node type here right now.
+    #[error("insufficient capacity: {0}")]
+    Capacity(String),
+    /// An account limit (vCPU, instance count) would be exceeded.
+    #[error("quota exceeded: {0}")]
+    Quota(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Credentials missing, expired or not allowed.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// A bad request; `field` names the spec field when the provider can tell.
+    #[error("invalid request{}: {message}", field.as_deref().map(|f| format!(" (spec field `{f}`)")).unwrap_or_default())]
+    Invalid {
+        field: Option<String>,
+        message: String,
+    },
+    /// The provider's own machinery failed (I/O, a process would not start, ...).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ProviderError {
+    /// Throttling and server errors are worth retrying with backoff; the rest are not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ProviderError::Throttled(_) | ProviderError::Server(_))
+    }
+
+    pub fn invalid(field: impl Into<Option<String>>, message: impl Into<String>) -> Self {
+        ProviderError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
+
+/// A cloud (or the local machine) that can run instances.
+///
+/// Every call may fail with a typed [`ProviderError`]; the engine retries the
+/// retryable ones, so implementations must make `launch` idempotent per
+/// `client_token` and `terminate`/`retag`/`stop`/`start` safe to repeat.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// `local`, `sim`, `aws`, ...
+    fn kind(&self) -> &str;
+
+    /// The node types this provider offers.
+    fn catalog(&self) -> &[NodeType];
+
+    /// The image used when a launch names none.
+    fn default_image(&self) -> String;
+
+    /// A suggested client-side rate limit for this provider, in calls per second.
+    fn calls_per_second(&self) -> f64 {
+        50.0
+    }
+
+    /// One page of the instances whose tags match `filter` (terminated ones
+    /// may be included while the provider still reports them).
+    async fn list_page(&self, filter: &TagFilter, page_token: Option<String>) -> Result<Page>;
+
+    /// Launch a batch of instances, tagged at birth.
+    async fn launch(&self, request: &LaunchRequest) -> Result<Vec<Instance>>;
+
+    /// Terminate instances; ids that are already gone are not an error.
+    async fn terminate(&self, ids: &[String]) -> Result<()>;
+
+    /// Stop instances (keep their disk, stop paying for compute).
+    async fn stop(&self, ids: &[String]) -> Result<()>;
+
+    /// Start stopped instances.
+    async fn start(&self, ids: &[String]) -> Result<()>;
+
+    /// Change tags on instances.
+    async fn retag(&self, ids: &[String], change: &Retag) -> Result<()>;
+}
+
+/// How long to wait before retry number `attempt` (0-based): exponential
+/// backoff from `base`, capped at `cap`, with full jitter from `jitter` in [0, 1).
+pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration, jitter: f64) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16));
+    let capped = exp.min(cap);
+    // "Equal jitter": never less than half the backoff, so retries still spread out.
+    let half = capped / 2;
+    half + half.mul_f64(jitter.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_errors_are_throttling_and_server_errors_only() {
+        assert!(ProviderError::Throttled("x".into()).is_retryable());
+        assert!(ProviderError::Server("x".into()).is_retryable());
+        assert!(!ProviderError::Capacity("x".into()).is_retryable());
+        assert!(
+            !ProviderError::invalid(Some("pools.a.node_type".to_string()), "bad").is_retryable()
+        );
+    }
+
+    #[test]
+    fn invalid_error_names_the_spec_field() {
+        let e = ProviderError::invalid(Some("provider.image".to_string()), "no such AMI");
+        assert_eq!(
+            e.to_string(),
+            "invalid request (spec field `provider.image`): no such AMI"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(2);
+        assert_eq!(backoff_delay(0, base, cap, 0.0), Duration::from_millis(50));
+        assert_eq!(backoff_delay(3, base, cap, 0.999).as_millis(), 799);
+        assert_eq!(backoff_delay(30, base, cap, 0.0), Duration::from_secs(1));
+    }
+}
