@@ -1,6 +1,15 @@
 //! motorpool: declarative compute for data jobs.
 //!
-//! The engine: specs in, plans out, plans applied through the `Provider`
-//! trait. The CLI (`main.rs`) is a thin shell around this library.
+//! The engine: specs in ([`spec`]), observed state from the providers
+//! ([`observe`]), plans as data ([`plan`]), plans applied through the
+//! `Provider` trait ([`apply`]), and the node agent ([`agent`]). [`engine`]
+//! wires the stages together for the CLI (`main.rs`), which holds no logic.
 
+pub mod agent;
+pub mod apply;
+pub mod engine;
+pub mod home;
+pub mod observe;
+pub mod plan;
+pub mod providers;
 pub mod spec;

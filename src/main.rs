@@ -1,1 +1,358 @@
-fn main() {}
+//! The `motorpool` command line: parse arguments, call the library, print,
+//! and map the outcome to an exit code. No rules live here.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use motorpool::apply::{ApplyOptions, ProgressMode};
+use motorpool::engine::{self, Project};
+use motorpool::plan::{self, Plan, PlanMode, render};
+use motorpool::spec::LoadOptions;
+
+#[derive(Parser)]
+#[command(
+    name = "motorpool",
+    version,
+    about = "Declarative compute for data jobs: pools, clusters and jobs from checked-in YAML."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a spec and report every problem as file:line:col.
+    Validate(SpecArgs),
+    /// Show what apply would change, and why.
+    Plan(PlanArgs),
+    /// Make the cloud match the spec (or run a saved plan).
+    Apply(ApplyArgs),
+    /// Remove every pool and cluster of the project.
+    Destroy(DestroyArgs),
+    /// List the project's nodes with their role, state and address.
+    Status(StatusArgs),
+    /// Run a node agent (started by providers, not by people).
+    #[command(hide = true)]
+    Agent(AgentArgs),
+}
+
+#[derive(Args)]
+struct SpecArgs {
+    /// A spec file, or a directory holding motorpool.yaml.
+    #[arg(default_value = ".")]
+    path: PathBuf,
+    /// Apply the overrides of this target.
+    #[arg(long)]
+    target: Option<String>,
+    /// Set a variable: --var workers=8 (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum PlanOutput {
+    Text,
+    Json,
+    Markdown,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    #[arg(long, value_enum, default_value = "text")]
+    output: PlanOutput,
+    /// Exit 0 when there are no changes, 1 on error, 2 when there are changes.
+    #[arg(long)]
+    detailed_exitcode: bool,
+    /// Only drift: heal what changed behind motorpool's back, ignore spec changes.
+    #[arg(long)]
+    refresh_only: bool,
+    /// Save the plan; `motorpool apply FILE` runs exactly it.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Most provider operations in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    parallelism: u32,
+    /// Only heal drift.
+    #[arg(long)]
+    refresh_only: bool,
+}
+
+#[derive(Args)]
+struct DestroyArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    #[arg(long, short = 'y')]
+    yes: bool,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    parallelism: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum StatusOutput {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    #[arg(long, value_enum, default_value = "text")]
+    output: StatusOutput,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The instance's directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Where to listen (loopback only).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    #[arg(long)]
+    instance_id: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Validate(args) => validate(args),
+        Command::Plan(args) => plan_cmd(args).await,
+        Command::Apply(args) => apply_cmd(args).await,
+        Command::Destroy(args) => destroy_cmd(args).await,
+        Command::Status(args) => status_cmd(args).await,
+        Command::Agent(args) => {
+            motorpool::agent::run(motorpool::agent::AgentOptions {
+                dir: args.dir,
+                listen: args.listen,
+                instance_id: args.instance_id,
+            })
+            .await?;
+            Ok(0)
+        }
+    }
+}
+
+fn load_options(args: &SpecArgs) -> Result<LoadOptions> {
+    let mut vars = Vec::new();
+    for v in &args.vars {
+        match v.split_once('=') {
+            Some((k, val)) if !k.trim().is_empty() => {
+                vars.push((k.trim().to_string(), val.to_string()))
+            }
+            _ => bail!("--var takes NAME=VALUE, got `{v}`"),
+        }
+    }
+    Ok(LoadOptions {
+        target: args.target.clone(),
+        vars,
+    })
+}
+
+fn validate(args: SpecArgs) -> Result<u8> {
+    let loaded = engine::load_spec(&args.path, &load_options(&args)?)?;
+    let s = &loaded.spec;
+    println!(
+        "{} is valid: project `{}`, {} pools, {} clusters, {} jobs.",
+        loaded.root_file.display(),
+        s.project,
+        s.pools.len(),
+        s.clusters.len(),
+        s.jobs.len()
+    );
+    Ok(0)
+}
+
+fn print_plan(plan: &Plan, output: PlanOutput) {
+    match output {
+        PlanOutput::Text => print!("{}", render::text(plan)),
+        PlanOutput::Json => println!("{}", render::json(plan)),
+        PlanOutput::Markdown => print!("{}", render::markdown(plan)),
+    }
+}
+
+async fn plan_cmd(args: PlanArgs) -> Result<u8> {
+    let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
+    let spec = &loaded.spec;
+    let project = Project::open(&spec.project, &spec.provider)?;
+    let mode = if args.refresh_only {
+        PlanMode::RefreshOnly
+    } else {
+        PlanMode::Normal
+    };
+    let plan = project.plan(spec, mode).await?;
+    print_plan(&plan, args.output);
+    if let Some(out) = &args.out {
+        plan::file::save(&plan, out)?;
+        if args.output == PlanOutput::Text {
+            println!(
+                "\nSaved the plan to {}. Run `motorpool apply {}` to apply exactly it.",
+                out.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(if args.detailed_exitcode && plan.has_changes() {
+        2
+    } else {
+        0
+    })
+}
+
+fn progress_mode() -> ProgressMode {
+    if std::io::stderr().is_terminal() {
+        ProgressMode::Bars
+    } else {
+        ProgressMode::Lines
+    }
+}
+
+/// Ask on a terminal; refuse without one unless --yes was given.
+fn confirm(yes: bool, what: &str) -> Result<bool> {
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "refusing to {what} without confirmation: there is no terminal to ask on. Pass --yes to {what} anyway."
+        );
+    }
+    print!("\nDo you want to {what}? Only 'yes' will be accepted: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+async fn run_plan(
+    project: &Project,
+    plan: &Plan,
+    yes: bool,
+    what: &str,
+    parallelism: u32,
+) -> Result<u8> {
+    print!("{}", render::text(plan));
+    if !plan.has_changes() {
+        return Ok(0);
+    }
+    if !confirm(yes, what)? {
+        println!("Cancelled: nothing was changed.");
+        return Ok(1);
+    }
+    let options = ApplyOptions {
+        parallelism: parallelism as usize,
+        progress: progress_mode(),
+        ..ApplyOptions::default()
+    };
+    let report = project.apply(plan, &options).await?;
+    println!();
+    for failure in report.failures() {
+        println!("  {}: {:?}", failure.address, failure.outcome);
+    }
+    println!("{}", report.summary_line());
+    Ok(if report.succeeded() { 0 } else { 1 })
+}
+
+async fn apply_cmd(args: ApplyArgs) -> Result<u8> {
+    if plan::file::looks_like_plan(&args.spec.path) {
+        return apply_saved(&args.spec.path, args.yes, args.parallelism).await;
+    }
+    let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
+    let spec = &loaded.spec;
+    let project = Project::lock(&spec.project, &spec.provider)?;
+    if let Some(note) = project.resume_interrupted().await? {
+        println!("{note}\n");
+    }
+    let mode = if args.refresh_only {
+        PlanMode::RefreshOnly
+    } else {
+        PlanMode::Normal
+    };
+    let plan = project.plan(spec, mode).await?;
+    run_plan(
+        &project,
+        &plan,
+        args.yes,
+        "apply these changes",
+        args.parallelism,
+    )
+    .await
+}
+
+async fn apply_saved(path: &Path, yes: bool, parallelism: u32) -> Result<u8> {
+    let plan = plan::file::load(path)?;
+    let project = Project::lock(&plan.project, &plan.provider)?;
+    if let Some(note) = project.resume_interrupted().await? {
+        println!("{note}\n");
+    }
+    project.check_not_stale(&plan).await?;
+    run_plan(&project, &plan, yes, "apply this saved plan", parallelism).await
+}
+
+async fn destroy_cmd(args: DestroyArgs) -> Result<u8> {
+    let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
+    let spec = &loaded.spec;
+    let project = Project::lock(&spec.project, &spec.provider)?;
+    if let Some(note) = project.resume_interrupted().await? {
+        println!("{note}\n");
+    }
+    let plan = project.plan(spec, PlanMode::Destroy).await?;
+    run_plan(
+        &project,
+        &plan,
+        args.yes,
+        "destroy every pool and cluster of this project",
+        args.parallelism,
+    )
+    .await
+}
+
+async fn status_cmd(args: StatusArgs) -> Result<u8> {
+    let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
+    let spec = &loaded.spec;
+    let project = Project::open(&spec.project, &spec.provider)?;
+    let observed = project.observe().await?;
+    let status = engine::status_of(&spec.project, spec.provider.kind(), &observed);
+    match args.output {
+        StatusOutput::Text => print!("{}", engine::render_status(&status)),
+        StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+    }
+    Ok(0)
+}

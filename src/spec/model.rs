@@ -90,7 +90,7 @@ pub struct SimSettings {
     /// Fraction (0..1) of calls failing with a server error (some after the change was made).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_rate: Option<f64>,
-    /// Most instances that may exist at once; launches beyond fail with a capacity error.
+    /// Most live (pending or running) instances at once; launches beyond fail with a capacity error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u32>,
     /// Instances listed per page (default 1000).

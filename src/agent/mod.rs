@@ -1,0 +1,239 @@
+//! The node agent: `motorpool agent`, the process that runs on every node.
+//!
+//! It serves the `motorpool.agent.v1.Agent` gRPC service (see
+//! `proto/agent.proto`). The local provider starts one detached agent per
+//! instance with `motorpool agent --dir DIR --listen 127.0.0.1:0 --instance-id ID`
+//! and learns its address from `DIR/agent.json`, which [`run`] writes once
+//! the socket is bound.
+//!
+//! Nothing listens beyond loopback for now: a non-loopback `--listen` is refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{SignalKind, signal};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint, Server};
+
+mod service;
+
+#[cfg(test)]
+mod tests;
+
+/// The generated protobuf messages and the tonic client/server of `motorpool.agent.v1`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("motorpool.agent.v1");
+}
+
+pub use proto::agent_client::AgentClient;
+pub use proto::{HealthResponse, IdentityResponse};
+
+/// The file an agent writes in its directory once it listens.
+pub const AGENT_FILE: &str = "agent.json";
+
+/// The revision of the v1 protocol this agent speaks (`IdentityResponse.protocol_version`).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How long a stopping agent lets in-flight calls finish before it exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How to run an agent (`motorpool agent --dir DIR --listen ADDR --instance-id ID`).
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The agent's working directory; `agent.json` is written here.
+    pub dir: PathBuf,
+    /// Where to listen; must be a loopback address. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The provider's id of the instance this agent runs on.
+    pub instance_id: String,
+}
+
+/// The content of `<dir>/agent.json`: where a running agent listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentFile {
+    /// `127.0.0.1:PORT`.
+    pub address: String,
+    pub pid: u32,
+    pub instance_id: String,
+}
+
+impl AgentFile {
+    /// Reads `<dir>/agent.json`.
+    pub fn read(dir: &Path) -> anyhow::Result<AgentFile> {
+        let path = dir.join(AGENT_FILE);
+        let text =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("{} is not valid", path.display()))
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then returns `Ok(())` (exit code 0).
+///
+/// Binds `opts.listen` (refusing a non-loopback address), then writes
+/// `<dir>/agent.json` atomically, then serves. SIGHUP is ignored, so a closed
+/// terminal does not stop a detached agent.
+pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    run_until(opts, shutdown_signal()?).await
+}
+
+/// Like [`run`], but stops when `shutdown` completes instead of on a signal.
+pub async fn run_until(
+    opts: AgentOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let started_at_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if !opts.listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {}: the agent only listens on a loopback address (127.0.0.1 or ::1) for now",
+            opts.listen
+        );
+    }
+    if opts.instance_id.is_empty() {
+        bail!("the instance id must not be empty");
+    }
+    std::fs::create_dir_all(&opts.dir)
+        .with_context(|| format!("cannot create the agent directory {}", opts.dir.display()))?;
+    let dir = std::path::absolute(&opts.dir)
+        .with_context(|| format!("cannot resolve the agent directory {}", opts.dir.display()))?;
+
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let local = listener
+        .local_addr()
+        .context("cannot read the listening address")?;
+    let agent_file = AgentFile {
+        address: local.to_string(),
+        pid: std::process::id(),
+        instance_id: opts.instance_id.clone(),
+    };
+    write_atomically(
+        &dir.join(AGENT_FILE),
+        &serde_json::to_vec_pretty(&agent_file)?,
+    )?;
+    eprintln!(
+        "motorpool agent {} (pid {}) listening on {}",
+        opts.instance_id, agent_file.pid, agent_file.address
+    );
+
+    let svc = service::AgentService::new(service::AgentInfo {
+        instance_id: opts.instance_id.clone(),
+        pid: agent_file.pid,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at_unix,
+        started,
+        dir: dir.clone(),
+    });
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        Server::builder()
+            .add_service(proto::agent_server::AgentServer::new(svc))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    let result = tokio::select! {
+        served = &mut server => Some(served),
+        () = shutdown => None,
+    };
+    let served = match result {
+        Some(served) => served,
+        None => {
+            eprintln!("motorpool agent {}: stopping", opts.instance_id);
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(served) => served,
+                Err(_) => {
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
+    // The address is no longer served: say so (only if the file is still ours).
+    if AgentFile::read(&dir).is_ok_and(|f| f == agent_file) {
+        let _ = std::fs::remove_file(dir.join(AGENT_FILE));
+    }
+    served
+        .context("the agent's server task failed")?
+        .context("the agent's gRPC server failed")?;
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT. SIGHUP is swallowed meanwhile.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => continue,
+            }
+        }
+    })
+}
+
+/// Writes `path` by writing a temporary sibling and renaming it over `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Connects to the agent at `address` (`127.0.0.1:PORT`), waiting at most `timeout`.
+///
+/// Every call made on the returned client also times out after `timeout`.
+pub async fn connect(address: &str, timeout: Duration) -> anyhow::Result<AgentClient<Channel>> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .with_context(|| format!("not an agent address: {address:?}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out connecting to the agent at {address}"))?
+        .with_context(|| format!("cannot connect to the agent at {address}"))?;
+    Ok(AgentClient::new(channel))
+}
+
+/// Asks the agent at `address` who it is.
+pub async fn identity(address: &str, timeout: Duration) -> anyhow::Result<IdentityResponse> {
+    let mut client = connect(address, timeout).await?;
+    let reply = tokio::time::timeout(timeout, client.identity(proto::IdentityRequest {}))
+        .await
+        .map_err(|_| anyhow::anyhow!("the agent at {address} did not answer within {timeout:?}"))?
+        .with_context(|| format!("the agent at {address} refused Identity"))?;
+    Ok(reply.into_inner())
+}
+
+/// Asks the agent at `address` whether it is healthy.
+pub async fn health(address: &str, timeout: Duration) -> anyhow::Result<HealthResponse> {
+    let mut client = connect(address, timeout).await?;
+    let reply = tokio::time::timeout(timeout, client.health(proto::HealthRequest {}))
+        .await
+        .map_err(|_| anyhow::anyhow!("the agent at {address} did not answer within {timeout:?}"))?
+        .with_context(|| format!("the agent at {address} refused Health"))?;
+    Ok(reply.into_inner())
+}

@@ -1,0 +1,512 @@
+//! Applying a plan: a walk of the plan's dependency DAG that runs each
+//! change's ops in order, with at most `parallelism` provider operations in
+//! flight, a journal line before and after each one, and progress as it goes.
+//!
+//! One failed change does not stop the others: changes that depend on it are
+//! skipped, independent ones carry on, and the report lists every failure.
+//! This module runs exactly the ops a plan holds; it decides nothing (the
+//! planner did) and holds no lock (the caller takes the project lock before
+//! observing, so that the plan and its apply see the same world).
+
+pub mod journal;
+pub mod lock;
+pub mod progress;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use motorpool_provider::{
+    Instance, InstanceState, LaunchRequest, ProviderError, Retag, TagFilter, Tags, tags,
+};
+use serde::Serialize;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::observe::ResourceKind;
+use crate::plan::{APPLY_TIME, Action, Change, Op, Plan};
+use crate::providers::{CallStats, ProviderClient};
+use journal::{Event, Journal};
+use progress::Progress;
+pub use progress::ProgressMode;
+
+/// How to apply.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Most provider operations in flight at once.
+    pub parallelism: usize,
+    pub progress: ProgressMode,
+    /// How long launched or started instances may take to report running.
+    pub ready_timeout: Duration,
+    /// Most instances in one launch call; bigger launches are split (and run in parallel).
+    pub max_batch: u32,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            parallelism: 16,
+            progress: ProgressMode::Lines,
+            ready_timeout: Duration::from_secs(600),
+            max_batch: 100,
+        }
+    }
+}
+
+/// How one change ended.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Done,
+    Failed { error: String },
+    Skipped { because: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeResult {
+    pub address: String,
+    pub action: Action,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub seconds: f64,
+}
+
+/// What apply did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyReport {
+    pub results: Vec<ChangeResult>,
+    pub stats: CallStats,
+    pub seconds: f64,
+}
+
+impl ApplyReport {
+    pub fn failures(&self) -> impl Iterator<Item = &ChangeResult> {
+        self.results.iter().filter(|r| r.outcome != Outcome::Done)
+    }
+
+    pub fn succeeded(&self) -> bool {
+        self.failures().next().is_none()
+    }
+
+    /// `Apply complete: 1 created, ...` or `Apply failed: ...`.
+    pub fn summary_line(&self) -> String {
+        let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+        for r in self.results.iter().filter(|r| r.outcome == Outcome::Done) {
+            *counts.entry(r.action.as_str()).or_default() += 1;
+        }
+        let n = |a: &str| counts.get(a).copied().unwrap_or(0);
+        let failed = self.failures().count();
+        let head = if failed == 0 {
+            "Apply complete".to_string()
+        } else {
+            format!(
+                "Apply failed ({failed} of {} changes did not finish)",
+                self.results.len()
+            )
+        };
+        format!(
+            "{head}: {} created, {} updated, {} replaced, {} deleted in {:.1}s ({} provider calls, {} retried).",
+            n("create"),
+            n("update"),
+            n("replace"),
+            n("delete"),
+            self.seconds,
+            self.stats.calls,
+            self.stats.retries
+        )
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Shared by the tasks that run changes.
+struct Runner {
+    client: Arc<ProviderClient>,
+    permits: Semaphore,
+    journal: Mutex<Journal>,
+    progress: Progress,
+    options: ApplyOptions,
+    project: String,
+}
+
+/// Run a plan. The caller holds the project lock.
+pub async fn apply(
+    plan: &Plan,
+    client: Arc<ProviderClient>,
+    project_dir: &Path,
+    options: &ApplyOptions,
+) -> Result<ApplyReport, std::io::Error> {
+    let started = Instant::now();
+    let stats_before = client.stats();
+    let changes: Vec<Change> = plan.actionable().cloned().collect();
+    let total_ops: usize = changes.iter().map(|c| c.ops.len()).sum();
+    let journal = Journal::begin(
+        project_dir,
+        &plan.observed_fingerprint,
+        total_ops,
+        unix_now(),
+    )?;
+    let runner = Arc::new(Runner {
+        client,
+        permits: Semaphore::new(options.parallelism.max(1)),
+        journal: Mutex::new(journal),
+        progress: Progress::new(options.progress, total_ops),
+        options: options.clone(),
+        project: plan.project.clone(),
+    });
+
+    let index: BTreeMap<&str, usize> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.address.as_str(), i))
+        .collect();
+    let deps: Vec<Vec<usize>> = changes
+        .iter()
+        .map(|c| {
+            c.depends_on
+                .iter()
+                .filter_map(|a| index.get(a.as_str()).copied())
+                .collect()
+        })
+        .collect();
+    let mut outcomes: Vec<Option<(Outcome, f64)>> = vec![None; changes.len()];
+    let mut running = vec![false; changes.len()];
+    let mut tasks: JoinSet<(usize, Result<(), String>, f64)> = JoinSet::new();
+
+    loop {
+        // Start what is ready; skip what depends on a failure.
+        for i in 0..changes.len() {
+            if running[i] || outcomes[i].is_some() {
+                continue;
+            }
+            if let Some(&bad) = deps[i].iter().find(|&&d| {
+                matches!(
+                    outcomes[d],
+                    Some((Outcome::Failed { .. } | Outcome::Skipped { .. }, _))
+                )
+            }) {
+                let because = format!("depends on {}, which did not finish", changes[bad].address);
+                runner
+                    .progress
+                    .line(&format!("{}: skipped: {because}", changes[i].address));
+                outcomes[i] = Some((Outcome::Skipped { because }, 0.0));
+                continue;
+            }
+            if deps[i]
+                .iter()
+                .all(|&d| matches!(outcomes[d], Some((Outcome::Done, _))))
+            {
+                running[i] = true;
+                let runner = runner.clone();
+                let change = changes[i].clone();
+                tasks.spawn(async move {
+                    let t = Instant::now();
+                    let result = runner.run_change(&change).await;
+                    (i, result, t.elapsed().as_secs_f64())
+                });
+            }
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        match joined {
+            Ok((i, result, secs)) => {
+                running[i] = false;
+                let outcome = match result {
+                    Ok(()) => {
+                        runner.progress.line(&format!(
+                            "{}: {} complete ({secs:.1}s)",
+                            changes[i].address,
+                            changes[i].action.as_str()
+                        ));
+                        Outcome::Done
+                    }
+                    Err(error) => {
+                        runner
+                            .progress
+                            .line(&format!("{}: failed: {error}", changes[i].address));
+                        Outcome::Failed { error }
+                    }
+                };
+                outcomes[i] = Some((outcome, secs));
+            }
+            Err(join_error) => {
+                // A task panicked: that is a bug, but the others still finish.
+                if let Some(i) = running.iter().position(|r| *r) {
+                    running[i] = false;
+                    outcomes[i] = Some((
+                        Outcome::Failed {
+                            error: format!("internal error: {join_error}"),
+                        },
+                        0.0,
+                    ));
+                }
+            }
+        }
+    }
+    runner.progress.finish();
+
+    let results: Vec<ChangeResult> = changes
+        .iter()
+        .zip(outcomes)
+        .map(|(c, o)| {
+            let (outcome, seconds) = o.unwrap_or((
+                Outcome::Skipped {
+                    because: "never became ready (dependency cycle)".into(),
+                },
+                0.0,
+            ));
+            ChangeResult {
+                address: c.address.clone(),
+                action: c.action,
+                outcome,
+                seconds,
+            }
+        })
+        .collect();
+    let failed = results
+        .iter()
+        .filter(|r| r.outcome != Outcome::Done)
+        .count();
+    runner.journal.lock().await.write(&Event::End { failed })?;
+    let after = runner.client.stats();
+    Ok(ApplyReport {
+        results,
+        stats: CallStats {
+            calls: after.calls - stats_before.calls,
+            list_calls: after.list_calls - stats_before.list_calls,
+            retries: after.retries - stats_before.retries,
+        },
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Tag values stamped at apply time.
+fn stamp(tags: &Tags, now: u64) -> Tags {
+    tags.iter()
+        .map(|(k, v)| {
+            let v = if v == APPLY_TIME {
+                now.to_string()
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+impl Runner {
+    async fn journal(&self, event: Event) -> Result<(), String> {
+        self.journal
+            .lock()
+            .await
+            .write(&event)
+            .map_err(|e| format!("cannot write the apply journal: {e}"))
+    }
+
+    /// Run one change's ops in order, then wait until what it launched or started runs.
+    async fn run_change(&self, change: &Change) -> Result<(), String> {
+        let mut must_run: Vec<String> = Vec::new();
+        for (index, op) in change.ops.iter().enumerate() {
+            let t = Instant::now();
+            let result = self.run_op(change, index, op, &mut must_run).await;
+            match result {
+                Ok(()) => self
+                    .progress
+                    .op_done(&change.address, &op.describe(), t.elapsed()),
+                Err(e) => {
+                    let error = format!("{}: {e}", op.describe());
+                    self.journal(Event::OpFailed {
+                        address: change.address.clone(),
+                        op: index,
+                        error: error.clone(),
+                    })
+                    .await?;
+                    return Err(error);
+                }
+            }
+        }
+        if !must_run.is_empty() {
+            self.wait_running(change, &must_run).await?;
+        }
+        Ok(())
+    }
+
+    async fn run_op(
+        &self,
+        change: &Change,
+        index: usize,
+        op: &Op,
+        must_run: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let now = unix_now();
+        let address = change.address.clone();
+        match op {
+            Op::Launch {
+                count,
+                node_type,
+                image,
+                tags,
+                token,
+                then_stop,
+                ..
+            } => {
+                let batches = count.div_ceil(self.options.max_batch.max(1));
+                let mut requests = Vec::new();
+                let mut left = *count;
+                for b in 0..batches {
+                    let n = left.min(self.options.max_batch.max(1));
+                    left -= n;
+                    requests.push(LaunchRequest {
+                        count: n,
+                        node_type: node_type.clone(),
+                        image: image.clone(),
+                        tags: stamp(tags, now),
+                        user_data: String::new(),
+                        client_token: if batches == 1 {
+                            token.clone()
+                        } else {
+                            format!("{token}-{b}")
+                        },
+                    });
+                }
+                // One journal line per op, holding every batch's request for replay.
+                for r in &requests {
+                    self.journal(Event::OpStart {
+                        address: address.clone(),
+                        op: index,
+                        launch: Some(r.clone()),
+                    })
+                    .await?;
+                }
+                let mut launches = JoinSet::new();
+                for r in requests {
+                    let client = self.client.clone();
+                    launches.spawn(async move { client.launch(&r).await });
+                }
+                let mut launched: Vec<Instance> = Vec::new();
+                let mut first_error: Option<ProviderError> = None;
+                while let Some(j) = launches.join_next().await {
+                    match j {
+                        Ok(Ok(instances)) => launched.extend(instances),
+                        Ok(Err(e)) => {
+                            first_error.get_or_insert(e);
+                        }
+                        Err(e) => {
+                            first_error.get_or_insert(ProviderError::Internal(e.to_string()));
+                        }
+                    }
+                }
+                if let Some(e) = first_error {
+                    return Err(e.to_string());
+                }
+                let ids: Vec<String> = launched.iter().map(|i| i.id.clone()).collect();
+                if *then_stop {
+                    self.call(|| self.client.stop(&ids)).await?;
+                } else {
+                    must_run.extend(
+                        launched
+                            .iter()
+                            .filter(|i| i.state != InstanceState::Running)
+                            .map(|i| i.id.clone()),
+                    );
+                }
+            }
+            Op::Retag { ids, set, remove } => {
+                self.journal(start(&address, index)).await?;
+                let change = Retag {
+                    set: stamp(set, now),
+                    remove: remove.clone(),
+                };
+                self.call(|| self.client.retag(ids, &change)).await?;
+            }
+            Op::Start { ids } => {
+                self.journal(start(&address, index)).await?;
+                self.call(|| self.client.start(ids)).await?;
+                must_run.extend(ids.iter().cloned());
+            }
+            Op::Stop { ids } => {
+                self.journal(start(&address, index)).await?;
+                self.call(|| self.client.stop(ids)).await?;
+            }
+            Op::Terminate { ids } => {
+                self.journal(start(&address, index)).await?;
+                self.call(|| self.client.terminate(ids)).await?;
+            }
+        }
+        self.journal(Event::OpDone { address, op: index }).await
+    }
+
+    /// One provider call under the parallelism limit.
+    async fn call<F, Fut>(&self, f: F) -> Result<(), String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), ProviderError>>,
+    {
+        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+        f().await.map_err(|e| e.to_string())
+    }
+
+    /// Poll the change's instances until every one in `ids` reports running.
+    async fn wait_running(&self, change: &Change, ids: &[String]) -> Result<(), String> {
+        let mut filter = TagFilter::new();
+        filter.insert(tags::PROJECT.into(), self.project.clone());
+        if change.kind != ResourceKind::Instance {
+            filter.insert(tags::KIND.into(), change.kind.as_str().into());
+            filter.insert(tags::NAME.into(), change.name.clone());
+        }
+        let deadline = Instant::now() + self.options.ready_timeout;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let listed = {
+                let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+                self.client
+                    .list_all(&filter)
+                    .await
+                    .map_err(|e| e.to_string())?
+            };
+            let state: BTreeMap<&str, InstanceState> =
+                listed.iter().map(|i| (i.id.as_str(), i.state)).collect();
+            let waiting: Vec<&String> = ids
+                .iter()
+                .filter(|id| state.get(id.as_str()) != Some(&InstanceState::Running))
+                .collect();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if let Some(dead) = waiting.iter().find(|id| {
+                matches!(
+                    state.get(id.as_str()),
+                    Some(InstanceState::Terminated) | None
+                )
+            }) {
+                return Err(format!("instance {dead} went away while starting"));
+            }
+            if Instant::now() >= deadline {
+                let names: Vec<&str> = waiting.iter().map(|s| s.as_str()).collect();
+                return Err(format!(
+                    "{} not running after {}s: {}",
+                    crate::plan::plural(waiting.len() as u32, "instance"),
+                    self.options.ready_timeout.as_secs(),
+                    names.join(", ")
+                ));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+fn start(address: &str, op: usize) -> Event {
+    Event::OpStart {
+        address: address.to_string(),
+        op,
+        launch: None,
+    }
+}

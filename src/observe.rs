@@ -1,0 +1,211 @@
+//! Observed state: what the provider reports now, grouped by tags into pools
+//! and clusters.
+//!
+//! There is no state file: one paginated, tag-filtered list per provider is
+//! the whole truth. This module owns that list and its grouping; it decides
+//! nothing about what should change (that is the planner's job).
+
+use std::collections::BTreeMap;
+
+use motorpool_provider::{Instance, InstanceState, ProviderError, TagFilter, tags};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::providers::ProviderClient;
+
+/// The two kinds of resources a project's instances belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    Pool,
+    Cluster,
+    /// An instance whose kind or name tag was removed: it belongs to nothing we can name.
+    Instance,
+}
+
+impl ResourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Pool => "pool",
+            ResourceKind::Cluster => "cluster",
+            ResourceKind::Instance => "instance",
+        }
+    }
+
+    pub fn address(self, name: &str) -> String {
+        format!("{}.{name}", self.as_str())
+    }
+}
+
+/// Every instance of one project, grouped by the resource it belongs to.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub project: String,
+    /// (kind, name) -> its instances, sorted by id.
+    pub resources: BTreeMap<(ResourceKind, String), Vec<Instance>>,
+    /// Instances with the project tag but no kind or name tag.
+    pub orphans: Vec<Instance>,
+    /// List calls (pages) it took to observe.
+    pub pages: u32,
+}
+
+impl Observed {
+    /// Group a project's listed instances by their kind and name tags.
+    pub fn from_instances(project: &str, mut instances: Vec<Instance>) -> Observed {
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut observed = Observed {
+            project: project.to_string(),
+            ..Observed::default()
+        };
+        for inst in instances {
+            let kind = match inst.tag(tags::KIND) {
+                Some("pool") => Some(ResourceKind::Pool),
+                Some("cluster") => Some(ResourceKind::Cluster),
+                _ => None,
+            };
+            match (kind, inst.tag(tags::NAME)) {
+                (Some(kind), Some(name)) if !name.is_empty() => {
+                    let key = (kind, name.to_string());
+                    observed.resources.entry(key).or_default().push(inst);
+                }
+                _ => observed.orphans.push(inst),
+            }
+        }
+        observed
+    }
+
+    pub fn members(&self, kind: ResourceKind, name: &str) -> &[Instance] {
+        self.resources
+            .get(&(kind, name.to_string()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    pub fn names(&self, kind: ResourceKind) -> impl Iterator<Item = &str> {
+        self.resources
+            .keys()
+            .filter(move |(k, _)| *k == kind)
+            .map(|(_, n)| n.as_str())
+    }
+
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.resources.values().flatten().chain(self.orphans.iter())
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.instances().count()
+    }
+
+    /// A hash of everything a saved plan was built on: ids, liveness, type and
+    /// the tags motorpool decides by. A booting instance that becomes running,
+    /// or a step tag that moves on, does not change it; anything else does.
+    pub fn fingerprint(&self) -> String {
+        let mut rows: Vec<String> = self
+            .instances()
+            .map(|i| {
+                let liveness = match i.state {
+                    InstanceState::Pending | InstanceState::Running => "live",
+                    InstanceState::Stopping | InstanceState::Stopped => "stopped",
+                    InstanceState::Terminated => "gone",
+                };
+                let tag_text: Vec<String> = i
+                    .tags
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != tags::STEP)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                format!(
+                    "{}|{}|{}|{}",
+                    i.id,
+                    liveness,
+                    i.node_type,
+                    tag_text.join(",")
+                )
+            })
+            .collect();
+        rows.sort();
+        let mut h = Sha256::new();
+        for r in rows {
+            h.update(r.as_bytes());
+            h.update(b"\n");
+        }
+        hex(&h.finalize()[..16])
+    }
+}
+
+/// List every instance of `project` (one paginated pass) and group them.
+pub async fn observe(client: &ProviderClient, project: &str) -> Result<Observed, ProviderError> {
+    let mut filter = TagFilter::new();
+    filter.insert(tags::PROJECT.to_string(), project.to_string());
+    let before = client.stats().list_calls;
+    let instances = client.list_all(&filter).await?;
+    let mut observed = Observed::from_instances(project, instances);
+    observed.pages = (client.stats().list_calls - before) as u32;
+    Ok(observed)
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use motorpool_provider::Tags;
+
+    fn inst(id: &str, kind: &str, name: &str) -> Instance {
+        let mut t = Tags::new();
+        t.insert(tags::PROJECT.into(), "p".into());
+        if !kind.is_empty() {
+            t.insert(tags::KIND.into(), kind.into());
+        }
+        t.insert(tags::NAME.into(), name.into());
+        Instance {
+            id: id.into(),
+            node_type: "small".into(),
+            image: "img".into(),
+            state: InstanceState::Running,
+            tags: t,
+            address: None,
+            pid: None,
+            launched_at: 0,
+        }
+    }
+
+    #[test]
+    fn instances_group_by_kind_and_name_and_untagged_ones_are_orphans() {
+        let obs = Observed::from_instances(
+            "p",
+            vec![
+                inst("b", "cluster", "etl"),
+                inst("a", "cluster", "etl"),
+                inst("c", "pool", "general"),
+                inst("d", "", "etl"),
+            ],
+        );
+        let etl: Vec<&str> = obs
+            .members(ResourceKind::Cluster, "etl")
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect();
+        assert_eq!(etl, ["a", "b"]);
+        assert_eq!(obs.members(ResourceKind::Pool, "general").len(), 1);
+        assert_eq!(obs.orphans.len(), 1);
+        assert_eq!(obs.instance_count(), 4);
+    }
+
+    #[test]
+    fn fingerprint_ignores_boot_progress_but_not_real_changes() {
+        let a = Observed::from_instances("p", vec![inst("a", "cluster", "etl")]);
+        let mut booting = inst("a", "cluster", "etl");
+        booting.state = InstanceState::Pending;
+        booting.tags.insert(tags::STEP.into(), "allocate".into());
+        let b = Observed::from_instances("p", vec![booting]);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let mut gone = inst("a", "cluster", "etl");
+        gone.state = InstanceState::Terminated;
+        let c = Observed::from_instances("p", vec![gone]);
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+}

@@ -1,0 +1,1253 @@
+//! Building a plan: the spec's pools and clusters against what the provider
+//! reports, into changes with reasons and ops.
+//!
+//! The rules, in the order they are applied:
+//! 1. Every observed pool instance is sorted: healthy and available, gone
+//!    (drift), stopped against `warm: running` (drift), retyped (drift), tag
+//!    removed (drift), or built from an older spec (replace).
+//! 2. Clusters, by name: created, replaced when a replace-forcing field
+//!    changed (worker or driver node type, image, runtime), healed one for one
+//!    when instances drifted, scaled to the spec's workers, retagged when their
+//!    tags changed, or deleted. Instances come from the cluster's pool first
+//!    (re-tagged), and the shortfall is launched, never beyond the pool's
+//!    max_capacity; deleted or surplus instances go back to their pool.
+//! 3. Pools: refilled to min_idle (within max_capacity), trimmed above
+//!    min_idle once instances have idled past idle_timeout_minutes, deleted
+//!    when gone from the spec.
+//! 4. Instances whose kind or name tag was removed are terminated.
+//!
+//! Client tokens are derived from the plan's own content, so building the same
+//! plan twice from the same state gives the same tokens.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use motorpool_provider::{Instance, InstanceState, NodeType, Tags, cheapest_fit, tags};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use super::{APPLY_TIME, Action, Change, FORMAT_VERSION, Op, Plan, Role, Summary, plural};
+use crate::observe::{Observed, ResourceKind, hex};
+use crate::spec::{Cluster, Pool, Resources, Spec, WarmMode};
+
+/// A spec that cannot be planned against what exists.
+#[derive(Debug, Error, PartialEq)]
+pub enum PlanError {
+    #[error("{address}: {message}")]
+    Impossible { address: String, message: String },
+}
+
+/// What to plan for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanMode {
+    /// Make reality match the spec.
+    Normal,
+    /// Only heal drift: bring back what the last apply left, ignore spec changes.
+    RefreshOnly,
+    /// Remove everything the project has.
+    Destroy,
+}
+
+/// Everything a plan is built from.
+pub struct PlanInput<'a> {
+    pub spec: &'a Spec,
+    pub observed: &'a Observed,
+    pub catalog: &'a [NodeType],
+    pub default_image: &'a str,
+    pub mode: PlanMode,
+    /// Unix seconds, for idle timeouts.
+    pub now: u64,
+}
+
+/// Build the plan.
+pub fn build(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
+    let mut planner = Planner::new(input)?;
+    let mut changes = Vec::new();
+
+    let cluster_names: BTreeSet<String> = input
+        .spec_clusters()
+        .keys()
+        .cloned()
+        .chain(
+            input
+                .observed
+                .names(ResourceKind::Cluster)
+                .map(str::to_string),
+        )
+        .collect();
+    for name in &cluster_names {
+        let spec = input.spec_clusters().get(name);
+        let members = input.observed.members(ResourceKind::Cluster, name);
+        changes.push(planner.plan_cluster(name, spec, members)?);
+    }
+    let pool_names: Vec<String> = planner.pools.keys().cloned().collect();
+    for name in &pool_names {
+        changes.push(planner.plan_pool(name));
+    }
+    for orphan in &input.observed.orphans {
+        changes.push(plan_orphan(orphan));
+    }
+
+    add_dependencies(&mut changes, input.observed);
+    if input.mode == PlanMode::RefreshOnly {
+        for c in changes.iter_mut().filter(|c| !c.drift) {
+            c.action = Action::NoOp;
+            c.ops.clear();
+        }
+    }
+    let fingerprint = input.observed.fingerprint();
+    assign_tokens(&mut changes, &input.spec.project, &fingerprint);
+
+    let mut summary = Summary::default();
+    for c in &changes {
+        match c.action {
+            Action::Create => summary.create += 1,
+            Action::Update => summary.update += 1,
+            Action::Replace => summary.replace += 1,
+            Action::Delete => summary.delete += 1,
+            Action::NoOp => {}
+        }
+    }
+    Ok(Plan {
+        format_version: FORMAT_VERSION.to_string(),
+        project: input.spec.project.clone(),
+        provider: input.spec.provider.clone(),
+        refresh_only: input.mode == PlanMode::RefreshOnly,
+        destroy: input.mode == PlanMode::Destroy,
+        created_at: input.now,
+        observed_fingerprint: fingerprint,
+        observed_instances: input.observed.instance_count() as u32,
+        observed_pages: input.observed.pages,
+        changes,
+        summary,
+    })
+}
+
+impl PlanInput<'_> {
+    fn spec_clusters(&self) -> &BTreeMap<String, Cluster> {
+        static EMPTY: BTreeMap<String, Cluster> = BTreeMap::new();
+        if self.mode == PlanMode::Destroy {
+            &EMPTY
+        } else {
+            &self.spec.clusters
+        }
+    }
+
+    fn spec_pools(&self) -> &BTreeMap<String, Pool> {
+        static EMPTY: BTreeMap<String, Pool> = BTreeMap::new();
+        if self.mode == PlanMode::Destroy {
+            &EMPTY
+        } else {
+            &self.spec.pools
+        }
+    }
+}
+
+/// A change being drafted.
+struct Draft {
+    change: Change,
+    /// Set when the action is decided by the rules (create, replace, delete);
+    /// otherwise update when there are ops, no-op when there are none.
+    action: Option<Action>,
+}
+
+impl Draft {
+    fn new(kind: ResourceKind, name: &str) -> Draft {
+        Draft {
+            change: Change {
+                address: kind.address(name),
+                kind,
+                name: name.to_string(),
+                action: Action::NoOp,
+                reasons: Vec::new(),
+                drift: false,
+                depends_on: Vec::new(),
+                nodes_after: 0,
+                hourly_cost_after: 0.0,
+                ops: Vec::new(),
+            },
+            action: None,
+        }
+    }
+
+    fn reason(&mut self, r: impl Into<String>) {
+        self.change.reasons.push(r.into());
+    }
+
+    fn drift(&mut self, r: impl Into<String>) {
+        self.change.drift = true;
+        self.change.reasons.push(format!("drift: {}", r.into()));
+    }
+
+    fn op(&mut self, op: Op) {
+        let empty = match &op {
+            Op::Launch { count, .. } => *count == 0,
+            Op::Retag { ids, .. }
+            | Op::Start { ids }
+            | Op::Stop { ids }
+            | Op::Terminate { ids } => ids.is_empty(),
+        };
+        if !empty {
+            self.change.ops.push(op);
+        }
+    }
+
+    fn terminate(&mut self, instances: &[&Instance]) {
+        self.op(Op::Terminate {
+            ids: ids(instances),
+        });
+    }
+
+    fn finish(mut self) -> Change {
+        self.change.action = match self.action {
+            Some(a) => a,
+            None if self.change.ops.is_empty() => Action::NoOp,
+            None => Action::Update,
+        };
+        self.change
+    }
+}
+
+fn ids(instances: &[&Instance]) -> Vec<String> {
+    instances.iter().map(|i| i.id.clone()).collect()
+}
+
+/// Where a cluster's driver or workers come from.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    Pool(String),
+    NodeType(String),
+}
+
+/// A pool while the plan is being built: what it has, and what clusters take and give back.
+struct PoolLedger<'a> {
+    spec: Option<&'a Pool>,
+    node_type: String,
+    runtime: String,
+    hash: String,
+    /// Healthy idle instances clusters may take, running ones first.
+    available: Vec<Instance>,
+    /// Instances clusters give back in this plan (not available to other clusters in it).
+    returned: Vec<Instance>,
+    /// Live cluster instances drawn from this pool, after this plan.
+    in_use: u32,
+    /// Live cluster instances drawn from this pool before this plan.
+    observed_in_use: u32,
+    /// The pool's change, begun while sorting its instances.
+    draft: Draft,
+    /// The idle count the last apply left (its `motorpool-size` tag).
+    recorded_size: Option<u32>,
+}
+
+struct Planner<'a> {
+    input: &'a PlanInput<'a>,
+    pools: BTreeMap<String, PoolLedger<'a>>,
+}
+
+fn spec_hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    hex(&h.finalize()[..6])
+}
+
+fn resolve_node_type(
+    address: &str,
+    node_type: Option<&str>,
+    resources: Option<&Resources>,
+    catalog: &[NodeType],
+) -> Result<String, PlanError> {
+    let impossible = |message: String| PlanError::Impossible {
+        address: address.to_string(),
+        message,
+    };
+    match (node_type, resources) {
+        (Some(t), _) => {
+            if catalog.iter().any(|n| n.name == t) {
+                Ok(t.to_string())
+            } else {
+                Err(impossible(format!(
+                    "node type `{t}` is not offered by this provider"
+                )))
+            }
+        }
+        (None, Some(r)) => cheapest_fit(catalog, r.cpus, r.memory_gb)
+            .map(|n| n.name.clone())
+            .ok_or_else(|| {
+                impossible(format!(
+                    "no node type has {} cpus and {} GB of memory",
+                    r.cpus, r.memory_gb
+                ))
+            }),
+        (None, None) => Err(impossible(
+            "names neither a pool, a node_type nor resources".into(),
+        )),
+    }
+}
+
+fn parse_u32_tag(i: &Instance, key: &str) -> Option<u32> {
+    i.tag(key).and_then(|v| v.parse().ok())
+}
+
+/// The largest `motorpool-size` tag among instances: what the last apply left.
+fn recorded_size(instances: &[&Instance]) -> Option<u32> {
+    instances
+        .iter()
+        .filter_map(|i| parse_u32_tag(i, tags::SIZE))
+        .max()
+}
+
+/// User tags (not motorpool's own) of an instance.
+fn user_tags(i: &Instance) -> Tags {
+    i.tags
+        .iter()
+        .filter(|(k, _)| !k.starts_with("motorpool-"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+impl<'a> Planner<'a> {
+    fn new(input: &'a PlanInput<'a>) -> Result<Planner<'a>, PlanError> {
+        let mut pools = BTreeMap::new();
+        let names: BTreeSet<&str> = input
+            .spec_pools()
+            .keys()
+            .map(String::as_str)
+            .chain(input.observed.names(ResourceKind::Pool))
+            .collect();
+        for name in names {
+            let spec = input.spec_pools().get(name);
+            let address = ResourceKind::Pool.address(name);
+            let (node_type, runtime) = match spec {
+                Some(p) => (
+                    resolve_node_type(
+                        &address,
+                        p.node_type.as_deref(),
+                        p.resources.as_ref(),
+                        input.catalog,
+                    )?,
+                    p.preload
+                        .as_ref()
+                        .and_then(|pl| pl.runtime.clone())
+                        .unwrap_or_else(|| crate::spec::DEFAULT_RUNTIME.to_string()),
+                ),
+                None => (String::new(), String::new()),
+            };
+            let libraries: Vec<String> = spec
+                .and_then(|p| p.preload.as_ref())
+                .map(|pl| {
+                    pl.libraries
+                        .iter()
+                        .map(|l| format!("{:?}{:?}", l.pip, l.requirements))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let hash = spec_hash(&[
+                "pool",
+                &node_type,
+                input.default_image,
+                &runtime,
+                &libraries.join(","),
+            ]);
+            pools.insert(
+                name.to_string(),
+                PoolLedger {
+                    spec,
+                    node_type,
+                    runtime,
+                    hash,
+                    available: Vec::new(),
+                    returned: Vec::new(),
+                    in_use: 0,
+                    observed_in_use: 0,
+                    draft: Draft::new(ResourceKind::Pool, name),
+                    recorded_size: None,
+                },
+            );
+        }
+        // Live cluster instances drawn from each pool.
+        for ((kind, _), members) in &input.observed.resources {
+            if *kind != ResourceKind::Cluster {
+                continue;
+            }
+            for i in members
+                .iter()
+                .filter(|i| i.state != InstanceState::Terminated)
+            {
+                if let Some(ledger) = i.tag(tags::POOL).and_then(|p| pools.get_mut(p)) {
+                    ledger.in_use += 1;
+                    ledger.observed_in_use += 1;
+                }
+            }
+        }
+        let mut planner = Planner { input, pools };
+        let names: Vec<String> = planner.pools.keys().cloned().collect();
+        for name in names {
+            planner.sort_pool_instances(&name);
+        }
+        Ok(planner)
+    }
+
+    /// Rule 1: sort a pool's observed idle instances.
+    fn sort_pool_instances(&mut self, name: &str) {
+        let members = self.input.observed.members(ResourceKind::Pool, name);
+        let ledger = self
+            .pools
+            .get_mut(name)
+            .expect("ledger exists for every pool name");
+        let live: Vec<&Instance> = members
+            .iter()
+            .filter(|i| i.state != InstanceState::Terminated)
+            .collect();
+        ledger.recorded_size = recorded_size(&live);
+        let Some(spec) = ledger.spec else {
+            return; // deleted: plan_pool terminates everything
+        };
+        let d = &mut ledger.draft;
+        let mut to_terminate: Vec<&Instance> = Vec::new();
+        let mut stale_fields: BTreeSet<String> = BTreeSet::new();
+        for i in members {
+            if i.state == InstanceState::Terminated {
+                d.drift(format!("idle instance {} gone ({})", i.id, i.state));
+                to_terminate.push(i);
+                continue;
+            }
+            match i.tag(tags::SPEC) {
+                None => {
+                    d.drift(format!("tag {} removed from {}", tags::SPEC, i.id));
+                    let mut set = Tags::new();
+                    set.insert(tags::SPEC.into(), ledger.hash.clone());
+                    d.op(Op::Retag {
+                        ids: vec![i.id.clone()],
+                        set,
+                        remove: vec![],
+                    });
+                }
+                Some(h) if h != ledger.hash => {
+                    if i.node_type != ledger.node_type {
+                        stale_fields.insert(format!(
+                            "node_type ({} -> {})",
+                            i.node_type, ledger.node_type
+                        ));
+                    } else if i.tag(tags::RUNTIME) != Some(ledger.runtime.as_str()) {
+                        stale_fields.insert(format!(
+                            "runtime ({} -> {})",
+                            i.tag(tags::RUNTIME).unwrap_or("none"),
+                            ledger.runtime
+                        ));
+                    } else if i.image != self.input.default_image {
+                        stale_fields.insert(format!(
+                            "image ({} -> {})",
+                            i.image, self.input.default_image
+                        ));
+                    } else {
+                        stale_fields.insert("preload".into());
+                    }
+                    to_terminate.push(i);
+                    continue;
+                }
+                Some(_) => {}
+            }
+            if i.node_type != ledger.node_type {
+                d.drift(format!(
+                    "idle instance {} retyped ({} -> {})",
+                    i.id, ledger.node_type, i.node_type
+                ));
+                to_terminate.push(i);
+                continue;
+            }
+            if i.tag(tags::ROLE) != Some(Role::Idle.as_str()) {
+                d.drift(format!("tag {} removed from {}", tags::ROLE, i.id));
+                let mut set = Tags::new();
+                set.insert(tags::ROLE.into(), Role::Idle.as_str().into());
+                d.op(Op::Retag {
+                    ids: vec![i.id.clone()],
+                    set,
+                    remove: vec![],
+                });
+            }
+            let stopped = matches!(i.state, InstanceState::Stopped | InstanceState::Stopping);
+            if stopped && spec.warm == WarmMode::Running {
+                d.drift(format!("idle instance {} stopped", i.id));
+                d.op(Op::Start {
+                    ids: vec![i.id.clone()],
+                });
+                let mut started = i.clone();
+                started.state = InstanceState::Pending;
+                ledger.available.push(started);
+                continue;
+            }
+            ledger.available.push(i.clone());
+        }
+        if !stale_fields.is_empty() {
+            d.action = Some(Action::Replace);
+            for f in stale_fields {
+                d.reason(format!("{f} changed and forces replace of idle instances"));
+            }
+        }
+        d.terminate(&to_terminate);
+        // Running instances are handed out first, then the longest idle.
+        ledger.available.sort_by_key(|i| {
+            (
+                !i.state.is_live(),
+                parse_u32_tag(i, tags::IDLE_SINCE).unwrap_or(0),
+                i.id.clone(),
+            )
+        });
+    }
+
+    fn source_of(
+        &self,
+        address: &str,
+        pool: Option<&str>,
+        node_type: Option<&str>,
+        resources: Option<&Resources>,
+    ) -> Result<Source, PlanError> {
+        match pool {
+            Some(p) => match self.pools.get(p) {
+                Some(l) if l.spec.is_some() => Ok(Source::Pool(p.to_string())),
+                _ => Err(PlanError::Impossible {
+                    address: address.to_string(),
+                    message: format!("pool `{p}` is not in the spec"),
+                }),
+            },
+            None => resolve_node_type(address, node_type, resources, self.input.catalog)
+                .map(Source::NodeType),
+        }
+    }
+
+    fn node_type_of(&self, source: &Source) -> String {
+        match source {
+            Source::Pool(p) => self
+                .pools
+                .get(p)
+                .map(|l| l.node_type.clone())
+                .unwrap_or_default(),
+            Source::NodeType(t) => t.clone(),
+        }
+    }
+
+    fn price(&self, node_type: &str) -> f64 {
+        self.input
+            .catalog
+            .iter()
+            .find(|n| n.name == node_type)
+            .map(|n| n.hourly_price)
+            .unwrap_or(0.0)
+    }
+
+    /// Give a cluster `count` instances of `role`: idle ones from the pool
+    /// first (re-tagged), the rest launched.
+    fn allocate(
+        &mut self,
+        d: &mut Draft,
+        role: Role,
+        count: u32,
+        source: &Source,
+        base_tags: &Tags,
+    ) -> Result<(), PlanError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let mut tags = base_tags.clone();
+        tags.insert(tags::ROLE.into(), role.as_str().into());
+        match source {
+            Source::NodeType(t) => {
+                d.op(Op::Launch {
+                    role,
+                    count,
+                    node_type: t.clone(),
+                    image: None,
+                    tags,
+                    token: String::new(),
+                    then_stop: false,
+                });
+            }
+            Source::Pool(p) => {
+                let ledger = self
+                    .pools
+                    .get_mut(p)
+                    .expect("source_of checked the pool exists");
+                let max = ledger.spec.map(|s| s.max_capacity).unwrap_or(0);
+                tags.insert(tags::POOL.into(), p.clone());
+                let take = (count as usize).min(ledger.available.len());
+                let taken: Vec<Instance> = ledger.available.drain(..take).collect();
+                let shortfall = count - take as u32;
+                if ledger.in_use + count > max {
+                    return Err(PlanError::Impossible {
+                        address: d.change.address.clone(),
+                        message: format!(
+                            "needs {} from pool `{p}`, which has room for {} (max_capacity {max}, {} in use)",
+                            plural(count, "instance"),
+                            max.saturating_sub(ledger.in_use),
+                            ledger.in_use
+                        ),
+                    });
+                }
+                ledger.in_use += count;
+                let stopped: Vec<&Instance> = taken.iter().filter(|i| !i.state.is_live()).collect();
+                d.op(Op::Start { ids: ids(&stopped) });
+                let taken_refs: Vec<&Instance> = taken.iter().collect();
+                if !taken_refs.is_empty() {
+                    d.reason(format!(
+                        "takes {} from pool `{p}`",
+                        plural(take as u32, "idle instance")
+                    ));
+                }
+                d.op(Op::Retag {
+                    ids: ids(&taken_refs),
+                    set: tags.clone(),
+                    remove: vec![tags::IDLE_SINCE.to_string()],
+                });
+                let node_type = ledger.node_type.clone();
+                d.op(Op::Launch {
+                    role,
+                    count: shortfall,
+                    node_type,
+                    image: None,
+                    tags,
+                    token: String::new(),
+                    then_stop: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Let go of a cluster's live instances: back to their pool when it still
+    /// exists and they fit it, terminated otherwise.
+    fn release(&mut self, d: &mut Draft, instances: &[&Instance]) {
+        let mut by_pool: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
+        let mut terminate: Vec<&Instance> = Vec::new();
+        for &i in instances {
+            let pool = i
+                .tag(tags::POOL)
+                .and_then(|p| self.pools.get_mut(p).map(|l| (p, l)));
+            match pool {
+                Some((p, ledger)) => {
+                    ledger.in_use = ledger.in_use.saturating_sub(1);
+                    let fits = ledger.spec.is_some()
+                        && i.state.is_live()
+                        && i.node_type == ledger.node_type
+                        && i.tag(tags::RUNTIME) == Some(ledger.runtime.as_str());
+                    if fits {
+                        by_pool.entry(p.to_string()).or_default().push(i);
+                    } else {
+                        terminate.push(i);
+                    }
+                }
+                None => terminate.push(i),
+            }
+        }
+        for (p, back) in by_pool {
+            let ledger = self.pools.get_mut(&p).expect("grouped by existing pools");
+            let mut set = Tags::new();
+            set.insert(tags::KIND.into(), "pool".into());
+            set.insert(tags::NAME.into(), p.clone());
+            set.insert(tags::ROLE.into(), Role::Idle.as_str().into());
+            set.insert(tags::SPEC.into(), ledger.hash.clone());
+            set.insert(tags::IDLE_SINCE.into(), APPLY_TIME.into());
+            set.insert(
+                tags::SIZE.into(),
+                ledger.spec.map(|s| s.min_idle).unwrap_or(0).to_string(),
+            );
+            let mut remove: BTreeSet<String> = BTreeSet::new();
+            remove.insert(tags::POOL.to_string());
+            for i in &back {
+                remove.extend(user_tags(i).into_keys());
+            }
+            d.reason(format!(
+                "returns {} to pool `{p}`",
+                plural(back.len() as u32, "instance")
+            ));
+            d.op(Op::Retag {
+                ids: ids(&back),
+                set,
+                remove: remove.into_iter().collect(),
+            });
+            ledger.returned.extend(back.into_iter().cloned());
+        }
+        d.terminate(&terminate);
+    }
+
+    /// Rule 2: one cluster.
+    fn plan_cluster(
+        &mut self,
+        name: &str,
+        spec: Option<&Cluster>,
+        members: &[Instance],
+    ) -> Result<Change, PlanError> {
+        let mut d = Draft::new(ResourceKind::Cluster, name);
+        let address = d.change.address.clone();
+        let gone: Vec<&Instance> = members
+            .iter()
+            .filter(|i| i.state == InstanceState::Terminated)
+            .collect();
+        let live: Vec<&Instance> = members
+            .iter()
+            .filter(|i| i.state != InstanceState::Terminated)
+            .collect();
+
+        let Some(c) = spec else {
+            if self.input.mode == PlanMode::RefreshOnly {
+                return Ok(d.finish());
+            }
+            d.action = Some(Action::Delete);
+            d.reason(if self.input.mode == PlanMode::Destroy {
+                "destroy".to_string()
+            } else {
+                "not in spec any more".to_string()
+            });
+            d.terminate(&gone);
+            self.release(&mut d, &live);
+            return Ok(d.finish());
+        };
+
+        let worker_source = self.source_of(
+            &address,
+            c.pool.as_deref(),
+            c.node_type.as_deref(),
+            c.resources.as_ref(),
+        )?;
+        let driver_source = match &c.driver {
+            Some(dr) if dr.pool.is_some() || dr.node_type.is_some() || dr.resources.is_some() => {
+                self.source_of(
+                    &address,
+                    dr.pool.as_deref(),
+                    dr.node_type.as_deref(),
+                    dr.resources.as_ref(),
+                )?
+            }
+            _ => worker_source.clone(),
+        };
+        let worker_type = self.node_type_of(&worker_source);
+        let driver_type = self.node_type_of(&driver_source);
+        let runtime = c.runtime().to_string();
+        let hash = spec_hash(&[
+            "cluster",
+            &worker_type,
+            &driver_type,
+            self.input.default_image,
+            &runtime,
+        ]);
+
+        let recorded = recorded_size(&live);
+        let healthy_workers_now = live
+            .iter()
+            .filter(|i| i.tag(tags::ROLE) == Some("worker") && i.node_type == worker_type)
+            .count() as u32;
+        let desired_workers = match (self.input.mode, &c.autoscale, c.workers) {
+            (PlanMode::RefreshOnly, _, _) => recorded.unwrap_or(healthy_workers_now),
+            (_, _, Some(n)) => n,
+            (_, Some(a), None) => recorded.unwrap_or(a.min).clamp(a.min, a.max),
+            (_, None, None) => 0,
+        };
+
+        let mut base = Tags::new();
+        for (k, v) in &c.tags {
+            if !k.starts_with("motorpool-") {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+        base.insert(tags::PROJECT.into(), self.input.spec.project.clone());
+        base.insert(tags::KIND.into(), "cluster".into());
+        base.insert(tags::NAME.into(), name.to_string());
+        base.insert(tags::SPEC.into(), hash.clone());
+        base.insert(tags::RUNTIME.into(), runtime.clone());
+        base.insert(tags::SIZE.into(), desired_workers.to_string());
+
+        d.change.nodes_after = 1 + desired_workers;
+        d.change.hourly_cost_after =
+            self.price(&driver_type) + desired_workers as f64 * self.price(&worker_type);
+
+        if live.is_empty() {
+            if self.input.mode == PlanMode::RefreshOnly && gone.is_empty() {
+                return Ok(d.finish()); // never applied: not drift
+            }
+            d.action = Some(Action::Create);
+            if gone.is_empty() {
+                d.reason("new in spec");
+            } else {
+                d.drift(format!(
+                    "all {} gone",
+                    plural(gone.len() as u32, "instance")
+                ));
+            }
+            d.terminate(&gone);
+            self.allocate(&mut d, Role::Driver, 1, &driver_source, &base)?;
+            self.allocate(&mut d, Role::Worker, desired_workers, &worker_source, &base)?;
+            return Ok(d.finish());
+        }
+
+        // Replace when a replace-forcing field changed.
+        let stale: Vec<&Instance> = live
+            .iter()
+            .copied()
+            .filter(|i| i.tag(tags::SPEC).is_some_and(|h| h != hash))
+            .collect();
+        if !stale.is_empty() && self.input.mode != PlanMode::RefreshOnly {
+            d.action = Some(Action::Replace);
+            let mut fields = BTreeSet::new();
+            for i in &stale {
+                let expected = if i.tag(tags::ROLE) == Some("driver") {
+                    &driver_type
+                } else {
+                    &worker_type
+                };
+                if &i.node_type != expected {
+                    let which = if i.tag(tags::ROLE) == Some("driver") {
+                        "driver node_type"
+                    } else {
+                        "node_type"
+                    };
+                    fields.insert(format!(
+                        "{which} changed ({} -> {expected}) and forces replace",
+                        i.node_type
+                    ));
+                }
+                let rt = i.tag(tags::RUNTIME).unwrap_or("none");
+                if rt != runtime {
+                    fields.insert(format!(
+                        "runtime changed ({rt} -> {runtime}) and forces replace"
+                    ));
+                }
+                if i.image != self.input.default_image {
+                    fields.insert(format!(
+                        "image changed ({} -> {}) and forces replace",
+                        i.image, self.input.default_image
+                    ));
+                }
+            }
+            if fields.is_empty() {
+                fields.insert("replace-forcing fields changed".to_string());
+            }
+            for f in fields {
+                d.reason(f);
+            }
+            d.terminate(&gone);
+            // Replaced instances are built from the old spec: none goes back to a pool.
+            for i in &live {
+                if let Some(l) = i.tag(tags::POOL).and_then(|p| self.pools.get_mut(p)) {
+                    l.in_use = l.in_use.saturating_sub(1);
+                }
+            }
+            d.terminate(&live);
+            self.allocate(&mut d, Role::Driver, 1, &driver_source, &base)?;
+            self.allocate(&mut d, Role::Worker, desired_workers, &worker_source, &base)?;
+            return Ok(d.finish());
+        }
+
+        // Heal drift one for one, then follow the spec's size.
+        let mut missing_driver = 0u32;
+        let mut missing_workers = 0u32;
+        for i in &gone {
+            let role = i.tag(tags::ROLE).unwrap_or("node");
+            d.drift(format!("{role} {} gone ({})", i.id, i.state));
+        }
+        d.terminate(&gone);
+        let mut drivers: Vec<&Instance> = Vec::new();
+        let mut workers: Vec<&Instance> = Vec::new();
+        let mut retyped: Vec<&Instance> = Vec::new();
+        for &i in &live {
+            let role = match i.tag(tags::ROLE).and_then(Role::parse) {
+                Some(r @ (Role::Driver | Role::Worker)) => r,
+                _ => {
+                    let r = if drivers.is_empty()
+                        && !live.iter().any(|o| o.tag(tags::ROLE) == Some("driver"))
+                    {
+                        Role::Driver
+                    } else {
+                        Role::Worker
+                    };
+                    d.drift(format!("tag {} removed from {}", tags::ROLE, i.id));
+                    let mut set = Tags::new();
+                    set.insert(tags::ROLE.into(), r.as_str().into());
+                    d.op(Op::Retag {
+                        ids: vec![i.id.clone()],
+                        set,
+                        remove: vec![],
+                    });
+                    r
+                }
+            };
+            if i.tag(tags::SPEC).is_none() {
+                d.drift(format!("tag {} removed from {}", tags::SPEC, i.id));
+                let mut set = Tags::new();
+                set.insert(tags::SPEC.into(), hash.clone());
+                d.op(Op::Retag {
+                    ids: vec![i.id.clone()],
+                    set,
+                    remove: vec![],
+                });
+            }
+            let expected = if role == Role::Driver {
+                &driver_type
+            } else {
+                &worker_type
+            };
+            // Built from this spec (or its spec tag lost), yet another type: changed behind our back.
+            let from_this_spec = i.tag(tags::SPEC).is_none_or(|h| h == hash);
+            if &i.node_type != expected && from_this_spec {
+                d.drift(format!(
+                    "{} {} retyped ({expected} -> {})",
+                    role.as_str(),
+                    i.id,
+                    i.node_type
+                ));
+                retyped.push(i);
+                match role {
+                    Role::Driver => missing_driver += 1,
+                    _ => missing_workers += 1,
+                }
+                continue;
+            }
+            if matches!(i.state, InstanceState::Stopped | InstanceState::Stopping) {
+                d.drift(format!("{} {} stopped", role.as_str(), i.id));
+                d.op(Op::Start {
+                    ids: vec![i.id.clone()],
+                });
+            }
+            match role {
+                Role::Driver => drivers.push(i),
+                _ => workers.push(i),
+            }
+        }
+        if !retyped.is_empty() {
+            for i in &retyped {
+                if let Some(l) = i.tag(tags::POOL).and_then(|p| self.pools.get_mut(p)) {
+                    l.in_use = l.in_use.saturating_sub(1);
+                }
+            }
+            d.terminate(&retyped);
+        }
+        for i in &gone {
+            match i.tag(tags::ROLE) {
+                Some("driver") => missing_driver += 1,
+                _ => missing_workers += 1,
+            }
+        }
+        // More than one driver: keep the oldest.
+        if drivers.len() > 1 {
+            drivers.sort_by_key(|i| (i.launched_at, i.id.clone()));
+            let extra: Vec<&Instance> = drivers.split_off(1);
+            d.reason(format!("{} extra drivers", extra.len()));
+            self.release(&mut d, &extra);
+        }
+        if drivers.is_empty() {
+            if missing_driver == 0 {
+                d.drift("driver missing");
+            }
+            self.allocate(&mut d, Role::Driver, 1, &driver_source, &base)?;
+        }
+
+        let have = workers.len() as u32;
+        if let Some(s) = recorded {
+            let accounted = have + missing_workers;
+            if accounted < s {
+                d.drift(format!("{} missing", plural(s - accounted, "worker")));
+            }
+        }
+        if recorded.is_some_and(|s| s != desired_workers) {
+            d.reason(format!(
+                "workers {} -> {desired_workers}",
+                recorded.unwrap_or(have)
+            ));
+        } else if recorded.is_none() && have != desired_workers {
+            d.reason(format!("workers {have} -> {desired_workers}"));
+        }
+        if have < desired_workers {
+            self.allocate(
+                &mut d,
+                Role::Worker,
+                desired_workers - have,
+                &worker_source,
+                &base,
+            )?;
+        } else if have > desired_workers {
+            workers.sort_by_key(|i| {
+                (
+                    std::cmp::Reverse(i.launched_at),
+                    std::cmp::Reverse(i.id.clone()),
+                )
+            });
+            let extra: Vec<&Instance> =
+                workers.drain(..(have - desired_workers) as usize).collect();
+            self.release(&mut d, &extra);
+        }
+
+        // Mend the size tag and the user's tags on the instances that stay.
+        if self.input.mode != PlanMode::RefreshOnly {
+            let staying: Vec<&Instance> = drivers.iter().chain(workers.iter()).copied().collect();
+            let mut set = Tags::new();
+            let mut remove = BTreeSet::new();
+            if staying
+                .iter()
+                .any(|i| parse_u32_tag(i, tags::SIZE) != Some(desired_workers))
+            {
+                set.insert(tags::SIZE.to_string(), desired_workers.to_string());
+            }
+            let wanted = user_tags_of(&base);
+            for i in &staying {
+                let have = user_tags(i);
+                for (k, v) in &wanted {
+                    if have.get(k) != Some(v) {
+                        set.insert(k.clone(), v.clone());
+                    }
+                }
+                remove.extend(have.into_keys().filter(|k| !wanted.contains_key(k)));
+            }
+            let user_changed =
+                set.keys().any(|k| !k.starts_with("motorpool-")) || !remove.is_empty();
+            if user_changed {
+                d.reason("tags changed");
+            }
+            if !set.is_empty() || !remove.is_empty() {
+                d.op(Op::Retag {
+                    ids: ids(&staying),
+                    set,
+                    remove: remove.into_iter().collect(),
+                });
+            }
+        }
+        Ok(d.finish())
+    }
+
+    /// Rule 3: one pool, after every cluster has taken and given back.
+    fn plan_pool(&mut self, name: &str) -> Change {
+        let now = self.input.now;
+        let refresh_only = self.input.mode == PlanMode::RefreshOnly;
+        let project = self.input.spec.project.clone();
+        let observed = self.input.observed.members(ResourceKind::Pool, name);
+        let unit_price = self
+            .pools
+            .get(name)
+            .map(|l| self.price(&l.node_type))
+            .unwrap_or(0.0);
+        let ledger = self
+            .pools
+            .get_mut(name)
+            .expect("ledger exists for every pool name");
+        let Some(spec) = ledger.spec else {
+            let mut d = Draft::new(ResourceKind::Pool, name);
+            if refresh_only {
+                return d.finish();
+            }
+            d.action = Some(Action::Delete);
+            d.reason(if self.input.mode == PlanMode::Destroy {
+                "destroy"
+            } else {
+                "not in spec any more"
+            });
+            let all: Vec<&Instance> = observed.iter().collect();
+            d.terminate(&all);
+            return d.finish();
+        };
+        let mut d = std::mem::replace(&mut ledger.draft, Draft::new(ResourceKind::Pool, name));
+        let brand_new = observed.is_empty() && ledger.observed_in_use == 0;
+        if brand_new {
+            if refresh_only {
+                return d.finish();
+            }
+            d.action = Some(Action::Create);
+            d.reason("new in spec");
+        }
+
+        let idle_after = (ledger.available.len() + ledger.returned.len()) as u32;
+        let room = spec.max_capacity.saturating_sub(ledger.in_use);
+        let target = if refresh_only {
+            ledger.recorded_size.unwrap_or(idle_after).min(room)
+        } else {
+            spec.min_idle.min(room)
+        };
+        let mut idle_tags = Tags::new();
+        idle_tags.insert(tags::PROJECT.into(), project);
+        idle_tags.insert(tags::KIND.into(), "pool".into());
+        idle_tags.insert(tags::NAME.into(), name.to_string());
+        idle_tags.insert(tags::ROLE.into(), Role::Idle.as_str().into());
+        idle_tags.insert(tags::SPEC.into(), ledger.hash.clone());
+        idle_tags.insert(tags::RUNTIME.into(), ledger.runtime.clone());
+        idle_tags.insert(tags::SIZE.into(), spec.min_idle.to_string());
+        idle_tags.insert(tags::IDLE_SINCE.into(), APPLY_TIME.into());
+
+        let mut idle_final = idle_after;
+        if idle_after < target {
+            let n = target - idle_after;
+            if !brand_new {
+                d.reason(format!(
+                    "idle {idle_after} -> {target} (min_idle {})",
+                    spec.min_idle
+                ));
+            }
+            d.op(Op::Launch {
+                role: Role::Idle,
+                count: n,
+                node_type: ledger.node_type.clone(),
+                image: None,
+                tags: idle_tags,
+                token: String::new(),
+                then_stop: spec.warm == WarmMode::Stopped,
+            });
+            idle_final = target;
+        } else if idle_after > target && !refresh_only {
+            // Over max_capacity: trim at once. Above min_idle: trim what idled past the timeout.
+            let over_capacity = (idle_after + ledger.in_use).saturating_sub(spec.max_capacity);
+            let timeout = u64::from(spec.idle_timeout_minutes) * 60;
+            let mut trim: Vec<&Instance> = Vec::new();
+            let mut expired = 0u32;
+            // Oldest idle first; returned instances have just become idle.
+            for i in &ledger.available {
+                if (trim.len() as u32) >= idle_after - target {
+                    break;
+                }
+                let since = parse_u32_tag(i, tags::IDLE_SINCE)
+                    .map(u64::from)
+                    .unwrap_or(0);
+                if (trim.len() as u32) < over_capacity {
+                    trim.push(i);
+                } else if since + timeout <= now {
+                    trim.push(i);
+                    expired += 1;
+                }
+            }
+            if over_capacity > 0 {
+                d.reason(format!(
+                    "{} over max_capacity {}",
+                    plural(over_capacity.min(trim.len() as u32), "idle instance"),
+                    spec.max_capacity
+                ));
+            }
+            if expired > 0 {
+                d.reason(format!(
+                    "{} above min_idle idle longer than {} minutes",
+                    plural(expired, "instance"),
+                    spec.idle_timeout_minutes
+                ));
+            }
+            idle_final = idle_after - trim.len() as u32;
+            d.terminate(&trim);
+        }
+        if spec.warm == WarmMode::Stopped && !refresh_only {
+            let running: Vec<&Instance> = ledger
+                .available
+                .iter()
+                .filter(|i| i.state.is_live())
+                .collect();
+            if !running.is_empty() {
+                d.reason("warm: stopped");
+                d.op(Op::Stop { ids: ids(&running) });
+            }
+        }
+        d.change.nodes_after = idle_final;
+        if spec.warm == WarmMode::Running {
+            d.change.hourly_cost_after = f64::from(idle_final) * unit_price;
+        }
+        d.finish()
+    }
+}
+
+fn user_tags_of(t: &Tags) -> Tags {
+    t.iter()
+        .filter(|(k, _)| !k.starts_with("motorpool-"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Rule 4: an instance of the project whose kind or name tag was removed.
+fn plan_orphan(i: &Instance) -> Change {
+    let mut d = Draft::new(ResourceKind::Instance, &i.id);
+    d.action = Some(Action::Delete);
+    let missing: Vec<&str> = [tags::KIND, tags::NAME]
+        .into_iter()
+        .filter(|k| i.tag(k).is_none_or(str::is_empty))
+        .collect();
+    d.drift(format!(
+        "tag {} removed; it belongs to no pool or cluster",
+        missing.join(" and ")
+    ));
+    d.terminate(&[i]);
+    d.finish()
+}
+
+/// Pools are created before the clusters that draw from them; clusters that
+/// drew from a pool are deleted before it.
+fn add_dependencies(changes: &mut [Change], observed: &Observed) {
+    let pool_actions: BTreeMap<String, Action> = changes
+        .iter()
+        .filter(|c| c.kind == ResourceKind::Pool)
+        .map(|c| (c.name.clone(), c.action))
+        .collect();
+    let mut cluster_pools: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for c in changes.iter().filter(|c| c.kind == ResourceKind::Cluster) {
+        let mut pools = BTreeSet::new();
+        for op in &c.ops {
+            if let Op::Launch { tags: t, .. } | Op::Retag { set: t, .. } = op
+                && let Some(p) = t.get(tags::POOL)
+            {
+                pools.insert(p.clone());
+            }
+        }
+        for i in observed.members(ResourceKind::Cluster, &c.name) {
+            if let Some(p) = i.tag(tags::POOL) {
+                pools.insert(p.to_string());
+            }
+        }
+        cluster_pools.insert(c.name.clone(), pools);
+    }
+    let cluster_actions: BTreeMap<String, Action> = changes
+        .iter()
+        .filter(|c| c.kind == ResourceKind::Cluster)
+        .map(|c| (c.name.clone(), c.action))
+        .collect();
+    for c in changes.iter_mut() {
+        match c.kind {
+            ResourceKind::Cluster => {
+                for p in cluster_pools.get(&c.name).into_iter().flatten() {
+                    if pool_actions.get(p) == Some(&Action::Create) && c.action != Action::NoOp {
+                        c.depends_on.push(ResourceKind::Pool.address(p));
+                    }
+                }
+            }
+            ResourceKind::Pool if c.action == Action::Delete => {
+                for (cluster, pools) in &cluster_pools {
+                    let acts = cluster_actions
+                        .get(cluster)
+                        .copied()
+                        .unwrap_or(Action::NoOp);
+                    if pools.contains(&c.name) && acts != Action::NoOp {
+                        c.depends_on.push(ResourceKind::Cluster.address(cluster));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Client tokens from the plan's content: the same plan from the same state
+/// gives the same tokens, so a retried launch never makes a second batch.
+fn assign_tokens(changes: &mut [Change], project: &str, fingerprint: &str) {
+    for c in changes.iter_mut() {
+        for (index, op) in c.ops.iter_mut().enumerate() {
+            if let Op::Launch {
+                role,
+                count,
+                node_type,
+                token,
+                ..
+            } = op
+            {
+                let digest = spec_hash(&[
+                    project,
+                    fingerprint,
+                    &c.address,
+                    &index.to_string(),
+                    role.as_str(),
+                    &count.to_string(),
+                    node_type,
+                ]);
+                *token = format!("mp-{digest}");
+            }
+        }
+    }
+}

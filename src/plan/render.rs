@@ -1,0 +1,140 @@
+//! Rendering a plan for people (text, markdown for pull-request comments)
+//! and for programs (JSON). Rendering never changes a plan.
+
+use std::fmt::Write as _;
+
+use super::{Action, Change, Plan, Summary};
+
+/// The symbol Terraform users expect for each action.
+pub fn symbol(action: Action) -> &'static str {
+    match action {
+        Action::Create => "+",
+        Action::Update => "~",
+        Action::Replace => "-/+",
+        Action::Delete => "-",
+        Action::NoOp => " ",
+    }
+}
+
+/// `Plan: 1 to create, 0 to update, 0 to replace, 0 to delete.`
+pub fn summary_line(s: &Summary) -> String {
+    format!(
+        "Plan: {} to create, {} to update, {} to replace, {} to delete.",
+        s.create, s.update, s.replace, s.delete
+    )
+}
+
+fn cost_line(plan: &Plan) -> Option<String> {
+    let total: f64 = plan
+        .changes
+        .iter()
+        .filter(|c| c.action != super::Action::Delete)
+        .map(|c| c.hourly_cost_after)
+        .sum();
+    (total > 0.0).then(|| format!("Cost after apply: ${total:.2}/hour."))
+}
+
+fn heading(plan: &Plan) -> String {
+    let mode = if plan.destroy {
+        " (destroy)"
+    } else if plan.refresh_only {
+        " (refresh-only: drift only)"
+    } else {
+        ""
+    };
+    format!(
+        "motorpool plan for project `{}`{mode}: {} provider, {} instances observed in {} list call{}",
+        plan.project,
+        plan.provider.kind(),
+        plan.observed_instances,
+        plan.observed_pages,
+        if plan.observed_pages == 1 { "" } else { "s" }
+    )
+}
+
+/// The default, human text.
+pub fn text(plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}\n", heading(plan));
+    if !plan.has_changes() {
+        let _ = writeln!(
+            out,
+            "No changes. {} matches the spec.",
+            if plan.refresh_only {
+                "Nothing drifted: the project"
+            } else {
+                "The project"
+            }
+        );
+        return out;
+    }
+    for c in plan.actionable() {
+        text_change(&mut out, c);
+    }
+    let _ = writeln!(out, "{}", summary_line(&plan.summary));
+    if let Some(cost) = cost_line(plan) {
+        let _ = writeln!(out, "{cost}");
+    }
+    out
+}
+
+fn text_change(out: &mut String, c: &Change) {
+    let drift = if c.drift { "  [drift]" } else { "" };
+    let _ = writeln!(
+        out,
+        "{:>3} {} ({}){drift}",
+        symbol(c.action),
+        c.address,
+        c.action.as_str()
+    );
+    for r in &c.reasons {
+        let _ = writeln!(out, "      {r}");
+    }
+    for op in &c.ops {
+        let _ = writeln!(out, "      > {}", op.describe());
+    }
+    if !c.depends_on.is_empty() {
+        let _ = writeln!(out, "      after: {}", c.depends_on.join(", "));
+    }
+    let _ = writeln!(out);
+}
+
+/// `--output json`.
+pub fn json(plan: &Plan) -> String {
+    // A Plan is plain data: serializing it cannot fail.
+    serde_json::to_string_pretty(plan).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// `--output markdown`, for a pull-request comment.
+pub fn markdown(plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "### motorpool plan: `{}`\n", plan.project);
+    if !plan.has_changes() {
+        let _ = writeln!(out, "No changes: the project matches the spec.");
+        return out;
+    }
+    let _ = writeln!(out, "**{}**", summary_line(&plan.summary));
+    if let Some(cost) = cost_line(plan) {
+        let _ = writeln!(out, "{cost}");
+    }
+    let _ = writeln!(out, "\n| | resource | action | why |\n|---|---|---|---|");
+    for c in plan.actionable() {
+        let why = c.reasons.join("<br>").replace('|', "\\|");
+        let flag = if c.drift { " :warning: drift" } else { "" };
+        let _ = writeln!(
+            out,
+            "| `{}` | `{}` | {}{flag} | {why} |",
+            symbol(c.action).trim(),
+            c.address,
+            c.action.as_str()
+        );
+    }
+    let _ = writeln!(out, "\n<details><summary>Operations</summary>\n\n```");
+    for c in plan.actionable() {
+        for op in &c.ops {
+            let _ = writeln!(out, "{}: {}", c.address, op.describe());
+        }
+    }
+    let _ = writeln!(out, "```\n</details>");
+    out
+}

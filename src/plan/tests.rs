@@ -1,0 +1,564 @@
+//! The planner's rules, on synthetic observed states.
+
+use std::collections::BTreeMap;
+
+use motorpool_provider::{Instance, InstanceState, NodeType, Tags, tags};
+
+use super::*;
+use crate::observe::{Observed, ResourceKind};
+use crate::spec::{Autoscale, Cluster, Pool, Spec};
+
+fn catalog() -> Vec<NodeType> {
+    vec![
+        NodeType::new("small", 2, 4.0, 0.05),
+        NodeType::new("medium", 4, 16.0, 0.2),
+    ]
+}
+
+fn spec() -> Spec {
+    Spec {
+        project: "p".into(),
+        provider: Default::default(),
+        include: vec![],
+        variables: BTreeMap::new(),
+        targets: BTreeMap::new(),
+        pools: BTreeMap::new(),
+        policies: BTreeMap::new(),
+        clusters: BTreeMap::new(),
+        jobs: BTreeMap::new(),
+    }
+}
+
+fn pool(min_idle: u32, max_capacity: u32) -> Pool {
+    Pool {
+        node_type: Some("small".into()),
+        resources: None,
+        min_idle,
+        max_capacity,
+        idle_timeout_minutes: 15,
+        warm: Default::default(),
+        preload: None,
+    }
+}
+
+fn cluster_on(node_type: &str, workers: u32) -> Cluster {
+    Cluster {
+        node_type: Some(node_type.into()),
+        workers: Some(workers),
+        ..Cluster::default()
+    }
+}
+
+fn cluster_from_pool(pool: &str, workers: u32) -> Cluster {
+    Cluster {
+        pool: Some(pool.into()),
+        workers: Some(workers),
+        ..Cluster::default()
+    }
+}
+
+fn plan(spec: &Spec, observed: Vec<Instance>, mode: PlanMode) -> Plan {
+    plan_at(spec, observed, mode, 1_000_000)
+}
+
+fn plan_at(spec: &Spec, observed: Vec<Instance>, mode: PlanMode, now: u64) -> Plan {
+    let observed = Observed::from_instances(&spec.project, observed);
+    let catalog = catalog();
+    build(&PlanInput {
+        spec,
+        observed: &observed,
+        catalog: &catalog,
+        default_image: "img-1",
+        mode,
+        now,
+    })
+    .expect("plan builds")
+}
+
+fn change<'a>(plan: &'a Plan, address: &str) -> &'a Change {
+    plan.changes
+        .iter()
+        .find(|c| c.address == address)
+        .unwrap_or_else(|| panic!("no change for {address} in {plan:#?}"))
+}
+
+/// Pretend apply ran: turn a plan's ops into the instances they leave.
+fn simulate(plan: &Plan, mut world: Vec<Instance>, now: u64) -> Vec<Instance> {
+    let mut next = world.len();
+    for c in &plan.changes {
+        for op in &c.ops {
+            match op {
+                Op::Launch {
+                    count,
+                    node_type,
+                    tags: t,
+                    then_stop,
+                    ..
+                } => {
+                    for _ in 0..*count {
+                        next += 1;
+                        world.push(Instance {
+                            id: format!("i-{next:04}"),
+                            node_type: node_type.clone(),
+                            image: "img-1".into(),
+                            state: if *then_stop {
+                                InstanceState::Stopped
+                            } else {
+                                InstanceState::Running
+                            },
+                            tags: stamp(t, now),
+                            address: None,
+                            pid: None,
+                            launched_at: now,
+                        });
+                    }
+                }
+                Op::Retag { ids, set, remove } => {
+                    for i in world.iter_mut().filter(|i| ids.contains(&i.id)) {
+                        i.tags.extend(stamp(set, now));
+                        for k in remove {
+                            i.tags.remove(k);
+                        }
+                    }
+                }
+                Op::Terminate { ids } => world.retain(|i| !ids.contains(&i.id)),
+                Op::Start { ids } => {
+                    for i in world.iter_mut().filter(|i| ids.contains(&i.id)) {
+                        i.state = InstanceState::Running;
+                    }
+                }
+                Op::Stop { ids } => {
+                    for i in world.iter_mut().filter(|i| ids.contains(&i.id)) {
+                        i.state = InstanceState::Stopped;
+                    }
+                }
+            }
+        }
+    }
+    world
+}
+
+fn stamp(t: &Tags, now: u64) -> Tags {
+    t.iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                if v == APPLY_TIME {
+                    now.to_string()
+                } else {
+                    v.clone()
+                },
+            )
+        })
+        .collect()
+}
+
+fn count(world: &[Instance], kind: &str, name: &str, role: &str) -> usize {
+    world
+        .iter()
+        .filter(|i| {
+            i.tag(tags::KIND) == Some(kind)
+                && i.tag(tags::NAME) == Some(name)
+                && i.tag(tags::ROLE) == Some(role)
+        })
+        .count()
+}
+
+/// Apply plans until nothing changes; panics if that takes more than 3 rounds.
+fn converge(spec: &Spec, mut world: Vec<Instance>, now: u64) -> Vec<Instance> {
+    for _ in 0..3 {
+        let p = plan_at(spec, world.clone(), PlanMode::Normal, now);
+        if !p.has_changes() {
+            return world;
+        }
+        world = simulate(&p, world, now);
+    }
+    let p = plan_at(spec, world.clone(), PlanMode::Normal, now);
+    assert!(!p.has_changes(), "did not converge: {}", render::text(&p));
+    world
+}
+
+#[test]
+fn a_new_cluster_launches_a_driver_and_its_workers_and_then_nothing_changes() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 3));
+    let p = plan(&s, vec![], PlanMode::Normal);
+    let c = change(&p, "cluster.etl");
+    assert_eq!(c.action, Action::Create);
+    assert_eq!(c.reasons, ["new in spec"]);
+    assert_eq!(p.summary.create, 1);
+    let world = simulate(&p, vec![], 1);
+    assert_eq!(count(&world, "cluster", "etl", "driver"), 1);
+    assert_eq!(count(&world, "cluster", "etl", "worker"), 3);
+    assert!(world.iter().all(|i| i.tag(tags::PROJECT) == Some("p")));
+    assert!(!plan(&s, world, PlanMode::Normal).has_changes());
+}
+
+#[test]
+fn a_pool_fills_to_min_idle_and_clusters_take_from_it_before_launching() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(2, 10));
+    let world = converge(&s, vec![], 10);
+    assert_eq!(count(&world, "pool", "general", "idle"), 2);
+
+    s.clusters
+        .insert("etl".into(), cluster_from_pool("general", 3));
+    let p = plan_at(&s, world.clone(), PlanMode::Normal, 20);
+    let c = change(&p, "cluster.etl");
+    assert_eq!(c.action, Action::Create);
+    // Two idle instances are re-tagged, two more are launched (1 driver + 3 workers = 4).
+    let retagged: usize = c
+        .ops
+        .iter()
+        .map(|o| {
+            if let Op::Retag { ids, .. } = o {
+                ids.len()
+            } else {
+                0
+            }
+        })
+        .sum();
+    let launched: u32 = c
+        .ops
+        .iter()
+        .map(|o| {
+            if let Op::Launch { count, .. } = o {
+                *count
+            } else {
+                0
+            }
+        })
+        .sum();
+    assert_eq!((retagged, launched), (2, 2));
+    // The pool refills to min_idle.
+    let pool_change = change(&p, "pool.general");
+    assert_eq!(pool_change.action, Action::Update);
+    let world = simulate(&p, world, 20);
+    assert_eq!(count(&world, "pool", "general", "idle"), 2);
+    assert_eq!(count(&world, "cluster", "etl", "worker"), 3);
+    assert!(!plan_at(&s, world, PlanMode::Normal, 20).has_changes());
+}
+
+#[test]
+fn a_pool_never_exceeds_max_capacity() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(3, 5));
+    s.clusters
+        .insert("etl".into(), cluster_from_pool("general", 3));
+    let world = converge(&s, vec![], 10);
+    // 4 in use, so only 1 may idle although min_idle is 3.
+    assert_eq!(count(&world, "pool", "general", "idle"), 1);
+    assert_eq!(world.len(), 5);
+
+    s.clusters
+        .insert("more".into(), cluster_from_pool("general", 4));
+    let observed = Observed::from_instances("p", world);
+    let catalog = catalog();
+    let err = build(&PlanInput {
+        spec: &s,
+        observed: &observed,
+        catalog: &catalog,
+        default_image: "img-1",
+        mode: PlanMode::Normal,
+        now: 10,
+    })
+    .expect_err("over capacity");
+    assert!(err.to_string().contains("max_capacity 5"), "{err}");
+}
+
+#[test]
+fn a_deleted_cluster_gives_its_instances_back_to_its_pool() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(1, 10));
+    s.clusters
+        .insert("etl".into(), cluster_from_pool("general", 2));
+    let t0 = 1_000;
+    let world = converge(&s, vec![], t0);
+    s.clusters.clear();
+    let p = plan_at(&s, world.clone(), PlanMode::Normal, t0);
+    let c = change(&p, "cluster.etl");
+    assert_eq!(c.action, Action::Delete);
+    assert!(
+        c.reasons
+            .iter()
+            .any(|r| r.contains("returns 3 instances to pool `general`")),
+        "{:?}",
+        c.reasons
+    );
+    let world = simulate(&p, world, t0);
+    assert_eq!(count(&world, "pool", "general", "idle"), 4);
+    // Not yet timed out: kept warm.
+    let kept = plan_at(&s, world.clone(), PlanMode::Normal, t0 + 14 * 60);
+    assert!(!kept.has_changes(), "{}", render::text(&kept));
+    // After idle_timeout_minutes, trimmed back to min_idle.
+    let later = plan_at(&s, world.clone(), PlanMode::Normal, t0 + 15 * 60);
+    let pc = change(&later, "pool.general");
+    assert!(
+        pc.reasons
+            .iter()
+            .any(|r| r.contains("3 instances above min_idle idle longer than 15 minutes")),
+        "{:?}",
+        pc.reasons
+    );
+    let world = simulate(&later, world, t0 + 15 * 60);
+    assert_eq!(count(&world, "pool", "general", "idle"), 1);
+}
+
+#[test]
+fn changing_a_node_type_replaces_the_cluster_and_names_the_field() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 2));
+    let world = converge(&s, vec![], 1);
+    s.clusters.insert("etl".into(), cluster_on("medium", 2));
+    let p = plan(&s, world.clone(), PlanMode::Normal);
+    let c = change(&p, "cluster.etl");
+    assert_eq!(c.action, Action::Replace);
+    assert!(
+        c.reasons
+            .iter()
+            .any(|r| r == "node_type changed (small -> medium) and forces replace"),
+        "{:?}",
+        c.reasons
+    );
+    let world = simulate(&p, world, 2);
+    assert!(world.iter().all(|i| i.node_type == "medium"));
+    assert_eq!(world.len(), 3);
+}
+
+#[test]
+fn scaling_workers_is_an_update_in_place() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 2));
+    let world = converge(&s, vec![], 1);
+    s.clusters.insert("etl".into(), cluster_on("small", 5));
+    let p = plan(&s, world.clone(), PlanMode::Normal);
+    let c = change(&p, "cluster.etl");
+    assert_eq!(c.action, Action::Update);
+    assert!(!c.drift);
+    assert!(
+        c.reasons.contains(&"workers 2 -> 5".to_string()),
+        "{:?}",
+        c.reasons
+    );
+    let world = simulate(&p, world, 2);
+    assert_eq!(count(&world, "cluster", "etl", "worker"), 5);
+    s.clusters.insert("etl".into(), cluster_on("small", 1));
+    let world = converge(&s, world, 3);
+    assert_eq!(count(&world, "cluster", "etl", "worker"), 1);
+}
+
+#[test]
+fn a_dead_worker_is_drift_and_is_replaced_one_for_one() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 3));
+    let mut world = converge(&s, vec![], 1);
+    let victim = world
+        .iter_mut()
+        .find(|i| i.tag(tags::ROLE) == Some("worker"))
+        .expect("a worker");
+    victim.state = InstanceState::Terminated;
+    let victim_id = victim.id.clone();
+    let p = plan(&s, world.clone(), PlanMode::Normal);
+    let c = change(&p, "cluster.etl");
+    assert_eq!(c.action, Action::Update);
+    assert!(c.drift);
+    assert!(
+        c.reasons
+            .iter()
+            .any(|r| r == &format!("drift: worker {victim_id} gone (terminated)")),
+        "{:?}",
+        c.reasons
+    );
+    // Refresh-only sees the same drift.
+    let r = plan(&s, world.clone(), PlanMode::RefreshOnly);
+    assert!(change(&r, "cluster.etl").drift);
+    let world = simulate(&p, world, 2);
+    assert_eq!(count(&world, "cluster", "etl", "worker"), 3);
+    assert!(world.iter().all(|i| i.state == InstanceState::Running));
+}
+
+#[test]
+fn a_vanished_worker_is_drift_by_the_size_tag() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 3));
+    let mut world = converge(&s, vec![], 1);
+    let pos = world
+        .iter()
+        .position(|i| i.tag(tags::ROLE) == Some("worker"))
+        .expect("worker");
+    world.remove(pos);
+    let p = plan(&s, world, PlanMode::Normal);
+    let c = change(&p, "cluster.etl");
+    assert!(c.drift);
+    assert!(
+        c.reasons.iter().any(|r| r == "drift: 1 worker missing"),
+        "{:?}",
+        c.reasons
+    );
+}
+
+#[test]
+fn refresh_only_ignores_spec_changes() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 2));
+    let world = converge(&s, vec![], 1);
+    s.clusters.insert("etl".into(), cluster_on("medium", 4));
+    s.clusters.insert("new".into(), cluster_on("small", 1));
+    let p = plan(&s, world, PlanMode::RefreshOnly);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+}
+
+#[test]
+fn retyped_and_stopped_instances_are_drift() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 2));
+    let mut world = converge(&s, vec![], 1);
+    world[1].node_type = "medium".into();
+    world[2].state = InstanceState::Stopped;
+    let p = plan(&s, world.clone(), PlanMode::Normal);
+    let c = change(&p, "cluster.etl");
+    assert!(c.drift);
+    assert!(
+        c.reasons
+            .iter()
+            .any(|r| r.contains("retyped (small -> medium)")),
+        "{:?}",
+        c.reasons
+    );
+    assert!(
+        c.reasons.iter().any(|r| r.contains("stopped")),
+        "{:?}",
+        c.reasons
+    );
+    let world = converge(&s, simulate(&p, world, 2), 2);
+    assert_eq!(world.len(), 3);
+    assert!(
+        world
+            .iter()
+            .all(|i| i.node_type == "small" && i.state == InstanceState::Running)
+    );
+}
+
+#[test]
+fn an_instance_whose_kind_tag_was_removed_is_deleted_as_drift() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 1));
+    let mut world = converge(&s, vec![], 1);
+    world[0].tags.remove(tags::KIND);
+    let p = plan(&s, world, PlanMode::Normal);
+    let orphan = p
+        .changes
+        .iter()
+        .find(|c| c.kind == ResourceKind::Instance)
+        .expect("orphan change");
+    assert_eq!(orphan.action, Action::Delete);
+    assert!(orphan.drift);
+    assert!(
+        orphan.reasons[0].contains("motorpool-kind removed"),
+        "{:?}",
+        orphan.reasons
+    );
+}
+
+#[test]
+fn destroy_deletes_clusters_before_their_pools() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(1, 10));
+    s.clusters
+        .insert("etl".into(), cluster_from_pool("general", 2));
+    let world = converge(&s, vec![], 1);
+    let p = plan(&s, world.clone(), PlanMode::Destroy);
+    assert_eq!(p.summary.delete, 2);
+    assert_eq!(change(&p, "pool.general").depends_on, ["cluster.etl"]);
+    let world = simulate(&p, world, 2);
+    assert!(world.is_empty(), "{world:#?}");
+}
+
+#[test]
+fn new_pools_come_before_the_clusters_that_draw_from_them() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(1, 10));
+    s.clusters
+        .insert("etl".into(), cluster_from_pool("general", 2));
+    let p = plan(&s, vec![], PlanMode::Normal);
+    assert_eq!(change(&p, "cluster.etl").depends_on, ["pool.general"]);
+}
+
+#[test]
+fn client_tokens_are_the_same_for_the_same_plan_and_differ_between_ops() {
+    let mut s = spec();
+    s.clusters.insert("a".into(), cluster_on("small", 2));
+    s.clusters.insert("b".into(), cluster_on("small", 2));
+    let tokens = |p: &Plan| -> Vec<String> {
+        p.changes
+            .iter()
+            .flat_map(|c| &c.ops)
+            .filter_map(|o| {
+                if let Op::Launch { token, .. } = o {
+                    Some(token.clone())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    };
+    let first = tokens(&plan(&s, vec![], PlanMode::Normal));
+    let second = tokens(&plan(&s, vec![], PlanMode::Normal));
+    assert_eq!(first, second);
+    let mut unique = first.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), first.len());
+    assert!(first.iter().all(|t| t.len() <= 64));
+}
+
+#[test]
+fn autoscale_starts_at_its_minimum_and_keeps_a_size_within_bounds() {
+    let mut s = spec();
+    s.clusters.insert(
+        "etl".into(),
+        Cluster {
+            node_type: Some("small".into()),
+            autoscale: Some(Autoscale { min: 2, max: 8 }),
+            ..Cluster::default()
+        },
+    );
+    let world = converge(&s, vec![], 1);
+    assert_eq!(count(&world, "cluster", "etl", "worker"), 2);
+}
+
+#[test]
+fn json_output_has_the_documented_shape() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 1));
+    let p = plan(&s, vec![], PlanMode::Normal);
+    let v: serde_json::Value = serde_json::from_str(&render::json(&p)).expect("json");
+    assert_eq!(v["format_version"], "1");
+    assert_eq!(v["project"], "p");
+    assert_eq!(v["changes"][0]["address"], "cluster.etl");
+    assert_eq!(v["changes"][0]["kind"], "cluster");
+    assert_eq!(v["changes"][0]["name"], "etl");
+    assert_eq!(v["changes"][0]["action"], "create");
+    assert_eq!(v["changes"][0]["drift"], false);
+    assert_eq!(v["summary"]["create"], 1);
+    let text = render::text(&p);
+    assert!(text.contains("+ cluster.etl (create)"), "{text}");
+    assert!(
+        text.contains("Plan: 1 to create, 0 to update, 0 to replace, 0 to delete."),
+        "{text}"
+    );
+    let md = render::markdown(&p);
+    assert!(md.contains("| `+` | `cluster.etl` | create |"), "{md}");
+}
+
+#[test]
+fn plans_over_a_thousand_clusters_stay_linear() {
+    // A correctness check at scale (timing lives in bench/): 1,000 clusters converge.
+    let mut s = spec();
+    for i in 0..1000 {
+        s.clusters
+            .insert(format!("c{i:04}"), cluster_on("small", 9));
+    }
+    let world = converge(&s, vec![], 1);
+    assert_eq!(world.len(), 10_000);
+}

@@ -1,0 +1,961 @@
+//! Checks that span resources or need the provider: references (pools,
+//! policies, clusters, tasks), node types in the provider's catalog, cycles
+//! in `depends_on`, policies, impossible numbers, names. All collected.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use motorpool_provider::{NodeType, cheapest_fit};
+
+use super::diag::{Sink, Span};
+use super::model::*;
+use super::schema::unknown_name;
+use super::yaml::{Entry, Kind, Node};
+
+/// More workers, pool instances or autoscale maximum than this is refused.
+pub const MAX_COUNT: u32 = 10_000;
+
+/// One resource that passed the shape check, with its place in the tree.
+pub(crate) struct Res<'a, T> {
+    pub entry: &'a Entry,
+    pub value: T,
+}
+
+impl<T> Res<'_, T> {
+    fn name(&self) -> &str {
+        &self.entry.key
+    }
+    fn node(&self) -> &Node {
+        &self.entry.value
+    }
+}
+
+/// The resources of one kind: those that passed the shape check, and the
+/// names of those that did not (already reported, so references to them
+/// are not reported again).
+pub(crate) struct Section<'a, T> {
+    pub items: Vec<Res<'a, T>>,
+    pub broken: HashSet<&'a str>,
+    pub section_broken: bool,
+    index: HashMap<&'a str, usize>,
+}
+
+impl<'a, T> Section<'a, T> {
+    pub fn new(items: Vec<Res<'a, T>>, broken: HashSet<&'a str>, section_broken: bool) -> Self {
+        let index = items
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.entry.key.as_str(), i))
+            .collect();
+        Section {
+            items,
+            broken,
+            section_broken,
+            index,
+        }
+    }
+
+    fn get(&self, name: &str) -> Lookup<'_, 'a, T> {
+        match self.index.get(name) {
+            Some(&i) => Lookup::Found(&self.items[i]),
+            None if self.section_broken || self.broken.contains(name) => Lookup::Broken,
+            None => Lookup::Unknown,
+        }
+    }
+
+    fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .items
+            .iter()
+            .map(|r| r.entry.key.as_str())
+            .chain(self.broken.iter().copied())
+            .collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+enum Lookup<'s, 'a, T> {
+    Found(&'s Res<'a, T>),
+    /// Defined, but with errors of its own.
+    Broken,
+    Unknown,
+}
+
+/// Everything the checks look at.
+pub(crate) struct Parts<'a> {
+    /// The project name and its span, when it is a valid string.
+    pub project: Option<(&'a str, Span)>,
+    /// The provider's kind, when it is a known one.
+    pub provider_kind: Option<&'a str>,
+    /// The provider block after `--target`, if the spec has one.
+    pub provider_node: Option<&'a Node>,
+    pub pools: Section<'a, Pool>,
+    pub policies: Section<'a, Policy>,
+    pub clusters: Section<'a, Cluster>,
+    pub jobs: Section<'a, Job>,
+}
+
+/// `^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`
+pub fn is_valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    let ok = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.first().is_some_and(ok)
+        && b.last().is_some_and(ok)
+        && b.iter().all(|c| ok(c) || *c == b'-')
+}
+
+fn name_rule() -> &'static str {
+    "names use 1 to 63 lowercase letters, digits and `-`, and start and end with a letter or digit"
+}
+
+fn value_span(node: &Node, key: &str) -> Span {
+    node.get(key).map_or(node.span, |v| v.span)
+}
+
+fn key_span(node: &Node, key: &str) -> Span {
+    node.entry(key).map_or(node.span, |e| e.key_span)
+}
+
+fn path_span(node: &Node, path: &[&str]) -> Span {
+    let mut n = node;
+    for k in path {
+        match n.get(k) {
+            Some(next) => n = next,
+            None => return n.span,
+        }
+    }
+    n.span
+}
+
+struct Checker<'a, 's> {
+    parts: &'s Parts<'a>,
+    sink: &'s mut Sink,
+    catalog: Option<Vec<NodeType>>,
+    kind: &'static str,
+}
+
+pub(crate) fn check(parts: &Parts<'_>, sink: &mut Sink) {
+    let (catalog, kind) = match parts.provider_kind {
+        Some("local") => (Some(motorpool_local::catalog()), "local"),
+        Some("sim") => (Some(motorpool_sim::catalog()), "sim"),
+        _ => (None, "unknown"),
+    };
+    let mut c = Checker {
+        parts,
+        sink,
+        catalog,
+        kind,
+    };
+    c.project();
+    c.provider();
+    for p in &parts.pools.items {
+        c.pool(p);
+    }
+    for p in &parts.policies.items {
+        c.policy(p);
+    }
+    for cl in &parts.clusters.items {
+        c.name("cluster", cl.entry);
+        let what = format!("cluster `{}`", cl.name());
+        c.cluster(&cl.value, cl.node(), cl.entry.key_span, &what);
+    }
+    for j in &parts.jobs.items {
+        c.job(j);
+    }
+}
+
+impl<'s> Checker<'_, 's> {
+    fn error(&mut self, span: Span, msg: impl Into<String>) {
+        self.sink.error(span, msg);
+    }
+
+    fn name(&mut self, what: &str, entry: &Entry) {
+        if !is_valid_name(&entry.key) {
+            let msg = format!("invalid {what} name `{}`: {}", entry.key, name_rule());
+            self.error(entry.key_span, msg);
+        }
+    }
+
+    fn project(&mut self) {
+        if let Some((name, span)) = self.parts.project
+            && !is_valid_name(name)
+        {
+            let msg = format!("invalid project name `{name}`: {}", name_rule());
+            self.error(span, msg);
+        }
+    }
+
+    /// Provider settings, checked on the tree so that they are checked even
+    /// when another provider setting has the wrong type.
+    fn provider(&mut self) {
+        let Some(node) = self.parts.provider_node else {
+            return;
+        };
+        let number = |key: &str| match node.get(key).map(|n| &n.kind) {
+            Some(Kind::Int(i, _)) => Some(*i as f64),
+            Some(Kind::Float(f, _)) if f.is_finite() => Some(*f),
+            _ => None,
+        };
+        if number("page_size") == Some(0.0) {
+            self.error(
+                value_span(node, "page_size"),
+                "`page_size` of the provider must be at least 1",
+            );
+        }
+        if self.kind != "sim" {
+            return;
+        }
+        for key in ["throttle_rate", "error_rate"] {
+            if let Some(v) = number(key).filter(|v| !(0.0..=1.0).contains(v)) {
+                self.error(
+                    value_span(node, key),
+                    format!("`{key}` of the provider must be between 0 and 1, found {v}"),
+                );
+            }
+        }
+        if let Some(v) = number("boot_seconds").filter(|v| *v < 0.0) {
+            self.error(
+                value_span(node, "boot_seconds"),
+                format!("`boot_seconds` of the provider must not be negative, found {v}"),
+            );
+        }
+    }
+
+    /// Reports a node type that is not in the catalog; true when it is known.
+    fn node_type(&mut self, name: &str, span: Span, what: &str) -> bool {
+        let Some(catalog) = &self.catalog else {
+            return true;
+        };
+        if catalog.iter().any(|t| t.name == name) {
+            return true;
+        }
+        let known: Vec<&str> = catalog.iter().map(|t| t.name.as_str()).collect();
+        let msg = unknown_name(
+            &format!(
+                "unknown node type `{name}` in {what} for the {} provider",
+                self.kind
+            ),
+            name,
+            &known,
+            "known node types",
+            "",
+        );
+        self.error(span, msg);
+        false
+    }
+
+    /// Checks a `resources` block; returns the node type it resolves to.
+    fn resources(
+        &mut self,
+        r: &Resources,
+        node: &Node,
+        key_span: Span,
+        what: &str,
+    ) -> Option<String> {
+        let mut ok = true;
+        if r.cpus == 0 {
+            self.error(
+                value_span(node, "cpus"),
+                format!("`cpus` in {what} must be at least 1"),
+            );
+            ok = false;
+        }
+        if r.memory_gb <= 0.0 {
+            self.error(
+                value_span(node, "memory_gb"),
+                format!(
+                    "`memory_gb` in {what} must be more than 0, found {}",
+                    r.memory_gb
+                ),
+            );
+            ok = false;
+        }
+        let catalog = self.catalog.as_deref()?;
+        if !ok {
+            return None;
+        }
+        match cheapest_fit(catalog, r.cpus, r.memory_gb) {
+            Some(t) => Some(t.name.clone()),
+            None => {
+                let sizes: Vec<String> = catalog
+                    .iter()
+                    .map(|t| format!("{} ({} cpus, {} GB)", t.name, t.cpus, t.memory_gb))
+                    .collect();
+                self.error(
+                    key_span,
+                    format!(
+                        "no {} node type has {} cpus and {} GB of memory for {what}; node types: {}",
+                        self.kind,
+                        r.cpus,
+                        r.memory_gb,
+                        sizes.join(", ")
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn libraries(&mut self, libs: &[Library], node: Option<&Node>, what: &str) {
+        let Some(Kind::Seq(items)) = node.map(|n| &n.kind) else {
+            return;
+        };
+        for (lib, n) in libs.iter().zip(items) {
+            match (&lib.pip, &lib.requirements) {
+                (None, None) => self.error(
+                    n.span,
+                    format!("a library in {what} needs one of `pip` or `requirements`"),
+                ),
+                (Some(_), Some(_)) => self.error(
+                    key_span(n, "requirements"),
+                    format!("a library in {what} sets both `pip` and `requirements`; choose one"),
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    /// Exactly one (or, with `optional`, at most one) of `keys` is set.
+    fn one_of(
+        &mut self,
+        node: &Node,
+        at: Span,
+        what: &str,
+        keys: &[(&str, bool)],
+        optional: bool,
+    ) -> bool {
+        let mut set: Vec<(&str, Span)> = keys
+            .iter()
+            .filter(|(_, s)| *s)
+            .map(|(k, _)| (*k, key_span(node, k)))
+            .collect();
+        let names: Vec<String> = keys.iter().map(|(k, _)| format!("`{k}`")).collect();
+        let alternatives = match names.as_slice() {
+            [a, b] => format!("{a} or {b}"),
+            [init @ .., last] => format!("{}, or {}", init.join(", "), last),
+            [] => String::new(),
+        };
+        match set.len() {
+            0 if !optional => {
+                self.error(at, format!("{what} needs one of {alternatives}"));
+                false
+            }
+            0 | 1 => true,
+            _ => {
+                set.sort_by_key(|(_, s)| *s);
+                let listed: Vec<String> = set.iter().map(|(k, _)| format!("`{k}`")).collect();
+                let both = if listed.len() == 2 {
+                    format!("both {} and {}", listed[0], listed[1])
+                } else {
+                    listed.join(", ")
+                };
+                let span = set.last().map_or(at, |(_, s)| *s);
+                self.error(
+                    span,
+                    format!("{what} sets {both}; choose one of {alternatives}"),
+                );
+                false
+            }
+        }
+    }
+
+    fn count(&mut self, n: u32, span: Span, noun: &str, what: &str) {
+        if n > MAX_COUNT {
+            self.error(
+                span,
+                format!("more than {MAX_COUNT} {noun} in {what} is not supported (found {n})"),
+            );
+        }
+    }
+
+    fn pool(&mut self, r: &Res<'_, Pool>) {
+        self.name("pool", r.entry);
+        let p = &r.value;
+        let node = r.node();
+        let what = format!("pool `{}`", r.name());
+        let set = [
+            ("node_type", p.node_type.is_some()),
+            ("resources", p.resources.is_some()),
+        ];
+        if self.one_of(node, r.entry.key_span, &what, &set, false) {
+            if let Some(t) = &p.node_type {
+                self.node_type(t, value_span(node, "node_type"), &what);
+            }
+            if let Some(res) = &p.resources {
+                let rn = node.get("resources").unwrap_or(node);
+                self.resources(res, rn, key_span(node, "resources"), &what);
+            }
+        }
+        if p.max_capacity == 0 {
+            self.error(
+                value_span(node, "max_capacity"),
+                format!("`max_capacity` of {what} must be at least 1"),
+            );
+        }
+        self.count(
+            p.max_capacity,
+            value_span(node, "max_capacity"),
+            "instances",
+            &what,
+        );
+        if p.min_idle > p.max_capacity {
+            self.error(
+                value_span(node, "min_idle"),
+                format!(
+                    "`min_idle` ({}) of {what} is more than its `max_capacity` ({})",
+                    p.min_idle, p.max_capacity
+                ),
+            );
+        }
+        if let Some(pre) = &p.preload {
+            let libs = node.get("preload").and_then(|n| n.get("libraries"));
+            self.libraries(&pre.libraries, libs, &what);
+        }
+    }
+
+    fn policy(&mut self, r: &Res<'_, Policy>) {
+        let what = format!("policy `{}`", r.name());
+        if let (Some(types), Some(Kind::Seq(items))) = (
+            &r.value.node_types,
+            r.node().get("node_types").map(|n| &n.kind),
+        ) {
+            for (t, n) in types.iter().zip(items) {
+                self.node_type(t, n.span, &what);
+            }
+        }
+    }
+
+    /// The node type a pool's instances have, if known.
+    fn pool_type(&self, pool: &Pool) -> Option<String> {
+        if let Some(t) = &pool.node_type {
+            return Some(t.clone());
+        }
+        let r = pool.resources.as_ref()?;
+        cheapest_fit(self.catalog.as_deref()?, r.cpus, r.memory_gb).map(|t| t.name.clone())
+    }
+
+    fn pool_ref(&mut self, name: &str, span: Span, what: &str) -> Option<&'s Pool> {
+        let parts = self.parts;
+        match parts.pools.get(name) {
+            Lookup::Found(p) => Some(&p.value),
+            Lookup::Broken => None,
+            Lookup::Unknown => {
+                let msg = unknown_name(
+                    &format!("unknown pool `{name}` in {what}"),
+                    name,
+                    &parts.pools.names(),
+                    "defined pools",
+                    "no pools are defined",
+                );
+                self.error(span, msg);
+                None
+            }
+        }
+    }
+
+    fn cluster(&mut self, c: &Cluster, node: &Node, at: Span, what: &str) {
+        let parts = self.parts;
+        // Where the workers come from, and the node types used (type, where).
+        let mut types: Vec<(String, Span, String)> = Vec::new();
+        let source = [
+            ("pool", c.pool.is_some()),
+            ("node_type", c.node_type.is_some()),
+            ("resources", c.resources.is_some()),
+        ];
+        let mut pool: Option<&Pool> = None;
+        if self.one_of(node, at, what, &source, false) {
+            if let Some(name) = &c.pool {
+                let span = value_span(node, "pool");
+                pool = self.pool_ref(name, span, what);
+                if let Some(t) = pool.and_then(|p| self.pool_type(p)) {
+                    types.push((t, span, format!(" (of pool `{name}`)")));
+                }
+            }
+            if let Some(t) = &c.node_type {
+                let span = value_span(node, "node_type");
+                if self.node_type(t, span, what) {
+                    types.push((t.clone(), span, String::new()));
+                }
+            }
+            if let Some(r) = &c.resources {
+                let rn = node.get("resources").unwrap_or(node);
+                if let Some(t) = self.resources(r, rn, key_span(node, "resources"), what) {
+                    types.push((
+                        t,
+                        key_span(node, "resources"),
+                        " (for its resources)".into(),
+                    ));
+                }
+            }
+        }
+
+        // The driver.
+        let mut driver_elsewhere = false;
+        let mut driver_from_same_pool = false;
+        if let (Some(d), Some(dn)) = (&c.driver, node.get("driver")) {
+            let dwhat = format!("the driver of {what}");
+            let set = [
+                ("pool", d.pool.is_some()),
+                ("node_type", d.node_type.is_some()),
+                ("resources", d.resources.is_some()),
+            ];
+            driver_elsewhere = set.iter().any(|(_, s)| *s);
+            if self.one_of(dn, key_span(node, "driver"), &dwhat, &set, true) {
+                if let Some(name) = &d.pool {
+                    let span = value_span(dn, "pool");
+                    driver_from_same_pool = c.pool.as_deref() == Some(name.as_str());
+                    if let Some(t) = self
+                        .pool_ref(name, span, &dwhat)
+                        .and_then(|p| self.pool_type(p))
+                    {
+                        types.push((t, span, format!(" (of pool `{name}`, for the driver)")));
+                    }
+                }
+                if let Some(t) = &d.node_type {
+                    let span = value_span(dn, "node_type");
+                    if self.node_type(t, span, &dwhat) {
+                        types.push((t.clone(), span, " (for the driver)".into()));
+                    }
+                }
+                if let Some(r) = &d.resources {
+                    let rn = dn.get("resources").unwrap_or(dn);
+                    if let Some(t) = self.resources(r, rn, key_span(dn, "resources"), &dwhat) {
+                        types.push((
+                            t,
+                            key_span(dn, "resources"),
+                            " (for the driver's resources)".into(),
+                        ));
+                    }
+                }
+            }
+        }
+
+        // Workers.
+        if c.workers.is_some() && c.autoscale.is_some() {
+            self.error(
+                key_span(node, "autoscale"),
+                format!("{what} sets both `workers` and `autoscale`; choose one"),
+            );
+        }
+        if let Some(w) = c.workers {
+            self.count(w, value_span(node, "workers"), "workers", what);
+        }
+        if let Some(a) = &c.autoscale {
+            if a.min > a.max {
+                self.error(
+                    path_span(node, &["autoscale", "min"]),
+                    format!(
+                        "`autoscale.min` ({}) of {what} is more than `autoscale.max` ({})",
+                        a.min, a.max
+                    ),
+                );
+            }
+            self.count(
+                a.max,
+                path_span(node, &["autoscale", "max"]),
+                "workers",
+                what,
+            );
+        }
+        let max_workers = c
+            .workers
+            .or(c.autoscale.as_ref().map(|a| a.max))
+            .unwrap_or(0);
+        let workers_span = if c.workers.is_some() {
+            value_span(node, "workers")
+        } else {
+            path_span(node, &["autoscale", "max"])
+        };
+
+        // Pool capacity.
+        if let (Some(p), Some(name)) = (pool, &c.pool) {
+            let driver = u32::from(!driver_elsewhere || driver_from_same_pool);
+            let need = u64::from(max_workers) + u64::from(driver);
+            if p.max_capacity > 0 && need > u64::from(p.max_capacity) {
+                let driver_note = if driver == 1 { " + 1 driver" } else { "" };
+                self.error(
+                    value_span(node, "pool"),
+                    format!(
+                        "{what} needs up to {need} instances from pool `{name}` ({max_workers} workers{driver_note}), more than its `max_capacity` of {}",
+                        p.max_capacity
+                    ),
+                );
+            }
+        }
+
+        self.libraries(&c.libraries, node.get("libraries"), what);
+
+        // The policy.
+        let Some(pname) = &c.policy else {
+            return;
+        };
+        let pspan = value_span(node, "policy");
+        let policy = match parts.policies.get(pname) {
+            Lookup::Found(p) => &p.value,
+            Lookup::Broken => return,
+            Lookup::Unknown => {
+                let msg = unknown_name(
+                    &format!("unknown policy `{pname}` in {what}"),
+                    pname,
+                    &parts.policies.names(),
+                    "defined policies",
+                    "no policies are defined",
+                );
+                self.error(pspan, msg);
+                return;
+            }
+        };
+        if let Some(limit) = policy.max_workers
+            && max_workers > limit
+        {
+            let has = if c.workers.is_some() {
+                format!("has {max_workers} workers")
+            } else {
+                format!("may scale to {max_workers} workers")
+            };
+            self.error(
+                workers_span,
+                format!("{what} {has}, but policy `{pname}` allows at most {limit}"),
+            );
+        }
+        if let Some(allowed) = &policy.node_types {
+            for (t, span, note) in &types {
+                if !allowed.iter().any(|a| a == t) {
+                    self.error(
+                        *span,
+                        format!(
+                            "policy `{pname}` does not allow node type `{t}`{note} in {what}; allowed: {}",
+                            allowed.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if policy.require_autotermination && c.autotermination_minutes.is_none() {
+            self.error(
+                at,
+                format!("{what} must set `autotermination_minutes`: policy `{pname}` requires it"),
+            );
+        }
+        if let (Some(max), Some(m)) = (
+            policy.max_autotermination_minutes,
+            c.autotermination_minutes,
+        ) && m > max
+        {
+            self.error(
+                    value_span(node, "autotermination_minutes"),
+                    format!(
+                        "`autotermination_minutes` ({m}) of {what} is more than policy `{pname}` allows ({max})"
+                    ),
+                );
+        }
+    }
+
+    fn job(&mut self, r: &Res<'_, Job>) {
+        self.name("job", r.entry);
+        let parts = self.parts;
+        let j = &r.value;
+        let node = r.node();
+        let what = format!("job `{}`", r.name());
+        let set = [
+            ("cluster", j.cluster.is_some()),
+            ("new_cluster", j.new_cluster.is_some()),
+        ];
+        if self.one_of(node, r.entry.key_span, &what, &set, false) {
+            if let Some(name) = &j.cluster
+                && let Lookup::Unknown = parts.clusters.get(name)
+            {
+                let msg = unknown_name(
+                    &format!("unknown cluster `{name}` in {what}"),
+                    name,
+                    &parts.clusters.names(),
+                    "defined clusters",
+                    "no clusters are defined; a job can also use `new_cluster:`",
+                );
+                self.error(value_span(node, "cluster"), msg);
+            }
+            if let (Some(c), Some(cn)) = (&j.new_cluster, node.get("new_cluster")) {
+                let cwhat = format!("the new_cluster of {what}");
+                self.cluster(c, cn, key_span(node, "new_cluster"), &cwhat);
+            }
+        }
+        let tasks_node = node.get("tasks");
+        let Some(entries) = tasks_node.and_then(Node::entries) else {
+            return;
+        };
+        if j.tasks.is_empty() {
+            self.error(key_span(node, "tasks"), format!("{what} has no tasks"));
+            return;
+        }
+        // Tasks in tree order, with their parsed values.
+        let tasks: Vec<(&Entry, &Task)> = entries
+            .iter()
+            .filter_map(|e| j.tasks.get(&e.key).map(|t| (e, t)))
+            .collect();
+        let index: HashMap<&str, usize> = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, (e, _))| (e.key.as_str(), i))
+            .collect();
+        let mut edges: Vec<Vec<(usize, Span)>> = vec![Vec::new(); tasks.len()];
+        for (i, (e, t)) in tasks.iter().enumerate() {
+            self.name("task", e);
+            self.task(
+                t,
+                &e.value,
+                e.key_span,
+                &format!("task `{}` of {what}", e.key),
+            );
+            let deps = e.value.get("depends_on");
+            let spans: Vec<Span> = match deps.map(|d| &d.kind) {
+                Some(Kind::Seq(items)) => items.iter().map(|n| n.span).collect(),
+                _ => Vec::new(),
+            };
+            for (k, dep) in t.depends_on.iter().enumerate() {
+                let span = spans.get(k).copied().unwrap_or(e.key_span);
+                match index.get(dep.as_str()) {
+                    Some(&d) => edges[i].push((d, span)),
+                    None => {
+                        let names: Vec<&str> = tasks.iter().map(|(e, _)| e.key.as_str()).collect();
+                        let msg = unknown_name(
+                            &format!(
+                                "unknown task `{dep}` in `depends_on` of task `{}` of {what}",
+                                e.key
+                            ),
+                            dep,
+                            &names,
+                            "tasks of this job",
+                            "",
+                        );
+                        self.error(span, msg);
+                    }
+                }
+            }
+        }
+        let names: Vec<&str> = tasks.iter().map(|(e, _)| e.key.as_str()).collect();
+        for (span, cycle) in find_cycles(&edges) {
+            let path: Vec<&str> = cycle.iter().map(|&i| names[i]).collect();
+            self.error(
+                span,
+                format!("cycle in `depends_on` of {what}: {}", path.join(" -> ")),
+            );
+        }
+    }
+
+    fn task(&mut self, t: &Task, node: &Node, at: Span, what: &str) {
+        let set = [("command", t.command.is_some()), ("map", t.map.is_some())];
+        self.one_of(node, at, what, &set, false);
+        if t.reduce.is_some() && t.map.is_none() {
+            self.error(
+                key_span(node, "reduce"),
+                format!("`reduce` in {what} needs a `map`"),
+            );
+        }
+        if let (Some(m), Some(mn)) = (&t.map, node.get("map")) {
+            let mwhat = format!("the map of {what}");
+            let set = [
+                ("command", m.command.is_some()),
+                ("python", m.python.is_some()),
+            ];
+            self.one_of(mn, key_span(node, "map"), &mwhat, &set, false);
+            self.positive(m.partitions, mn, "partitions", &mwhat);
+            self.positive(m.partition_mb, mn, "partition_mb", &mwhat);
+            if m.partitions.is_some() && m.partition_mb.is_some() {
+                self.error(
+                    key_span(mn, "partition_mb"),
+                    format!("{mwhat} sets both `partitions` and `partition_mb`; choose one"),
+                );
+            }
+        }
+        if let (Some(r), Some(rn)) = (&t.reduce, node.get("reduce")) {
+            let rwhat = format!("the reduce of {what}");
+            let set = [
+                ("command", r.command.is_some()),
+                ("python", r.python.is_some()),
+            ];
+            self.one_of(rn, key_span(node, "reduce"), &rwhat, &set, false);
+            self.positive(r.partitions, rn, "partitions", &rwhat);
+        }
+    }
+
+    fn positive(&mut self, v: Option<u32>, node: &Node, key: &str, what: &str) {
+        if v == Some(0) {
+            self.error(
+                value_span(node, key),
+                format!("`{key}` of {what} must be at least 1"),
+            );
+        }
+    }
+}
+
+/// Every cycle of a dependency graph (one per strongly connected component),
+/// as the span of its first edge and the path around it ("a -> b -> a").
+fn find_cycles(edges: &[Vec<(usize, Span)>]) -> Vec<(Span, Vec<usize>)> {
+    let n = edges.len();
+    // Tarjan's algorithm, iterative.
+    let mut index = vec![usize::MAX; n];
+    let mut low = vec![0usize; n];
+    let mut on_stack = vec![false; n];
+    let mut stack: Vec<usize> = Vec::new();
+    let mut comp = vec![usize::MAX; n];
+    let mut comps: Vec<Vec<usize>> = Vec::new();
+    let mut next = 0usize;
+    for start in 0..n {
+        if index[start] != usize::MAX {
+            continue;
+        }
+        let mut call: Vec<(usize, usize)> = vec![(start, 0)];
+        index[start] = next;
+        low[start] = next;
+        next += 1;
+        stack.push(start);
+        on_stack[start] = true;
+        while let Some(&mut (v, ref mut ei)) = call.last_mut() {
+            if let Some(&(w, _)) = edges[v].get(*ei) {
+                *ei += 1;
+                if index[w] == usize::MAX {
+                    index[w] = next;
+                    low[w] = next;
+                    next += 1;
+                    stack.push(w);
+                    on_stack[w] = true;
+                    call.push((w, 0));
+                } else if on_stack[w] {
+                    low[v] = low[v].min(index[w]);
+                }
+            } else {
+                call.pop();
+                if let Some(&(parent, _)) = call.last() {
+                    low[parent] = low[parent].min(low[v]);
+                }
+                if low[v] == index[v] {
+                    let mut members = Vec::new();
+                    while let Some(w) = stack.pop() {
+                        on_stack[w] = false;
+                        comp[w] = comps.len();
+                        members.push(w);
+                        if w == v {
+                            break;
+                        }
+                    }
+                    comps.push(members);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (ci, members) in comps.iter().enumerate() {
+        let Some(&s) = members.iter().min() else {
+            continue;
+        };
+        let self_loop = edges[s].iter().find(|(w, _)| *w == s);
+        if members.len() == 1 {
+            if let Some(&(_, span)) = self_loop {
+                out.push((span, vec![s, s]));
+            }
+            continue;
+        }
+        // Shortest way back to `s` inside the component (breadth first).
+        let mut prev: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut queue = std::collections::VecDeque::from([s]);
+        let mut found = false;
+        while let Some(v) = queue.pop_front() {
+            for &(w, _) in &edges[v] {
+                if comp[w] != ci {
+                    continue;
+                }
+                if w == s {
+                    prev.insert(usize::MAX, v);
+                    found = true;
+                    break;
+                }
+                if let std::collections::btree_map::Entry::Vacant(e) = prev.entry(w) {
+                    e.insert(v);
+                    queue.push_back(w);
+                }
+            }
+            if found {
+                break;
+            }
+        }
+        if !found {
+            continue;
+        }
+        let mut path = vec![s];
+        let mut v = prev.get(&usize::MAX).copied().unwrap_or(s);
+        let mut guard = 0;
+        while v != s && guard <= n {
+            path.push(v);
+            v = prev.get(&v).copied().unwrap_or(s);
+            guard += 1;
+        }
+        path.push(s);
+        let last = path.len() - 1;
+        path[1..last].reverse();
+        let first = path.get(1).copied().unwrap_or(s);
+        let span = edges[s]
+            .iter()
+            .find(|(w, _)| *w == first)
+            .map(|(_, sp)| *sp);
+        if let Some(span) = span {
+            out.push((span, path));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp(i: u32) -> Span {
+        Span {
+            file: 0,
+            line: i,
+            col: 1,
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_valid_name("etl"));
+        assert!(is_valid_name("a"));
+        assert!(is_valid_name("small-only"));
+        assert!(is_valid_name("0x"));
+        assert!(!is_valid_name("Etl"));
+        assert!(!is_valid_name("-a"));
+        assert!(!is_valid_name("a-"));
+        assert!(!is_valid_name("a_b"));
+        assert!(!is_valid_name(""));
+        assert!(is_valid_name(&"a".repeat(63)));
+        assert!(!is_valid_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn cycles_are_named() {
+        // 0 -> 1 -> 2 -> 0, 3 -> 3, 4 -> 0
+        let edges = vec![
+            vec![(1, sp(1))],
+            vec![(2, sp(2))],
+            vec![(0, sp(3))],
+            vec![(3, sp(4))],
+            vec![(0, sp(5))],
+        ];
+        let mut c = find_cycles(&edges);
+        c.sort_by_key(|(s, _)| *s);
+        assert_eq!(c, vec![(sp(1), vec![0, 1, 2, 0]), (sp(4), vec![3, 3])]);
+        assert!(find_cycles(&[vec![(1, sp(1))], vec![]]).is_empty());
+    }
+
+    #[test]
+    fn long_chains_do_not_overflow() {
+        let n = 100_000;
+        let mut edges: Vec<Vec<(usize, Span)>> = (0..n).map(|i| vec![(i + 1, sp(1))]).collect();
+        edges[n - 1] = vec![(0, sp(2))];
+        let c = find_cycles(&edges);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].1.len(), n + 1);
+    }
+}

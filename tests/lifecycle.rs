@@ -1,0 +1,282 @@
+//! The foundation's lifecycle, driven through the CLI as a user would:
+//! plan -> apply -> plan -> drift -> heal -> destroy, on the local provider
+//! (real agent processes) and on the sim provider (faults, locks, kills).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, is_alive, wait_until};
+
+const LOCAL_SPEC: &str = r#"
+project: lifecycle
+provider: { kind: local }
+pools:
+  general: { node_type: small, min_idle: 1, max_capacity: 6 }
+clusters:
+  etl: { pool: general, workers: 2, tags: { team: data } }
+"#;
+
+fn pids(nodes: &[serde_json::Value]) -> Vec<i32> {
+    nodes
+        .iter()
+        .filter_map(|n| n["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect()
+}
+
+#[test]
+fn local_cluster_comes_up_drifts_heals_and_goes_away() {
+    let env = Env::new();
+    env.spec(LOCAL_SPEC);
+
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(2);
+    let applied = env.mp(&["apply", "--yes"]).expect_code(0);
+    assert!(
+        applied.stdout.contains("Apply complete: 2 created"),
+        "{}",
+        applied.stdout
+    );
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+
+    // Every node is a live agent process on loopback.
+    let nodes = env.nodes();
+    assert_eq!(nodes.len(), 4, "1 idle + 1 driver + 2 workers: {nodes:#?}");
+    for n in &nodes {
+        assert_eq!(n["state"], "running", "{n}");
+        assert!(
+            n["address"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "{n}"
+        );
+        assert!(is_alive(n["pid"].as_i64().expect("pid") as i32), "{n}");
+    }
+    let roles: Vec<&str> = nodes.iter().filter_map(|n| n["role"].as_str()).collect();
+    assert_eq!(roles.iter().filter(|r| **r == "driver").count(), 1);
+    assert_eq!(roles.iter().filter(|r| **r == "worker").count(), 2);
+    assert_eq!(roles.iter().filter(|r| **r == "idle").count(), 1);
+
+    // Kill one worker's process behind motorpool's back: that is drift.
+    let worker = nodes
+        .iter()
+        .find(|n| n["role"] == "worker")
+        .expect("a worker");
+    let victim = worker["pid"].as_i64().expect("pid") as i32;
+    let victim_id = worker["id"].as_str().expect("id").to_string();
+    // SAFETY: signalling a process this test started.
+    unsafe {
+        libc::kill(victim, libc::SIGKILL);
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || !is_alive(victim)),
+        "worker did not die"
+    );
+    let drift = env
+        .mp(&["plan", "--detailed-exitcode", "--output", "json"])
+        .expect_code(2);
+    let plan = drift.json();
+    let etl = plan["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .find(|c| c["address"] == "cluster.etl")
+        .expect("cluster.etl in the plan")
+        .clone();
+    assert_eq!(etl["drift"], true, "{etl:#}");
+    assert_eq!(etl["action"], "update", "{etl:#}");
+    let reasons = etl["reasons"].to_string();
+    assert!(
+        reasons.contains(&victim_id),
+        "reasons name the dead worker: {reasons}"
+    );
+
+    // Apply heals, and then nothing is left to do.
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    let healed = env.nodes();
+    assert_eq!(healed.len(), 4);
+    assert!(pids(&healed).iter().all(|p| is_alive(*p) && *p != victim));
+
+    // Destroy leaves no process and no record.
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+    assert!(env.nodes().is_empty());
+    assert!(
+        wait_until(Duration::from_secs(5), || env.processes().is_empty()),
+        "agents left running: {:?}",
+        env.processes()
+    );
+    let instances = env.home().join("local").join("instances");
+    let left = std::fs::read_dir(&instances)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        left,
+        0,
+        "instance directories left under {}",
+        instances.display()
+    );
+}
+
+#[test]
+fn apply_and_destroy_without_a_terminal_or_yes_refuse_and_change_nothing() {
+    let env = Env::new();
+    env.spec(LOCAL_SPEC);
+    let refused = env.mp(&["apply"]).expect_code(1);
+    assert!(refused.stderr.contains("--yes"), "{}", refused.stderr);
+    assert!(refused.stderr.contains("no terminal"), "{}", refused.stderr);
+    assert!(env.nodes().is_empty());
+    assert!(env.processes().is_empty());
+    let refused = env.mp(&["destroy"]);
+    // Nothing to destroy: no changes, so nothing to confirm.
+    assert_eq!(refused.code, 0, "{}", refused.stderr);
+}
+
+fn sim_spec(project: &str, settings: &str, clusters: usize, workers: usize) -> String {
+    let mut s = format!(
+        "project: {project}\nprovider: {{ kind: sim{settings} }}\npools:\n  general: {{ node_type: small, min_idle: 2, max_capacity: 20 }}\nclusters:\n"
+    );
+    for i in 0..clusters {
+        s.push_str(&format!(
+            "  c{i}: {{ node_type: small, workers: {workers} }}\n"
+        ));
+    }
+    s
+}
+
+fn instance_count(env: &Env) -> usize {
+    env.nodes().len()
+}
+
+#[test]
+fn a_stale_saved_plan_is_refused() {
+    let env = Env::new();
+    env.spec(&sim_spec("stale", "", 2, 1));
+    let plan_file = env.dir.path().join("saved.plan.json");
+    let plan_path = plan_file.to_str().expect("utf-8 path");
+    env.mp(&["plan", "--out", plan_path]).expect_code(0);
+    // Something else changes the world first.
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    let refused = env.mp(&["apply", plan_path, "--yes"]).expect_code(1);
+    assert!(refused.stderr.contains("stale"), "{}", refused.stderr);
+    assert_eq!(
+        instance_count(&env),
+        2 + 2 * 2,
+        "the stale plan changed nothing"
+    );
+
+    // A fresh saved plan applies exactly.
+    env.spec(&sim_spec("stale", "", 3, 1));
+    env.mp(&["plan", "--out", plan_path]).expect_code(0);
+    env.mp(&["apply", plan_path, "--yes"]).expect_code(0);
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+}
+
+#[test]
+fn a_broken_plan_file_or_home_is_a_clear_error() {
+    let env = Env::new();
+    env.spec(&sim_spec("broken", "", 1, 1));
+    let bad = env.dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"format_version": "1", "changes": 3}"#).expect("write");
+    let run = env
+        .mp(&["apply", bad.to_str().expect("utf-8"), "--yes"])
+        .expect_code(1);
+    assert!(
+        run.stderr.contains("is not a motorpool plan file"),
+        "{}",
+        run.stderr
+    );
+
+    let file_home = env.dir.path().join("not-a-dir");
+    std::fs::write(&file_home, "x").expect("write");
+    let run = std::process::Command::new(common::binary())
+        .args(["plan"])
+        .current_dir(env.dir.path())
+        .env("MOTORPOOL_HOME", &file_home)
+        .output()
+        .expect("run");
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("is not a directory"), "{stderr}");
+}
+
+#[test]
+fn a_second_concurrent_apply_is_refused_by_the_lock() {
+    let env = Env::new();
+    env.spec(&sim_spec("locked", ", latency_ms: 300", 3, 2));
+    let mut first = env.spawn(&["apply", "--yes", "--parallelism", "1"]);
+    let journal = env.project_file("locked", "journal.jsonl");
+    assert!(
+        wait_until(Duration::from_secs(20), || journal.exists()),
+        "first apply never started"
+    );
+    let second = env.mp(&["apply", "--yes"]).expect_code(1);
+    assert!(
+        second.stderr.contains("another motorpool apply is running"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        second.stderr.contains(&format!("pid {}", first.pid())),
+        "{}",
+        second.stderr
+    );
+    let first_run = std::mem::replace(&mut first, common::ChildGuard(None));
+    first_run.wait().expect_code(0);
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+}
+
+#[test]
+fn an_apply_killed_midway_converges_when_run_again_with_no_duplicate() {
+    let env = Env::new();
+    env.spec(&sim_spec("killed", ", latency_ms: 150", 6, 4));
+    let mut first = env.spawn(&["apply", "--yes", "--parallelism", "2"]);
+    let journal = env.project_file("killed", "journal.jsonl");
+    let some_done = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&journal).is_ok_and(|j| j.matches("\"op_done\"").count() >= 3)
+    });
+    assert!(some_done, "the first apply made no progress");
+    first.kill9();
+    let partial = instance_count(&env);
+    assert!(
+        partial < 2 + 6 * 5,
+        "killed too late to test anything: {partial} instances"
+    );
+
+    let again = env.mp(&["apply", "--yes"]).expect_code(0);
+    assert!(again.stdout.contains("interrupted"), "{}", again.stdout);
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    assert_eq!(
+        instance_count(&env),
+        2 + 6 * 5,
+        "exactly the spec's instances"
+    );
+}
+
+#[test]
+fn apply_converges_through_throttling_and_server_errors() {
+    let env = Env::new();
+    env.spec(&sim_spec(
+        "faulty",
+        ", throttle_rate: 0.2, error_rate: 0.05",
+        10,
+        3,
+    ));
+    let run = env.mp(&["apply", "--yes"]).expect_code(0);
+    let retried: u64 = run
+        .stdout
+        .split(" retried")
+        .next()
+        .and_then(|s| s.rsplit(", ").next())
+        .and_then(|n| n.parse().ok())
+        .expect("the summary counts retries");
+    assert!(
+        retried > 0,
+        "20% throttling must cause retries: {}",
+        run.stdout
+    );
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    assert_eq!(instance_count(&env), 2 + 10 * 4, "no duplicate, no leak");
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+    assert_eq!(instance_count(&env), 0);
+}
