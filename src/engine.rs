@@ -19,15 +19,16 @@ use crate::plan::{self, Plan, PlanInput, PlanMode};
 use crate::providers::{self, ProviderClient};
 use crate::spec::{self, LoadOptions, LoadedSpec, ProviderBlock, Spec};
 
-/// Load and validate a spec; every problem is in the error, one per line.
+/// A spec with problems: every one of them, one `file:line:col: error: ...` per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{diagnostics}\n{} in the spec", plan::plural(diagnostics.0.len() as u32, "error"))]
+pub struct InvalidSpec {
+    pub diagnostics: spec::Diagnostics,
+}
+
+/// Load and validate a spec; every problem is in the error.
 pub fn load_spec(path: &Path, options: &LoadOptions) -> Result<LoadedSpec> {
-    spec::load(path, options).map_err(|diagnostics| {
-        let n = diagnostics.0.len();
-        anyhow::anyhow!(
-            "{diagnostics}\n{n} error{} in the spec",
-            if n == 1 { "" } else { "s" }
-        )
-    })
+    spec::load(path, options).map_err(|diagnostics| InvalidSpec { diagnostics }.into())
 }
 
 /// A project's provider connection, and (for changes) its lock.

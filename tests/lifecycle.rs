@@ -72,6 +72,9 @@ fn local_cluster_comes_up_drifts_heals_and_goes_away() {
         wait_until(Duration::from_secs(5), || !is_alive(victim)),
         "worker did not die"
     );
+    // The scheduled drift check (refresh-only) sees it too.
+    env.mp(&["plan", "--refresh-only", "--detailed-exitcode"])
+        .expect_code(2);
     let drift = env
         .mp(&["plan", "--detailed-exitcode", "--output", "json"])
         .expect_code(2);
@@ -279,4 +282,39 @@ fn apply_converges_through_throttling_and_server_errors() {
     assert_eq!(instance_count(&env), 2 + 10 * 4, "no duplicate, no leak");
     env.mp(&["destroy", "--yes"]).expect_code(0);
     assert_eq!(instance_count(&env), 0);
+}
+
+#[test]
+fn refresh_only_reports_drift_but_not_spec_changes() {
+    let env = Env::new();
+    env.spec(&sim_spec("refresh", "", 2, 1));
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    env.spec(&sim_spec("refresh", "", 3, 2));
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(2);
+    let quiet = env
+        .mp(&["plan", "--refresh-only", "--detailed-exitcode"])
+        .expect_code(0);
+    assert!(quiet.stdout.contains("Nothing drifted"), "{}", quiet.stdout);
+}
+
+#[test]
+fn validate_reports_every_problem_with_its_position_and_exits_1() {
+    let env = Env::new();
+    env.spec(
+        "project: bad\nprovider: { kind: local }\npools:\n  general: { node_type: tiny, max_capacity: 2, min_idel: 1 }\nclusters:\n  etl: { pool: nowhere, workers: 2 }\n",
+    );
+    let run = env.mp(&["validate"]).expect_code(1);
+    for expected in [
+        "motorpool.yaml:4:48: error: unknown field `min_idel`",
+        "motorpool.yaml:6:16: error: unknown pool `nowhere`",
+    ] {
+        assert!(
+            run.stderr.lines().any(|l| l.starts_with(expected)),
+            "no line starts with `{expected}` in:\n{}",
+            run.stderr
+        );
+    }
+    // plan refuses the same spec the same way, and changes nothing.
+    env.mp(&["plan"]).expect_code(1);
+    assert!(env.processes().is_empty());
 }

@@ -94,6 +94,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedSpec, Diagnostics> 
     } else {
         path.to_path_buf()
     };
+    // `./motorpool.yaml` reads better as `motorpool.yaml` in messages.
+    let root_file = match root_file.strip_prefix(".") {
+        Ok(rest) if !rest.as_os_str().is_empty() => rest.to_path_buf(),
+        _ => root_file,
+    };
     let text = match std::fs::read_to_string(&root_file) {
         Ok(t) => t,
         Err(e) => {
