@@ -3,7 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use motorpool::apply::{ApplyOptions, ProgressMode};
 use motorpool::engine::{self, Project};
 use motorpool::plan::{self, Plan, PlanMode, render};
-use motorpool::spec::LoadOptions;
+use motorpool::spec::{LoadOptions, ProviderBlock};
 
 #[derive(Parser)]
 #[command(
@@ -79,16 +79,23 @@ struct PlanArgs {
     out: Option<PathBuf>,
 }
 
+/// What every command that changes the cloud takes.
 #[derive(Args)]
-struct ApplyArgs {
-    #[command(flatten)]
-    spec: SpecArgs,
+struct ChangeArgs {
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     yes: bool,
     /// Most provider operations in flight at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     parallelism: u32,
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    #[command(flatten)]
+    change: ChangeArgs,
     /// Only heal drift.
     #[arg(long)]
     refresh_only: bool,
@@ -98,10 +105,8 @@ struct ApplyArgs {
 struct DestroyArgs {
     #[command(flatten)]
     spec: SpecArgs,
-    #[arg(long, short = 'y')]
-    yes: bool,
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    parallelism: u32,
+    #[command(flatten)]
+    change: ChangeArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -266,23 +271,17 @@ fn confirm(yes: bool, what: &str) -> Result<bool> {
     Ok(answer.trim() == "yes")
 }
 
-async fn run_plan(
-    project: &Project,
-    plan: &Plan,
-    yes: bool,
-    what: &str,
-    parallelism: u32,
-) -> Result<u8> {
+async fn run_plan(project: &Project, plan: &Plan, change: &ChangeArgs, what: &str) -> Result<u8> {
     print!("{}", render::text(plan));
     if !plan.has_changes() {
         return Ok(0);
     }
-    if !confirm(yes, what)? {
+    if !confirm(change.yes, what)? {
         println!("Cancelled: nothing was changed.");
         return Ok(1);
     }
     let options = ApplyOptions {
-        parallelism: parallelism as usize,
+        parallelism: change.parallelism as usize,
         progress: progress_mode(),
         ..ApplyOptions::default()
     };
@@ -295,58 +294,41 @@ async fn run_plan(
     Ok(if report.succeeded() { 0 } else { 1 })
 }
 
-async fn apply_cmd(args: ApplyArgs) -> Result<u8> {
-    if plan::file::looks_like_plan(&args.spec.path) {
-        return apply_saved(&args.spec.path, args.yes, args.parallelism).await;
-    }
-    let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
-    let spec = &loaded.spec;
-    let project = Project::lock(&spec.project, &spec.provider)?;
+/// Take the project lock, finish an interrupted apply, then plan under the lock.
+async fn locked(project: &str, provider: &ProviderBlock) -> Result<Project> {
+    let project = Project::lock(project, provider)?;
     if let Some(note) = project.resume_interrupted().await? {
         println!("{note}\n");
     }
+    Ok(project)
+}
+
+async fn apply_cmd(args: ApplyArgs) -> Result<u8> {
+    if plan::file::looks_like_plan(&args.spec.path) {
+        let plan = plan::file::load(&args.spec.path)?;
+        let project = locked(&plan.project, &plan.provider).await?;
+        project.check_not_stale(&plan).await?;
+        return run_plan(&project, &plan, &args.change, "apply this saved plan").await;
+    }
+    let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
+    let spec = &loaded.spec;
+    let project = locked(&spec.project, &spec.provider).await?;
     let mode = if args.refresh_only {
         PlanMode::RefreshOnly
     } else {
         PlanMode::Normal
     };
     let plan = project.plan(spec, mode).await?;
-    run_plan(
-        &project,
-        &plan,
-        args.yes,
-        "apply these changes",
-        args.parallelism,
-    )
-    .await
-}
-
-async fn apply_saved(path: &Path, yes: bool, parallelism: u32) -> Result<u8> {
-    let plan = plan::file::load(path)?;
-    let project = Project::lock(&plan.project, &plan.provider)?;
-    if let Some(note) = project.resume_interrupted().await? {
-        println!("{note}\n");
-    }
-    project.check_not_stale(&plan).await?;
-    run_plan(&project, &plan, yes, "apply this saved plan", parallelism).await
+    run_plan(&project, &plan, &args.change, "apply these changes").await
 }
 
 async fn destroy_cmd(args: DestroyArgs) -> Result<u8> {
     let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
     let spec = &loaded.spec;
-    let project = Project::lock(&spec.project, &spec.provider)?;
-    if let Some(note) = project.resume_interrupted().await? {
-        println!("{note}\n");
-    }
+    let project = locked(&spec.project, &spec.provider).await?;
     let plan = project.plan(spec, PlanMode::Destroy).await?;
-    run_plan(
-        &project,
-        &plan,
-        args.yes,
-        "destroy every pool and cluster of this project",
-        args.parallelism,
-    )
-    .await
+    let what = "destroy every pool and cluster of this project";
+    run_plan(&project, &plan, &args.change, what).await
 }
 
 async fn status_cmd(args: StatusArgs) -> Result<u8> {
