@@ -128,7 +128,7 @@ fn unix_now() -> u64 {
 /// Shared by the tasks that run changes.
 struct Runner {
     client: Arc<ProviderClient>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     journal: Mutex<Journal>,
     progress: Progress,
     options: ApplyOptions,
@@ -154,7 +154,7 @@ pub async fn apply(
     )?;
     let runner = Arc::new(Runner {
         client,
-        permits: Semaphore::new(options.parallelism.max(1)),
+        permits: Arc::new(Semaphore::new(options.parallelism.max(1))),
         journal: Mutex::new(journal),
         progress: Progress::new(options.progress, total_ops),
         options: options.clone(),
@@ -310,27 +310,44 @@ impl Runner {
             .map_err(|e| format!("cannot write the apply journal: {e}"))
     }
 
-    /// Run one change's ops in order, then wait until what it launched or started runs.
+    /// Run one change's ops in order (consecutive launches together: they
+    /// touch different instances), then wait until what it launched or
+    /// started reports running.
     async fn run_change(&self, change: &Change) -> Result<(), String> {
         let mut must_run: Vec<String> = Vec::new();
-        for (index, op) in change.ops.iter().enumerate() {
-            let t = Instant::now();
-            let result = self.run_op(change, index, op, &mut must_run).await;
-            match result {
-                Ok(()) => self
-                    .progress
-                    .op_done(&change.address, &op.describe(), t.elapsed()),
-                Err(e) => {
-                    let error = format!("{}: {e}", op.describe());
-                    self.journal(Event::OpFailed {
-                        address: change.address.clone(),
-                        op: index,
-                        error: error.clone(),
-                    })
-                    .await?;
-                    return Err(error);
+        let mut index = 0;
+        while index < change.ops.len() {
+            let is_launch = |op: &Op| matches!(op, Op::Launch { .. });
+            let mut end = index + 1;
+            if is_launch(&change.ops[index]) {
+                while end < change.ops.len() && is_launch(&change.ops[end]) {
+                    end += 1;
                 }
             }
+            let group = (index..end).map(|i| async move {
+                let t = Instant::now();
+                (i, self.run_op(change, i, &change.ops[i]).await, t.elapsed())
+            });
+            for (i, result, took) in futures_util::future::join_all(group).await {
+                let op = &change.ops[i];
+                match result {
+                    Ok(ids) => {
+                        must_run.extend(ids);
+                        self.progress.op_done(&change.address, &op.describe(), took);
+                    }
+                    Err(e) => {
+                        let error = format!("{}: {e}", op.describe());
+                        self.journal(Event::OpFailed {
+                            address: change.address.clone(),
+                            op: i,
+                            error: error.clone(),
+                        })
+                        .await?;
+                        return Err(error);
+                    }
+                }
+            }
+            index = end;
         }
         if !must_run.is_empty() {
             self.wait_running(change, &must_run).await?;
@@ -338,13 +355,9 @@ impl Runner {
         Ok(())
     }
 
-    async fn run_op(
-        &self,
-        change: &Change,
-        index: usize,
-        op: &Op,
-        must_run: &mut Vec<String>,
-    ) -> Result<(), String> {
+    /// Run one op; returns the instances that must reach running before the change is done.
+    async fn run_op(&self, change: &Change, index: usize, op: &Op) -> Result<Vec<String>, String> {
+        let mut must_run = Vec::new();
         let now = unix_now();
         let address = change.address.clone();
         match op {
@@ -388,7 +401,14 @@ impl Runner {
                 let mut launches = JoinSet::new();
                 for r in requests {
                     let client = self.client.clone();
-                    launches.spawn(async move { client.launch(&r).await });
+                    let permits = self.permits.clone();
+                    launches.spawn(async move {
+                        let _permit = permits
+                            .acquire_owned()
+                            .await
+                            .map_err(|e| ProviderError::Internal(e.to_string()))?;
+                        client.launch(&r).await
+                    });
                 }
                 let mut launched: Vec<Instance> = Vec::new();
                 let mut first_error: Option<ProviderError> = None;
@@ -440,7 +460,8 @@ impl Runner {
                 self.call(|| self.client.terminate(ids)).await?;
             }
         }
-        self.journal(Event::OpDone { address, op: index }).await
+        self.journal(Event::OpDone { address, op: index }).await?;
+        Ok(must_run)
     }
 
     /// One provider call under the parallelism limit.
@@ -510,3 +531,6 @@ fn start(address: &str, op: usize) -> Event {
         launch: None,
     }
 }
+
+#[cfg(test)]
+mod tests;
