@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod apply;
+pub mod auth;
 pub mod engine;
 pub mod home;
 pub mod observe;
