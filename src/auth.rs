@@ -109,9 +109,18 @@ impl Interceptor for RequireCredential {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match presented {
-            Some(p) if self.accepted.iter().any(|c| constant_time_eq(p.as_bytes(), c.0.as_bytes())) => Ok(request),
+            Some(p)
+                if self
+                    .accepted
+                    .iter()
+                    .any(|c| constant_time_eq(p.as_bytes(), c.0.as_bytes())) =>
+            {
+                Ok(request)
+            }
             Some(_) => Err(Status::unauthenticated("wrong credential")),
-            None => Err(Status::unauthenticated("this call needs the cluster's credential")),
+            None => Err(Status::unauthenticated(
+                "this call needs the cluster's credential",
+            )),
         }
     }
 }
@@ -142,7 +151,10 @@ mod tests {
         let a = cluster_credential(&secret, "p", "etl");
         assert_eq!(a, cluster_credential(&secret, "p", "etl"));
         assert_ne!(a, cluster_credential(&secret, "p", "other"));
-        assert_ne!(a, cluster_credential(&Credential::new("other-secret"), "p", "etl"));
+        assert_ne!(
+            a,
+            cluster_credential(&Credential::new("other-secret"), "p", "etl")
+        );
         assert_eq!(a.expose().len(), 64);
     }
 
@@ -151,11 +163,18 @@ mod tests {
         let good = Credential::new("good");
         let mut check = require(good.clone()).or(Credential::new("also-good"));
         assert!(check.call(Request::new(())).is_err());
-        let wrong = Credential::new("bad").attach(Request::new(())).expect("attach");
-        assert_eq!(check.call(wrong).expect_err("refused").code(), tonic::Code::Unauthenticated);
+        let wrong = Credential::new("bad")
+            .attach(Request::new(()))
+            .expect("attach");
+        assert_eq!(
+            check.call(wrong).expect_err("refused").code(),
+            tonic::Code::Unauthenticated
+        );
         let right = good.attach(Request::new(())).expect("attach");
         assert!(check.call(right).is_ok());
-        let other = Credential::new("also-good").attach(Request::new(())).expect("attach");
+        let other = Credential::new("also-good")
+            .attach(Request::new(()))
+            .expect("attach");
         assert!(check.call(other).is_ok());
     }
 }

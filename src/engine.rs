@@ -6,13 +6,19 @@
 //! Each function here is one step a command takes; the rules live in the
 //! modules they call (`spec`, `observe`, `plan`, `apply`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use crate::apply::{self, ApplyOptions, ApplyReport, journal, lock::ProjectLock};
+use crate::auth::Credential;
+use crate::bootstrap::run::BootContext;
+use crate::bootstrap::steps::StepContext;
+use crate::bootstrap::template::Templates;
 use crate::home::Home;
 use crate::observe::{self, Observed, ResourceKind};
 use crate::plan::{self, Plan, PlanInput, PlanMode};
@@ -70,9 +76,53 @@ impl Project {
     }
 
     /// Build a plan against what the provider reports now.
-    pub async fn plan(&self, spec: &Spec, mode: PlanMode) -> Result<Plan> {
+    pub async fn plan(
+        &self,
+        loaded: &LoadedSpec,
+        mode: PlanMode,
+        start: &BTreeSet<String>,
+    ) -> Result<Plan> {
         let observed = self.observe().await?;
-        plan_against(spec, &observed, &self.client, mode)
+        plan_against(
+            &loaded.spec,
+            &loaded.base_dir,
+            &observed,
+            &self.client,
+            mode,
+            start,
+        )
+    }
+
+    /// The credential the project's agents accept.
+    pub fn agent_credential(&self) -> Result<Credential> {
+        let secret = self.home.project_secret(&self.name)?;
+        Ok(crate::auth::derive(
+            &secret,
+            &format!("agent/{}", self.name),
+        ))
+    }
+
+    /// What cluster startup needs: credentials, where things are, the templates.
+    pub fn boot_context(&self) -> Result<BootContext> {
+        let secret = self.home.project_secret(&self.name)?;
+        let binary = match std::env::var_os("MOTORPOOL_AGENT_PROGRAM") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe().context("cannot find the motorpool binary")?,
+        };
+        Ok(BootContext {
+            project: self.name.clone(),
+            agent_credential: crate::auth::derive(&secret, &format!("agent/{}", self.name)),
+            project_secret: secret,
+            steps: StepContext {
+                python: "python3".into(),
+                motorpool_binary: binary.display().to_string(),
+                cache_dir: self.home.root().join("cache").display().to_string(),
+                timeout_seconds: 30 * 60,
+            },
+            templates: Templates::new(),
+            ready_timeout: Duration::from_secs(120),
+            home: self.home.root().to_path_buf(),
+        })
     }
 
     /// When the last apply was killed, replay its unfinished launches with
@@ -116,7 +166,8 @@ impl Project {
     }
 
     pub async fn apply(&self, plan: &Plan, options: &ApplyOptions) -> Result<ApplyReport> {
-        apply::apply(plan, self.client.clone(), &self.dir, options)
+        let boot = Arc::new(self.boot_context()?);
+        apply::apply(plan, self.client.clone(), &self.dir, options, Some(boot))
             .await
             .context("cannot write the apply journal")
     }
@@ -125,9 +176,11 @@ impl Project {
 /// Build a plan from an observed state.
 pub fn plan_against(
     spec: &Spec,
+    base_dir: &Path,
     observed: &Observed,
     client: &ProviderClient,
     mode: PlanMode,
+    start: &BTreeSet<String>,
 ) -> Result<Plan> {
     let input = PlanInput {
         spec,
@@ -136,6 +189,8 @@ pub fn plan_against(
         default_image: &client.default_image(),
         mode,
         now: unix_now(),
+        base_dir,
+        start,
     };
     Ok(plan::build(&input)?)
 }
@@ -162,6 +217,17 @@ pub struct NodeStatus {
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
+    /// The startup steps the node's agent recorded (local provider).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepStatus>,
+}
+
+/// One recorded startup step of a node.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepStatus {
+    pub step: String,
+    pub status: String,
+    pub duration_ms: u64,
 }
 
 /// What `status` reports.
@@ -200,7 +266,65 @@ fn node_status(i: &motorpool_provider::Instance, resource: String) -> NodeStatus
         address: i.address.clone(),
         pid: i.pid,
         step: i.tag(tags::STEP).map(str::to_string),
+        steps: Vec::new(),
     }
+}
+
+/// Ask each node's agent (where the engine can reach it) for its recorded steps.
+pub async fn add_steps(status: &mut Status, credential: &Credential) {
+    let queries = status.nodes.iter().map(|n| async move {
+        let address = n.address.as_deref()?;
+        let connect = crate::bootstrap::run::connect(address, credential);
+        let mut agent = tokio::time::timeout(Duration::from_secs(2), connect)
+            .await
+            .ok()?
+            .ok()?;
+        let request = agent.get_state(crate::agent::proto::GetStateRequest {});
+        let state = tokio::time::timeout(Duration::from_secs(2), request)
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        Some(
+            state
+                .steps
+                .into_iter()
+                .map(|s| StepStatus {
+                    step: s.step,
+                    status: s.status,
+                    duration_ms: s.duration_ms,
+                })
+                .collect::<Vec<_>>(),
+        )
+    });
+    let found = futures_util::future::join_all(queries).await;
+    for (node, steps) in status.nodes.iter_mut().zip(found) {
+        node.steps = steps.unwrap_or_default();
+    }
+}
+
+/// The seven startup steps of a cluster: the slowest node's time for each.
+fn startup_line(nodes: &[&NodeStatus]) -> Option<String> {
+    let mut parts = Vec::new();
+    for step in crate::bootstrap::STEPS {
+        let runs: Vec<&StepStatus> = nodes
+            .iter()
+            .flat_map(|n| n.steps.iter())
+            .filter(|s| s.step == step.name())
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let ms = runs.iter().map(|s| s.duration_ms).max().unwrap_or(0);
+        let failed = runs.iter().any(|s| s.status == "failed");
+        parts.push(format!(
+            "{} {:.2}s{}",
+            step.title(),
+            ms as f64 / 1000.0,
+            if failed { " FAILED" } else { "" }
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("  startup: {}", parts.join(" > ")))
 }
 
 /// `status` as text: one block per pool or cluster, one line per node.
@@ -218,12 +342,21 @@ pub fn render_status(status: &Status) -> String {
     for n in &status.nodes {
         if n.resource != current {
             current = &n.resource;
-            let count = status
+            let members: Vec<&NodeStatus> = status
                 .nodes
                 .iter()
                 .filter(|m| m.resource == n.resource)
-                .count();
-            let _ = writeln!(out, "\n{current} ({})", plan::plural(count as u32, "node"));
+                .collect();
+            let _ = writeln!(
+                out,
+                "\n{current} ({})",
+                plan::plural(members.len() as u32, "node")
+            );
+            if current.starts_with("cluster.")
+                && let Some(line) = startup_line(&members)
+            {
+                let _ = writeln!(out, "{line}");
+            }
         }
         let _ = writeln!(
             out,
@@ -237,4 +370,75 @@ pub fn render_status(status: &Status) -> String {
         );
     }
     out
+}
+
+/// `motorpool logs CLUSTER`: every node's step outputs, driver first, steps in the order they ran.
+pub async fn cluster_logs(
+    observed: &Observed,
+    cluster: &str,
+    credential: &Credential,
+) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut nodes: Vec<&motorpool_provider::Instance> = observed
+        .members(ResourceKind::Cluster, cluster)
+        .iter()
+        .collect();
+    if nodes.is_empty() {
+        bail!("cluster `{cluster}` has no nodes; `motorpool status` lists what runs");
+    }
+    nodes.sort_by_key(|i| {
+        (
+            i.tag(motorpool_provider::tags::ROLE) != Some("driver"),
+            i.id.clone(),
+        )
+    });
+    let mut out = String::new();
+    for node in nodes {
+        let role = node.tag(motorpool_provider::tags::ROLE).unwrap_or("node");
+        let Some(address) = node.address.as_deref().filter(|_| node.state.is_live()) else {
+            let _ = writeln!(
+                out,
+                "== {} ({role}, {}): no agent to ask\n",
+                node.id, node.state
+            );
+            continue;
+        };
+        let mut agent = crate::bootstrap::run::connect(address, credential)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let state = agent
+            .get_state(crate::agent::proto::GetStateRequest {})
+            .await
+            .with_context(|| format!("the agent of {} did not answer", node.id))?
+            .into_inner();
+        for step in state
+            .steps
+            .iter()
+            .filter(|s| !s.key.is_empty() || s.duration_ms > 0 || s.status != "ok")
+        {
+            let text = match agent
+                .step_log(crate::agent::proto::StepLogRequest {
+                    step: step.step.clone(),
+                })
+                .await
+            {
+                Ok(r) => r.into_inner().text,
+                Err(_) => continue, // a step the engine recorded (request, allocate, ...) has no output
+            };
+            let _ = writeln!(
+                out,
+                "== {} ({role}) {} [{}, {:.2}s]",
+                node.id,
+                step.step,
+                step.status,
+                step.duration_ms as f64 / 1000.0
+            );
+            out.push_str(&text);
+            if !text.ends_with('\n') && !text.is_empty() {
+                out.push('\n');
+            }
+            out.push('\n');
+        }
+    }
+    Ok(out)
 }

@@ -69,6 +69,61 @@ impl Home {
     }
 }
 
+/// The environment variable that supplies a project's secret in CI, where
+/// no home directory survives between runs.
+pub const SECRET_ENV: &str = "MOTORPOOL_PROJECT_SECRET";
+
+impl Home {
+    /// The project's secret, which every credential derives from:
+    /// `$MOTORPOOL_PROJECT_SECRET`, or `projects/<project>/secret` (mode 0600,
+    /// 32 random bytes, created on first use).
+    pub fn project_secret(&self, project: &str) -> Result<crate::auth::Credential, HomeError> {
+        if let Ok(s) = std::env::var(SECRET_ENV)
+            && !s.is_empty()
+        {
+            return Ok(crate::auth::Credential::new(s));
+        }
+        let path = self.project_dir(project)?.join("secret");
+        let io = |source| HomeError::Io {
+            path: path.clone(),
+            source,
+        };
+        match fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => return Ok(crate::auth::Credential::new(s.trim())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        let mut bytes = [0u8; 32];
+        use std::io::Read as _;
+        fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .map_err(io)?;
+        let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        {
+            use std::io::Write as _;
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
+            f.write_all(secret.as_bytes()).map_err(io)?;
+        }
+        // A concurrent first use may have won: keep whichever secret landed first.
+        if fs::hard_link(&tmp, &path).is_err() {
+            let _ = fs::remove_file(&tmp);
+            let s = fs::read_to_string(&path).map_err(io)?;
+            return Ok(crate::auth::Credential::new(s.trim()));
+        }
+        let _ = fs::remove_file(&tmp);
+        Ok(crate::auth::Credential::new(secret))
+    }
+}
+
 /// Create `dir` (and parents), with an error that names the path.
 pub fn ensure_dir(dir: &Path) -> Result<(), HomeError> {
     match fs::metadata(dir) {
@@ -101,6 +156,23 @@ mod tests {
         fs::write(&file, "x").expect("write");
         let err = Home::at(&file).expect_err("a file is not a home");
         assert!(err.to_string().contains("is not a directory"), "{err}");
+    }
+
+    #[test]
+    fn the_project_secret_is_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::at(dir.path()).expect("home");
+        let a = home.project_secret("demo").expect("secret");
+        let b = home.project_secret("demo").expect("secret again");
+        assert_eq!(a, b);
+        assert_eq!(a.expose().len(), 64);
+        let mode = fs::metadata(dir.path().join("projects/demo/secret"))
+            .expect("file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_ne!(a, home.project_secret("other").expect("other project"));
     }
 
     #[test]

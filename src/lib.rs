@@ -8,9 +8,11 @@
 pub mod agent;
 pub mod apply;
 pub mod auth;
+pub mod bootstrap;
 pub mod engine;
 pub mod home;
 pub mod observe;
 pub mod plan;
 pub mod providers;
+pub mod runtime;
 pub mod spec;

@@ -37,9 +37,17 @@ enum Command {
     Destroy(DestroyArgs),
     /// List the project's nodes with their role, state and address.
     Status(StatusArgs),
+    /// Show a cluster's startup step outputs.
+    Logs(LogsArgs),
     /// Run a node agent (started by providers, not by people).
     #[command(hide = true)]
     Agent(AgentArgs),
+    /// Run a runtime driver (credential in $MOTORPOOL_CREDENTIAL; started by agents and tests).
+    #[command(hide = true)]
+    Driver(DriverArgs),
+    /// Run a runtime executor (credential in $MOTORPOOL_CREDENTIAL; started by agents and tests).
+    #[command(hide = true)]
+    Executor(ExecutorArgs),
 }
 
 #[derive(Args)]
@@ -99,6 +107,9 @@ struct ApplyArgs {
     /// Only heal drift.
     #[arg(long)]
     refresh_only: bool,
+    /// Start this cluster again after it stopped itself (autotermination); repeatable.
+    #[arg(long = "start", value_name = "CLUSTER")]
+    start: Vec<String>,
 }
 
 #[derive(Args)]
@@ -124,6 +135,13 @@ struct StatusArgs {
 }
 
 #[derive(Args)]
+struct LogsArgs {
+    /// `[PATH] CLUSTER`: the spec (file or directory, default `.`) and the cluster whose logs to show.
+    #[arg(num_args = 1..=2, required = true, value_name = "[PATH] CLUSTER")]
+    words: Vec<String>,
+}
+
+#[derive(Args)]
 struct AgentArgs {
     /// The instance's directory.
     #[arg(long)]
@@ -133,6 +151,35 @@ struct AgentArgs {
     listen: SocketAddr,
     #[arg(long)]
     instance_id: String,
+    /// The agent's JSON config (its credential): the instance's user data.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DriverArgs {
+    /// Where to listen (loopback only).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The driver's directory; `driver.json` there says where it listens.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+#[derive(Args)]
+struct ExecutorArgs {
+    /// The driver's address (127.0.0.1:PORT).
+    #[arg(long)]
+    driver: String,
+    /// The executor's directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Tasks run at once (default: the CPUs).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    cores: Option<u32>,
+    /// Where to serve shuffle data (loopback only).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
 }
 
 fn main() -> ExitCode {
@@ -168,13 +215,25 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Apply(args) => apply_cmd(args).await,
         Command::Destroy(args) => destroy_cmd(args).await,
         Command::Status(args) => status_cmd(args).await,
+        Command::Logs(args) => logs_cmd(args).await,
         Command::Agent(args) => {
             motorpool::agent::run(motorpool::agent::AgentOptions {
                 dir: args.dir,
                 listen: args.listen,
                 instance_id: args.instance_id,
+                config: args.config,
             })
             .await?;
+            Ok(0)
+        }
+        Command::Driver(args) => {
+            motorpool::runtime::run_driver_process(args.listen, args.dir).await?;
+            Ok(0)
+        }
+        Command::Executor(args) => {
+            let cores = args.cores.map(|c| c as usize);
+            motorpool::runtime::run_executor_process(args.driver, args.dir, cores, args.listen)
+                .await?;
             Ok(0)
         }
     }
@@ -227,7 +286,7 @@ async fn plan_cmd(args: PlanArgs) -> Result<u8> {
     } else {
         PlanMode::Normal
     };
-    let plan = project.plan(spec, mode).await?;
+    let plan = project.plan(&loaded, mode, &Default::default()).await?;
     print_plan(&plan, args.output);
     if let Some(out) = &args.out {
         plan::file::save(&plan, out)?;
@@ -318,7 +377,13 @@ async fn apply_cmd(args: ApplyArgs) -> Result<u8> {
     } else {
         PlanMode::Normal
     };
-    let plan = project.plan(spec, mode).await?;
+    for name in &args.start {
+        if !spec.clusters.contains_key(name) {
+            bail!("--start {name}: there is no cluster `{name}` in the spec");
+        }
+    }
+    let start = args.start.iter().cloned().collect();
+    let plan = project.plan(&loaded, mode, &start).await?;
     run_plan(&project, &plan, &args.change, "apply these changes").await
 }
 
@@ -326,7 +391,9 @@ async fn destroy_cmd(args: DestroyArgs) -> Result<u8> {
     let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
     let spec = &loaded.spec;
     let project = locked(&spec.project, &spec.provider).await?;
-    let plan = project.plan(spec, PlanMode::Destroy).await?;
+    let plan = project
+        .plan(&loaded, PlanMode::Destroy, &Default::default())
+        .await?;
     let what = "destroy every pool and cluster of this project";
     run_plan(&project, &plan, &args.change, what).await
 }
@@ -336,10 +403,26 @@ async fn status_cmd(args: StatusArgs) -> Result<u8> {
     let spec = &loaded.spec;
     let project = Project::open(&spec.project, &spec.provider)?;
     let observed = project.observe().await?;
-    let status = engine::status_of(&spec.project, spec.provider.kind(), &observed);
+    let mut status = engine::status_of(&spec.project, spec.provider.kind(), &observed);
+    engine::add_steps(&mut status, &project.agent_credential()?).await;
     match args.output {
         StatusOutput::Text => print!("{}", engine::render_status(&status)),
         StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&status)?),
     }
+    Ok(0)
+}
+
+async fn logs_cmd(args: LogsArgs) -> Result<u8> {
+    let (path, name) = match args.words.as_slice() {
+        [name] => (PathBuf::from("."), name.clone()),
+        [path, name] => (PathBuf::from(path), name.clone()),
+        _ => bail!("logs takes [PATH] CLUSTER"),
+    };
+    let loaded = engine::load_spec(&path, &LoadOptions::default())?;
+    let spec = &loaded.spec;
+    let project = Project::open(&spec.project, &spec.provider)?;
+    let observed = project.observe().await?;
+    let text = engine::cluster_logs(&observed, &name, &project.agent_credential()?).await?;
+    print!("{text}");
     Ok(0)
 }

@@ -59,6 +59,24 @@ pub fn connect(block: &ProviderBlock, home: &Home) -> Result<ProviderClient, Pro
             };
             Arc::new(motorpool_sim::SimProvider::new(config)?)
         }
+        ProviderBlock::Aws(s) => {
+            let defaults = motorpool_aws::AwsConfig::default();
+            let config = motorpool_aws::AwsConfig {
+                region: s.region.clone(),
+                endpoint_url: s.endpoint_url.clone(),
+                image: s.image.clone(),
+                subnet_ids: s.subnet_ids.clone(),
+                security_group_ids: s.security_group_ids.clone(),
+                iam_instance_profile: s.iam_instance_profile.clone(),
+                key_name: s.key_name.clone(),
+                spot: s.spot,
+                root_volume_gb: s.root_volume_gb,
+                tags: s.tags.clone(),
+                page_size: s.page_size.unwrap_or(defaults.page_size),
+                ..defaults
+            };
+            Arc::new(motorpool_aws::AwsProvider::new(config)?)
+        }
     };
     Ok(ProviderClient::new(provider))
 }

@@ -18,7 +18,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 
+pub mod node;
+mod runtime_host;
 mod service;
+pub mod steps;
 
 #[cfg(test)]
 mod tests;
@@ -50,6 +53,37 @@ pub struct AgentOptions {
     pub listen: SocketAddr,
     /// The provider's id of the instance this agent runs on.
     pub instance_id: String,
+    /// A JSON [`AgentConfig`] (the instance's user data on the local provider).
+    pub config: Option<PathBuf>,
+}
+
+/// What an agent is told at launch (the local provider's user data; on clouds,
+/// written by cloud-init). Holds a secret: the file is private to the node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// The credential every call to this agent must carry (`auth::HEADER`).
+    pub credential: String,
+    #[serde(default)]
+    pub project: String,
+    /// Steps to run on itself at start (a pool instance warming up).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm: Vec<node::WarmStep>,
+    /// How to reach its own provider (to tag itself, to stop its idle cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<node::SelfProvider>,
+}
+
+impl AgentConfig {
+    pub fn read(path: &Path) -> anyhow::Result<AgentConfig> {
+        let text = std::fs::read(path)
+            .with_context(|| format!("cannot read the agent config {}", path.display()))?;
+        let config: AgentConfig = serde_json::from_slice(&text)
+            .with_context(|| format!("the agent config {} is not valid", path.display()))?;
+        if config.credential.is_empty() {
+            bail!("the agent config {} has no credential", path.display());
+        }
+        Ok(config)
+    }
 }
 
 /// The content of `<dir>/agent.json`: where a running agent listens.
@@ -104,6 +138,11 @@ pub async fn run_until(
     let dir = std::path::absolute(&opts.dir)
         .with_context(|| format!("cannot resolve the agent directory {}", opts.dir.display()))?;
 
+    let config = match &opts.config {
+        Some(path) => Some(AgentConfig::read(path)?),
+        None => None,
+    };
+
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
@@ -124,24 +163,67 @@ pub async fn run_until(
         opts.instance_id, agent_file.pid, agent_file.address
     );
 
-    let svc = service::AgentService::new(service::AgentInfo {
-        instance_id: opts.instance_id.clone(),
-        pid: agent_file.pid,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        started_at_unix,
-        started,
-        dir: dir.clone(),
+    // The node acting on itself through its provider: warm-up and autotermination.
+    let node = match config
+        .as_ref()
+        .and_then(|c| c.provider.as_ref().map(|p| (c, p)))
+    {
+        Some((c, p)) => Some(std::sync::Arc::new(node::Node {
+            instance_id: opts.instance_id.clone(),
+            project: c.project.clone(),
+            provider: p
+                .connect()
+                .context("cannot reach the node's own provider")?,
+            agent_credential: crate::auth::Credential::new(c.credential.clone()),
+        })),
+        None => None,
+    };
+    let on_idle: Option<runtime_host::OnIdle> = node.clone().map(|n| {
+        let f: runtime_host::OnIdle = std::sync::Arc::new(move |cluster: String| {
+            let n = n.clone();
+            Box::pin(async move {
+                if let Err(e) = n.autoterminate(&cluster).await {
+                    eprintln!("motorpool agent: autotermination of {cluster} failed: {e:#}");
+                }
+            })
+        });
+        f
     });
+    let svc = service::AgentService::new(
+        service::AgentInfo {
+            instance_id: opts.instance_id.clone(),
+            pid: agent_file.pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at_unix,
+            started,
+            dir: dir.clone(),
+        },
+        on_idle,
+    );
+    if let (Some(n), Some(c)) = (node.clone(), config.as_ref())
+        && !c.warm.is_empty()
+    {
+        let steps = svc.steps();
+        let warm = c.warm.clone();
+        tokio::spawn(async move { n.warm_up(&steps, warm).await });
+    }
+    let runtime = svc.runtime();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        Server::builder()
-            .add_service(proto::agent_server::AgentServer::new(svc))
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let router = match config {
+        // Every call must carry the credential of the project's agents.
+        Some(c) => {
+            Server::builder().add_service(proto::agent_server::AgentServer::with_interceptor(
+                svc,
+                crate::auth::require(crate::auth::Credential::new(c.credential)),
+            ))
+        }
+        None => Server::builder().add_service(proto::agent_server::AgentServer::new(svc)),
+    };
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
 
     let result = tokio::select! {
         served = &mut server => Some(served),
@@ -161,6 +243,7 @@ pub async fn run_until(
             }
         }
     };
+    runtime.stop().await;
     // The address is no longer served: say so (only if the file is still ours).
     if AgentFile::read(&dir).is_ok_and(|f| f == agent_file) {
         let _ = std::fs::remove_file(dir.join(AGENT_FILE));

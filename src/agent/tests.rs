@@ -65,6 +65,7 @@ async fn agent_writes_agent_json_and_answers_identity_and_health() {
         dir: dir.clone(),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         instance_id: "local-0000abcd".to_string(),
+        config: None,
     });
 
     let file = wait_for_agent_file(&dir).await;
@@ -122,6 +123,7 @@ async fn agent_refuses_a_non_loopback_address() {
             dir: home.path().join("a"),
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             instance_id: "local-1".to_string(),
+            config: None,
         },
         std::future::pending(),
     )
@@ -142,6 +144,7 @@ async fn agent_reports_a_busy_port_and_writes_no_agent_json() {
             dir: home.path().join("a"),
             listen: addr,
             instance_id: "local-1".to_string(),
+            config: None,
         },
         std::future::pending(),
     )

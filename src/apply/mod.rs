@@ -24,6 +24,8 @@ use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::bootstrap::run::BootContext;
+use crate::bootstrap::{BootSpec, Step};
 use crate::observe::ResourceKind;
 use crate::plan::{APPLY_TIME, Action, Change, Op, Plan};
 use crate::providers::{CallStats, ProviderClient};
@@ -133,6 +135,8 @@ struct Runner {
     progress: Progress,
     options: ApplyOptions,
     project: String,
+    /// Cluster startup; None where nodes start themselves or are simulated.
+    boot: Option<Arc<BootContext>>,
 }
 
 /// Run a plan. The caller holds the project lock.
@@ -141,6 +145,7 @@ pub async fn apply(
     client: Arc<ProviderClient>,
     project_dir: &Path,
     options: &ApplyOptions,
+    boot: Option<Arc<BootContext>>,
 ) -> Result<ApplyReport, std::io::Error> {
     let started = Instant::now();
     let stats_before = client.stats();
@@ -159,6 +164,7 @@ pub async fn apply(
         progress: Progress::new(options.progress, total_ops),
         options: options.clone(),
         project: plan.project.clone(),
+        boot,
     });
 
     let index: BTreeMap<&str, usize> = changes
@@ -314,9 +320,31 @@ impl Runner {
     /// touch different instances), then wait until what it launched or
     /// started reports running.
     async fn run_change(&self, change: &Change) -> Result<(), String> {
+        let started = Instant::now();
         let mut must_run: Vec<String> = Vec::new();
         let mut index = 0;
         while index < change.ops.len() {
+            if let Op::Bootstrap { spec } = &change.ops[index] {
+                // Startup needs every node allocated and running first.
+                if !must_run.is_empty() {
+                    self.wait_running(change, &must_run).await?;
+                    must_run.clear();
+                }
+                self.journal(start(&change.address, index)).await?;
+                let t = Instant::now();
+                self.bootstrap(change, spec, started.elapsed())
+                    .await
+                    .map_err(|e| format!("startup: {e}"))?;
+                self.journal(Event::OpDone {
+                    address: change.address.clone(),
+                    op: index,
+                })
+                .await?;
+                self.progress
+                    .op_done(&change.address, &change.ops[index].describe(), t.elapsed());
+                index += 1;
+                continue;
+            }
             let is_launch = |op: &Op| matches!(op, Op::Launch { .. });
             let mut end = index + 1;
             if is_launch(&change.ops[index]) {
@@ -368,8 +396,19 @@ impl Runner {
                 tags,
                 token,
                 then_stop,
+                warm,
                 ..
             } => {
+                let user_data = self.user_data(warm.as_ref())?;
+                let mut tags = tags.clone();
+                if warm.is_some() && self.client.kind() == "sim" {
+                    // A simulated node has nothing to run: it is warm once it has booted.
+                    tags.insert(
+                        motorpool_provider::tags::STEP.into(),
+                        Step::Runtime.name().into(),
+                    );
+                }
+                let tags = &tags;
                 let batches = count.div_ceil(self.options.max_batch.max(1));
                 let mut requests = Vec::new();
                 let mut left = *count;
@@ -381,7 +420,7 @@ impl Runner {
                         node_type: node_type.clone(),
                         image: image.clone(),
                         tags: stamp(tags, now),
-                        user_data: String::new(),
+                        user_data: user_data.clone(),
                         client_token: if batches == 1 {
                             token.clone()
                         } else {
@@ -428,6 +467,8 @@ impl Runner {
                 }
                 let ids: Vec<String> = launched.iter().map(|i| i.id.clone()).collect();
                 if *then_stop {
+                    // Stopped only once warm: stopping earlier would cut the warm-up short.
+                    self.wait_tag(change, &ids, Step::Runtime).await?;
                     self.call(|| self.client.stop(&ids)).await?;
                 } else {
                     must_run.extend(
@@ -459,9 +500,133 @@ impl Runner {
                 self.journal(start(&address, index)).await?;
                 self.call(|| self.client.terminate(ids)).await?;
             }
+            Op::Bootstrap { .. } => unreachable!("run_change runs startup itself"),
         }
         self.journal(Event::OpDone { address, op: index }).await?;
         Ok(must_run)
+    }
+
+    /// What a launched node is told: the agent's config on the local provider
+    /// (its credential, and a pool instance's warm-up steps); nothing elsewhere yet.
+    fn user_data(&self, warm: Option<&BootSpec>) -> Result<String, String> {
+        let Some(boot) = &self.boot else {
+            return Ok(String::new());
+        };
+        if self.client.kind() != "local" {
+            return Ok(String::new());
+        }
+        let warm = match warm {
+            Some(spec) => crate::bootstrap::steps::warm_up(&boot.templates, &boot.steps, spec)
+                .map_err(|e| format!("cannot render the warm-up steps: {e}"))?
+                .iter()
+                .map(crate::agent::node::WarmStep::from)
+                .collect(),
+            None => Vec::new(),
+        };
+        let config = crate::agent::AgentConfig {
+            credential: boot.agent_credential.expose().to_string(),
+            project: self.project.clone(),
+            warm,
+            provider: Some(crate::agent::node::SelfProvider::Local {
+                home: boot.home.clone(),
+            }),
+        };
+        serde_json::to_string(&config).map_err(|e| e.to_string())
+    }
+
+    /// Steps 3-7 on the cluster's nodes.
+    async fn bootstrap(
+        &self,
+        change: &Change,
+        spec: &BootSpec,
+        allocate: Duration,
+    ) -> Result<(), String> {
+        let mut filter = TagFilter::new();
+        filter.insert(tags::PROJECT.into(), self.project.clone());
+        filter.insert(tags::KIND.into(), "cluster".into());
+        filter.insert(tags::NAME.into(), change.name.clone());
+        let nodes: Vec<Instance> = {
+            let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+            self.client
+                .list_all(&filter)
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        let nodes: Vec<Instance> = nodes.into_iter().filter(|i| i.state.is_live()).collect();
+        match &self.boot {
+            Some(boot) if self.client.kind() != "sim" => {
+                let report = crate::bootstrap::run::start_cluster(
+                    boot,
+                    &self.client,
+                    &change.name,
+                    spec,
+                    &nodes,
+                    allocate,
+                    &|line| self.progress.line(&line),
+                )
+                .await?;
+                self.progress.line(&format!(
+                    "{}: ready, {} ({:.2}s of startup steps)",
+                    change.address,
+                    crate::plan::plural(spec.workers, "executor"),
+                    report.total().as_secs_f64()
+                ));
+                Ok(())
+            }
+            // Simulated nodes run nothing: they are ready once allocated and running.
+            _ => {
+                let ids: Vec<String> = nodes.iter().map(|i| i.id.clone()).collect();
+                let mut set = Tags::new();
+                set.insert(tags::STEP.into(), Step::Ready.name().into());
+                set.insert(tags::BOOT.into(), spec.hash());
+                let change = Retag {
+                    set,
+                    remove: vec![],
+                };
+                self.call(|| self.client.retag(&ids, &change)).await
+            }
+        }
+    }
+
+    /// Poll until every instance in `ids` has tagged itself at `step` or later.
+    async fn wait_tag(&self, change: &Change, ids: &[String], step: Step) -> Result<(), String> {
+        let mut filter = TagFilter::new();
+        filter.insert(tags::PROJECT.into(), self.project.clone());
+        filter.insert(tags::NAME.into(), change.name.clone());
+        let deadline = Instant::now() + self.options.ready_timeout;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let listed = self
+                .client
+                .list_all(&filter)
+                .await
+                .map_err(|e| e.to_string())?;
+            let reached = |i: &Instance| {
+                i.tag(tags::STEP)
+                    .and_then(Step::parse)
+                    .is_some_and(|s| s >= step)
+            };
+            let waiting = ids
+                .iter()
+                .filter(|id| !listed.iter().any(|i| &i.id == *id && reached(i)))
+                .count();
+            if waiting == 0 {
+                return Ok(());
+            }
+            if let Some(failed) = listed.iter().find(|i| {
+                ids.contains(&i.id) && i.tag(tags::STEP).is_some_and(|s| s.starts_with("failed:"))
+            }) {
+                return Err(format!(
+                    "warm-up of {} failed; see its agent.log",
+                    failed.id
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("{waiting} instances did not warm up in time"));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
     }
 
     /// One provider call under the parallelism limit.

@@ -117,6 +117,8 @@ fn plan_for(clusters: &[(&str, &str, u32)]) -> Plan {
         default_image: "img",
         mode: PlanMode::Normal,
         now: 0,
+        base_dir: std::path::Path::new("."),
+        start: &Default::default(),
     })
     .expect("plan")
 }
@@ -139,6 +141,7 @@ async fn run(
         Arc::new(ProviderClient::new(provider)),
         dir.path(),
         &options,
+        None,
     )
     .await
     .expect("apply")

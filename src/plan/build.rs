@@ -20,14 +20,19 @@
 //! plan twice from the same state gives the same tokens.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use motorpool_provider::{Instance, InstanceState, NodeType, Tags, cheapest_fit, tags};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::{APPLY_TIME, Action, Change, FORMAT_VERSION, Op, Plan, Role, Summary, plural};
+use crate::bootstrap::{BootSpec, MountSpec, NamedFile, Step};
 use crate::observe::{Observed, ResourceKind, hex};
-use crate::spec::{Cluster, Pool, Resources, Spec, WarmMode};
+use crate::spec::{Cluster, Library, Pool, Resources, Spec, WarmMode};
+
+/// A pool instance that has not tagged itself warm this long after launch has failed to warm up.
+const WARM_UP_LIMIT_SECS: u64 = 15 * 60;
 
 /// A spec that cannot be planned against what exists.
 #[derive(Debug, Error, PartialEq)]
@@ -56,6 +61,10 @@ pub struct PlanInput<'a> {
     pub mode: PlanMode,
     /// Unix seconds, for idle timeouts.
     pub now: u64,
+    /// Where the spec's relative paths (init scripts, mounts, requirements) resolve.
+    pub base_dir: &'a Path,
+    /// Clusters the user asked to start again after they stopped themselves.
+    pub start: &'a BTreeSet<String>,
 }
 
 /// Build the plan.
@@ -185,9 +194,35 @@ impl Draft {
             | Op::Start { ids }
             | Op::Stop { ids }
             | Op::Terminate { ids } => ids.is_empty(),
+            Op::Bootstrap { .. } => false,
         };
         if !empty {
             self.change.ops.push(op);
+        }
+    }
+
+    /// `takes N idle instances from pool P`, one reason per pool however many roles took.
+    fn took_from_pool(&mut self, pool: &str, n: u32) {
+        let prefix = "takes ";
+        let suffix = format!(" from pool `{pool}`");
+        let earlier = self
+            .change
+            .reasons
+            .iter()
+            .position(|r| r.starts_with(prefix) && r.ends_with(&suffix));
+        let before: u32 = earlier
+            .and_then(|i| {
+                self.change.reasons[i][prefix.len()..]
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0);
+        let reason = format!("takes {}{suffix}", plural(before + n, "idle instance"));
+        match earlier {
+            Some(i) => self.change.reasons[i] = reason,
+            None => self.change.reasons.push(reason),
         }
     }
 
@@ -236,6 +271,10 @@ struct PoolLedger<'a> {
     draft: Draft,
     /// The idle count the last apply left (its `motorpool-size` tag).
     recorded_size: Option<u32>,
+    /// What idle instances set up on themselves (runtime, preloaded libraries).
+    boot: Option<BootSpec>,
+    /// Idle instances still warming up: not handed out, but counted as idle.
+    warming: u32,
 }
 
 struct Planner<'a> {
@@ -307,6 +346,111 @@ fn user_tags(i: &Instance) -> Tags {
         .collect()
 }
 
+fn read_file(
+    input: &PlanInput<'_>,
+    address: &str,
+    what: &str,
+    path: &str,
+) -> Result<NamedFile, PlanError> {
+    let full = input.base_dir.join(path);
+    let content = std::fs::read_to_string(&full).map_err(|e| PlanError::Impossible {
+        address: address.to_string(),
+        message: format!("cannot read {what} {}: {e}", full.display()),
+    })?;
+    Ok(NamedFile {
+        name: path.to_string(),
+        content,
+    })
+}
+
+fn libraries(
+    input: &PlanInput<'_>,
+    address: &str,
+    libs: &[Library],
+) -> Result<(Vec<String>, Vec<NamedFile>), PlanError> {
+    let mut pip = Vec::new();
+    let mut requirements = Vec::new();
+    for l in libs {
+        if let Some(p) = &l.pip {
+            pip.push(p.clone());
+        }
+        if let Some(r) = &l.requirements {
+            requirements.push(read_file(input, address, "requirements file", r)?);
+        }
+    }
+    Ok((pip, requirements))
+}
+
+/// What a pool's idle instances set up on themselves.
+fn pool_boot(
+    input: &PlanInput<'_>,
+    address: &str,
+    pool: &Pool,
+    runtime: &str,
+) -> Result<BootSpec, PlanError> {
+    let libs = pool
+        .preload
+        .as_ref()
+        .map(|p| p.libraries.as_slice())
+        .unwrap_or(&[]);
+    let (pip, requirements) = libraries(input, address, libs)?;
+    Ok(BootSpec {
+        runtime: runtime.to_string(),
+        pip,
+        requirements,
+        init_scripts: vec![],
+        env: BTreeMap::new(),
+        mounts: vec![],
+        autotermination_minutes: None,
+        workers: 0,
+    })
+}
+
+/// What a cluster's nodes run at startup.
+fn cluster_boot(
+    input: &PlanInput<'_>,
+    address: &str,
+    c: &Cluster,
+    workers: u32,
+) -> Result<BootSpec, PlanError> {
+    let (pip, requirements) = libraries(input, address, &c.libraries)?;
+    let init_scripts = c
+        .init_scripts
+        .iter()
+        .map(|s| read_file(input, address, "init script", s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mounts = c
+        .mounts
+        .iter()
+        .map(|m| {
+            let source = if m.source.contains("://") {
+                m.source.clone()
+            } else {
+                let joined = input.base_dir.join(&m.source);
+                std::path::absolute(&joined)
+                    .unwrap_or(joined)
+                    .display()
+                    .to_string()
+            };
+            MountSpec {
+                source,
+                target: m.target.clone(),
+                read_only: m.read_only,
+            }
+        })
+        .collect();
+    Ok(BootSpec {
+        runtime: c.runtime().to_string(),
+        pip,
+        requirements,
+        init_scripts,
+        env: c.env.clone(),
+        mounts,
+        autotermination_minutes: c.autotermination_minutes,
+        workers,
+    })
+}
+
 impl<'a> Planner<'a> {
     fn new(input: &'a PlanInput<'a>) -> Result<Planner<'a>, PlanError> {
         let mut pools = BTreeMap::new();
@@ -350,6 +494,10 @@ impl<'a> Planner<'a> {
                 &runtime,
                 &libraries.join(","),
             ]);
+            let boot = match spec {
+                Some(p) => Some(pool_boot(input, &address, p, &runtime)?),
+                None => None,
+            };
             pools.insert(
                 name.to_string(),
                 PoolLedger {
@@ -363,6 +511,8 @@ impl<'a> Planner<'a> {
                     observed_in_use: 0,
                     draft: Draft::new(ResourceKind::Pool, name),
                     recorded_size: None,
+                    boot,
+                    warming: 0,
                 },
             );
         }
@@ -467,6 +617,31 @@ impl<'a> Planner<'a> {
                     remove: vec![],
                 });
             }
+            match i.tag(tags::STEP) {
+                Some(step) if step.starts_with("failed:") => {
+                    d.reason(format!(
+                        "warm-up of {} failed at {}",
+                        i.id,
+                        &step["failed:".len()..]
+                    ));
+                    to_terminate.push(i);
+                    continue;
+                }
+                Some(step) if Step::parse(step).is_some_and(|s| s >= Step::Runtime) => {}
+                _ if i.launched_at + WARM_UP_LIMIT_SECS > self.input.now => {
+                    ledger.warming += 1;
+                    continue;
+                }
+                _ => {
+                    d.reason(format!(
+                        "{} did not warm up within {} minutes",
+                        i.id,
+                        WARM_UP_LIMIT_SECS / 60
+                    ));
+                    to_terminate.push(i);
+                    continue;
+                }
+            }
             let stopped = matches!(i.state, InstanceState::Stopped | InstanceState::Stopping);
             if stopped && spec.warm == WarmMode::Running {
                 d.drift(format!("idle instance {} stopped", i.id));
@@ -562,6 +737,7 @@ impl<'a> Planner<'a> {
                     tags,
                     token: String::new(),
                     then_stop: false,
+                    warm: None,
                 });
             }
             Source::Pool(p) => {
@@ -571,6 +747,7 @@ impl<'a> Planner<'a> {
                     .expect("source_of checked the pool exists");
                 let max = ledger.spec.map(|s| s.max_capacity).unwrap_or(0);
                 tags.insert(tags::POOL.into(), p.clone());
+                tags.insert(tags::POOL_SPEC.into(), ledger.hash.clone());
                 let take = (count as usize).min(ledger.available.len());
                 let taken: Vec<Instance> = ledger.available.drain(..take).collect();
                 let shortfall = count - take as u32;
@@ -590,10 +767,7 @@ impl<'a> Planner<'a> {
                 d.op(Op::Start { ids: ids(&stopped) });
                 let taken_refs: Vec<&Instance> = taken.iter().collect();
                 if !taken_refs.is_empty() {
-                    d.reason(format!(
-                        "takes {} from pool `{p}`",
-                        plural(take as u32, "idle instance")
-                    ));
+                    d.took_from_pool(p, take as u32);
                 }
                 d.op(Op::Retag {
                     ids: ids(&taken_refs),
@@ -609,6 +783,7 @@ impl<'a> Planner<'a> {
                     tags,
                     token: String::new(),
                     then_stop: false,
+                    warm: None,
                 });
             }
         }
@@ -652,8 +827,11 @@ impl<'a> Planner<'a> {
                 tags::SIZE.into(),
                 ledger.spec.map(|s| s.min_idle).unwrap_or(0).to_string(),
             );
+            set.insert(tags::STEP.into(), Step::Runtime.name().into());
             let mut remove: BTreeSet<String> = BTreeSet::new();
             remove.insert(tags::POOL.to_string());
+            remove.insert(tags::POOL_SPEC.to_string());
+            remove.insert(tags::BOOT.to_string());
             for i in &back {
                 remove.extend(user_tags(i).into_keys());
             }
@@ -760,6 +938,36 @@ impl<'a> Planner<'a> {
         d.change.nodes_after = 1 + desired_workers;
         d.change.hourly_cost_after =
             self.price(&driver_type) + desired_workers as f64 * self.price(&worker_type);
+        let boot = cluster_boot(self.input, &address, c, desired_workers)?;
+
+        // A cluster that stopped itself (autotermination) stays stopped until the user asks.
+        let mut members_now: Vec<Instance> = live.iter().map(|i| (*i).clone()).collect();
+        if live.iter().any(|i| i.tag(tags::AUTOTERMINATED).is_some()) {
+            if !self.input.start.contains(name) || self.input.mode == PlanMode::RefreshOnly {
+                d.reason(format!(
+                    "stopped itself after {} idle minutes (autotermination); `motorpool apply --start {name}` or `motorpool run` starts it again",
+                    c.autotermination_minutes.unwrap_or(0)
+                ));
+                return Ok(d.finish());
+            }
+            d.reason("starts again (it had stopped itself after idling)");
+            let stopped: Vec<&Instance> = live
+                .iter()
+                .copied()
+                .filter(|i| !i.state.is_live())
+                .collect();
+            d.op(Op::Start { ids: ids(&stopped) });
+            d.op(Op::Retag {
+                ids: ids(&live),
+                set: Tags::new(),
+                remove: vec![tags::AUTOTERMINATED.to_string()],
+            });
+            for m in members_now.iter_mut() {
+                m.state = InstanceState::Running;
+                m.tags.remove(tags::AUTOTERMINATED);
+            }
+        }
+        let live: Vec<&Instance> = members_now.iter().collect();
 
         if live.is_empty() {
             if self.input.mode == PlanMode::RefreshOnly && gone.is_empty() {
@@ -777,6 +985,7 @@ impl<'a> Planner<'a> {
             d.terminate(&gone);
             self.allocate(&mut d, Role::Driver, 1, &driver_source, &base)?;
             self.allocate(&mut d, Role::Worker, desired_workers, &worker_source, &base)?;
+            d.op(Op::Bootstrap { spec: boot });
             return Ok(d.finish());
         }
 
@@ -835,6 +1044,7 @@ impl<'a> Planner<'a> {
             d.terminate(&live);
             self.allocate(&mut d, Role::Driver, 1, &driver_source, &base)?;
             self.allocate(&mut d, Role::Worker, desired_workers, &worker_source, &base)?;
+            d.op(Op::Bootstrap { spec: boot });
             return Ok(d.finish());
         }
 
@@ -1010,6 +1220,37 @@ impl<'a> Planner<'a> {
                 });
             }
         }
+
+        // Startup: for nodes added or started, nodes that never reached ready,
+        // or when what the nodes run changed.
+        let joined = d.change.ops.iter().any(|o| match o {
+            Op::Launch { .. } | Op::Start { .. } => true,
+            Op::Retag { set, .. } => set.get(tags::KIND).is_some_and(|k| k == "cluster"),
+            _ => false,
+        });
+        let staying: Vec<&Instance> = drivers.iter().chain(workers.iter()).copied().collect();
+        let unfinished: Vec<&Instance> = staying
+            .iter()
+            .copied()
+            .filter(|i| i.tag(tags::STEP) != Some(Step::Ready.name()))
+            .collect();
+        let changed = staying
+            .iter()
+            .any(|i| i.tag(tags::BOOT).is_some_and(|h| h != boot.hash()));
+        let refresh_only = self.input.mode == PlanMode::RefreshOnly;
+        if !unfinished.is_empty() && !joined && !refresh_only {
+            let last = unfinished[0].tag(tags::STEP).unwrap_or("none");
+            d.reason(format!(
+                "startup incomplete on {} (last step finished: {last})",
+                plural(unfinished.len() as u32, "node")
+            ));
+        }
+        if changed && !refresh_only {
+            d.reason("startup changed (libraries, init scripts, env or mounts)");
+        }
+        if joined || (!refresh_only && (changed || !unfinished.is_empty())) {
+            d.op(Op::Bootstrap { spec: boot });
+        }
         Ok(d.finish())
     }
 
@@ -1053,7 +1294,7 @@ impl<'a> Planner<'a> {
             d.reason("new in spec");
         }
 
-        let idle_after = (ledger.available.len() + ledger.returned.len()) as u32;
+        let idle_after = (ledger.available.len() + ledger.returned.len()) as u32 + ledger.warming;
         let room = spec.max_capacity.saturating_sub(ledger.in_use);
         let target = if refresh_only {
             ledger.recorded_size.unwrap_or(idle_after).min(room)
@@ -1087,6 +1328,7 @@ impl<'a> Planner<'a> {
                 tags: idle_tags,
                 token: String::new(),
                 then_stop: spec.warm == WarmMode::Stopped,
+                warm: ledger.boot.clone(),
             });
             idle_final = target;
         } else if idle_after > target && !refresh_only {
@@ -1126,6 +1368,12 @@ impl<'a> Planner<'a> {
             }
             idle_final = idle_after - trim.len() as u32;
             d.terminate(&trim);
+        }
+        if ledger.warming > 0 {
+            d.reason(format!(
+                "{} warming up",
+                plural(ledger.warming, "idle instance")
+            ));
         }
         if spec.warm == WarmMode::Stopped && !refresh_only {
             let running: Vec<&Instance> = ledger

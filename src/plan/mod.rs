@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use build::{PlanError, PlanInput, PlanMode, build};
 
+use crate::bootstrap::BootSpec;
 use crate::observe::ResourceKind;
 use crate::spec::ProviderBlock;
 
@@ -90,9 +91,17 @@ pub enum Op {
         image: Option<String>,
         tags: Tags,
         token: String,
-        /// Stop them once launched (pools with `warm: stopped`).
+        /// Stop them once launched and warm (pools with `warm: stopped`).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         then_stop: bool,
+        /// Pool instances: what they set up on themselves when they start.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warm: Option<BootSpec>,
+    },
+    /// Run the cluster's startup steps (3-7) on all its nodes; steps a node
+    /// already finished with the same content are skipped.
+    Bootstrap {
+        spec: BootSpec,
     },
     /// Move instances between pools and clusters, or mend their tags.
     Retag {
@@ -133,6 +142,9 @@ impl Op {
             Op::Start { ids } => format!("start {}", n(ids)),
             Op::Stop { ids } => format!("stop {}", n(ids)),
             Op::Terminate { ids } => format!("terminate {}", n(ids)),
+            Op::Bootstrap { spec } => {
+                format!("start up (steps 3-7, {})", plural(spec.workers, "executor"))
+            }
         }
     }
 }

@@ -57,6 +57,7 @@ pub fn text(plan: &Plan) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}\n", heading(plan));
     if !plan.has_changes() {
+        notes(&mut out, plan);
         let _ = writeln!(
             out,
             "No changes. {} matches the spec.",
@@ -71,11 +72,26 @@ pub fn text(plan: &Plan) -> String {
     for c in plan.actionable() {
         text_change(&mut out, c);
     }
+    notes(&mut out, plan);
     let _ = writeln!(out, "{}", summary_line(&plan.summary));
     if let Some(cost) = cost_line(plan) {
         let _ = writeln!(out, "{cost}");
     }
     out
+}
+
+/// What needs no change but is worth knowing: pools warming, clusters stopped on purpose.
+fn notes(out: &mut String, plan: &Plan) {
+    let mut any = false;
+    for c in plan.changes.iter().filter(|c| c.action == Action::NoOp) {
+        for r in &c.reasons {
+            let _ = writeln!(out, "  = {}: {r}", c.address);
+            any = true;
+        }
+    }
+    if any {
+        let _ = writeln!(out);
+    }
 }
 
 fn text_change(out: &mut String, c: &Change) {

@@ -71,6 +71,8 @@ fn plan_at(spec: &Spec, observed: Vec<Instance>, mode: PlanMode, now: u64) -> Pl
         default_image: "img-1",
         mode,
         now,
+        base_dir: std::path::Path::new("."),
+        start: &Default::default(),
     })
     .expect("plan builds")
 }
@@ -88,13 +90,29 @@ fn simulate(plan: &Plan, mut world: Vec<Instance>, now: u64) -> Vec<Instance> {
     for c in &plan.changes {
         for op in &c.ops {
             match op {
+                Op::Bootstrap { spec } => {
+                    for i in world.iter_mut().filter(|i| {
+                        i.tag(tags::NAME) == Some(c.name.as_str())
+                            && i.tag(tags::KIND) == Some("cluster")
+                    }) {
+                        i.tags.insert(tags::STEP.into(), "ready".into());
+                        i.tags.insert(tags::BOOT.into(), spec.hash());
+                    }
+                }
                 Op::Launch {
                     count,
                     node_type,
                     tags: t,
                     then_stop,
+                    warm,
                     ..
                 } => {
+                    let mut t = t.clone();
+                    if warm.is_some() {
+                        // Pool instances warm themselves once they start.
+                        t.insert(tags::STEP.into(), "runtime".into());
+                    }
+                    let t = &t;
                     for _ in 0..*count {
                         next += 1;
                         world.push(Instance {
@@ -261,6 +279,8 @@ fn a_pool_never_exceeds_max_capacity() {
         default_image: "img-1",
         mode: PlanMode::Normal,
         now: 10,
+        base_dir: std::path::Path::new("."),
+        start: &Default::default(),
     })
     .expect_err("over capacity");
     assert!(err.to_string().contains("max_capacity 5"), "{err}");

@@ -140,6 +140,7 @@ pub(crate) fn check(parts: &Parts<'_>, sink: &mut Sink) {
     let (catalog, kind) = match parts.provider_kind {
         Some("local") => (Some(motorpool_local::catalog()), "local"),
         Some("sim") => (Some(motorpool_sim::catalog()), "sim"),
+        Some("aws") => (Some(motorpool_aws::catalog()), "aws"),
         _ => (None, "unknown"),
     };
     let mut c = Checker {
@@ -204,6 +205,9 @@ impl<'s> Checker<'_, 's> {
                 "`page_size` of the provider must be at least 1",
             );
         }
+        if self.kind == "aws" {
+            self.aws_provider(node);
+        }
         if self.kind != "sim" {
             return;
         }
@@ -220,6 +224,69 @@ impl<'s> Checker<'_, 's> {
                 value_span(node, "boot_seconds"),
                 format!("`boot_seconds` of the provider must not be negative, found {v}"),
             );
+        }
+    }
+
+    /// The aws provider's settings that EC2 would refuse, with their positions.
+    fn aws_provider(&mut self, node: &Node) {
+        let int = |key: &str| match node.get(key).map(|n| &n.kind) {
+            Some(Kind::Int(i, _)) => Some(*i),
+            _ => None,
+        };
+        if let Some(v) = int("page_size").filter(|v| *v != 0 && !(5..=1000).contains(v)) {
+            self.error(
+                value_span(node, "page_size"),
+                format!("`page_size` of the aws provider must be between 5 and 1000, found {v}"),
+            );
+        }
+        if let Some(v) = int("root_volume_gb").filter(|v| !(1..=16384).contains(v)) {
+            self.error(
+                value_span(node, "root_volume_gb"),
+                format!("`root_volume_gb` must be between 1 and 16384, found {v}"),
+            );
+        }
+        if let Some(image) = node.get("image").and_then(Node::as_str)
+            && let Err(problem) = motorpool_aws::check_image(image)
+        {
+            self.error(value_span(node, "image"), format!("`image`: {problem}"));
+        }
+        for (key, prefix) in [("subnet_ids", "subnet-"), ("security_group_ids", "sg-")] {
+            if let Some(Kind::Seq(items)) = node.get(key).map(|n| &n.kind) {
+                for item in items {
+                    if let Some(id) = item.as_str()
+                        && !motorpool_aws::is_resource_id(prefix, id)
+                    {
+                        self.error(
+                            item.span,
+                            format!(
+                                "`{id}` in `{key}` is not an id like {prefix}0123456789abcdef0"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(url) = node.get("endpoint_url").and_then(Node::as_str)
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            self.error(
+                value_span(node, "endpoint_url"),
+                format!("`endpoint_url` must be an http:// or https:// URL, found `{url}`"),
+            );
+        }
+        if let Some(tags) = node.get("tags").and_then(Node::entries) {
+            for e in tags {
+                if e.key.starts_with("motorpool-") || e.key.to_ascii_lowercase().starts_with("aws:")
+                {
+                    self.error(
+                        e.key_span,
+                        format!(
+                            "tag `{}`: keys starting with `motorpool-` or `aws:` are reserved",
+                            e.key
+                        ),
+                    );
+                }
+            }
         }
     }
 

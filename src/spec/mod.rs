@@ -50,7 +50,7 @@ use yaml::{Entry, Kind, Node};
 pub const SPEC_FILE_NAME: &str = "motorpool.yaml";
 
 /// The provider kinds the spec accepts.
-pub const PROVIDER_KINDS: [&str; 2] = ["local", "sim"];
+pub const PROVIDER_KINDS: [&str; 3] = ["local", "sim", "aws"];
 
 /// Top-level keys starting with this are ignored: a place for YAML anchors
 /// (`x-defaults: &defaults {...}`, then `<<: *defaults`).

@@ -51,6 +51,8 @@ pub enum ProviderBlock {
     Local(LocalSettings),
     /// A simulated cloud: records in a file, with latency, throttling and errors.
     Sim(SimSettings),
+    /// Amazon EC2: credentials and region from the standard AWS chain.
+    Aws(AwsSettings),
 }
 
 impl Default for ProviderBlock {
@@ -64,6 +66,7 @@ impl ProviderBlock {
         match self {
             ProviderBlock::Local(_) => "local",
             ProviderBlock::Sim(_) => "sim",
+            ProviderBlock::Aws(_) => "aws",
         }
     }
 }
@@ -99,6 +102,48 @@ pub struct SimSettings {
     /// Seconds from launch until an instance reports running (a simulated VM boot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_seconds: Option<f64>,
+}
+
+/// Settings of the AWS provider (EC2). Credentials always come from the
+/// standard AWS chain (environment, profile, instance role), never from the spec.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSettings {
+    /// The region, e.g. `us-east-1`; default: `AWS_REGION` or the AWS profile's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// An AMI id (`ami-...`) or an SSM parameter name (`/aws/service/...`,
+    /// resolved by EC2 at launch); default: the latest Amazon Linux 2023 (x86_64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Subnets to launch into: launches are spread over them, and a subnet
+    /// without capacity fails over to the next. Default: the default VPC's choice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnet_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
+    /// An instance profile name or ARN, for the instances' own AWS access.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_instance_profile: Option<String>,
+    /// An EC2 key pair for SSH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// Launch spot instances, falling back to on-demand when spot has no capacity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spot: bool,
+    /// Root volume size in GiB (gp3); default: the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume_gb: Option<u32>,
+    /// Extra tags on every instance and volume.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// The EC2 endpoint (e.g. a local emulator); default: `AWS_ENDPOINT_URL_EC2`,
+    /// `AWS_ENDPOINT_URL`, else the region's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// Instances per DescribeInstances page, 5 to 1000 (default 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
 }
 
 /// A variable: its default, and what it is for.

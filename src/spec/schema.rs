@@ -935,7 +935,7 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(
             got[0].2,
-            "unknown provider kind `gcpp`, expected one of: local, sim"
+            "unknown provider kind `gcpp`, expected one of: local, sim, aws"
         );
         assert_eq!((got[0].0, got[0].1), (2, 19));
         let got = issues("project: p\nprovider: { kind: local, latency_ms: 3 }\n");

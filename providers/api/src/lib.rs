@@ -42,11 +42,17 @@ pub mod tags {
     pub const IDLE_SINCE: &str = "motorpool-idle-since";
     /// The pool a cluster instance was drawn from, so it can go back when the cluster goes.
     pub const POOL: &str = "motorpool-pool";
+    /// That pool's spec hash, restored as `motorpool-spec` when the instance goes back.
+    pub const POOL_SPEC: &str = "motorpool-pool-spec";
     /// How many instances of this role the last apply left (workers of a cluster,
     /// idle instances of a pool): fewer live ones than this is drift.
     pub const SIZE: &str = "motorpool-size";
     /// The runtime version the node was set up with (a replace-forcing field).
     pub const RUNTIME: &str = "motorpool-runtime";
+    /// Hash of what the node's startup ran (libraries, init scripts, env, mounts).
+    pub const BOOT: &str = "motorpool-boot";
+    /// Unix seconds when a cluster stopped itself after idling (autotermination).
+    pub const AUTOTERMINATED: &str = "motorpool-autoterminated";
 }
 
 /// The lifecycle state of an instance, as the provider reports it.

@@ -64,6 +64,8 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(3);
 
 const RECORD_FILE: &str = "instance.json";
 const AGENT_FILE: &str = "agent.json";
+/// The launch's user data, handed to the agent as `--config`.
+const USER_DATA_FILE: &str = "user-data";
 const LOG_FILE: &str = "agent.log";
 const ID_PREFIX: &str = "local-";
 /// How long a record may stay pending without a process before it counts as
@@ -722,7 +724,10 @@ impl Inner {
                 launcher_pid: Some(std::process::id()),
                 spawned_at: None,
             };
-            if let Err(e) = self.write_record(&record) {
+            let written = self
+                .write_user_data(&id, &request.user_data)
+                .and_then(|()| self.write_record(&record));
+            if let Err(e) = written {
                 let _ = fs::remove_dir_all(self.instance_dir(&id));
                 return Err(e);
             }
@@ -871,6 +876,24 @@ impl Inner {
         Ok(false)
     }
 
+    /// Keeps the launch's user data beside the instance (private to it): the
+    /// agent reads it as its `--config`, as a cloud VM reads its user data.
+    fn write_user_data(&self, id: &str, user_data: &str) -> Result<()> {
+        if user_data.is_empty() {
+            return Ok(());
+        }
+        let path = self.instance_dir(id).join(USER_DATA_FILE);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| internal_io("cannot create", &path, e))?;
+        std::io::Write::write_all(&mut file, user_data.as_bytes())
+            .map_err(|e| internal_io("cannot write", &path, e))
+    }
+
     /// Spawns the agent of one instance, detached: its own process group,
     /// stdin from /dev/null, stdout and stderr to agent.log. A thread reaps it.
     fn spawn_agent(&self, id: &str) -> Result<Option<Spawned>> {
@@ -907,14 +930,20 @@ impl Inner {
         record.spawned_at = Some(now_unix());
         self.write_record(&record)?;
 
-        let child = Command::new(&self.agent_program)
+        let mut command = Command::new(&self.agent_program);
+        command
             .arg("agent")
             .arg("--dir")
             .arg(&dir)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--instance-id")
-            .arg(id)
+            .arg(id);
+        let user_data = dir.join(USER_DATA_FILE);
+        if user_data.is_file() {
+            command.arg("--config").arg(&user_data);
+        }
+        let child = command
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -1049,18 +1078,27 @@ impl Inner {
     fn stop_one(&self, id: &str) -> Result<()> {
         let lock = self.lock_of(&format!("id:{id}"));
         let _guard = lock_guard(&lock);
-        let Some(mut record) = self.read_record(id)? else {
+        let Some(record) = self.read_record(id)? else {
             return Err(ProviderError::NotFound(format!("no local instance {id}")));
         };
-        self.kill_agent(id, &record);
+        let mut stopped = record.clone();
+        stopped.state = InstanceState::Stopped;
+        stopped.pid = None;
+        stopped.pgid = None;
+        stopped.address = None;
+        stopped.launcher_pid = None;
         let dir = self.instance_dir(id);
+        if record.pid == Some(std::process::id()) {
+            // A node stopping itself (autotermination): the kill ends this very
+            // process, so the record must say stopped first.
+            self.write_record(&stopped)?;
+            let _ = fs::remove_file(dir.join(AGENT_FILE));
+            self.kill_agent(id, &record);
+            return Ok(());
+        }
+        self.kill_agent(id, &record);
         let _ = fs::remove_file(dir.join(AGENT_FILE));
-        record.state = InstanceState::Stopped;
-        record.pid = None;
-        record.pgid = None;
-        record.address = None;
-        record.launcher_pid = None;
-        self.write_record(&record)
+        self.write_record(&stopped)
     }
 
     fn retag_one(&self, id: &str, change: &Retag) -> Result<()> {

@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""Runtime benchmarks (issue 4): motorpool's driver/executors next to Dask
+distributed and PySpark, in one run, on this machine.
+
+  noop       N no-op tasks (default 100,000), tasks per second:
+             motorpool  a map over N empty partitions: N real tasks the driver
+                        plans, batches to executors over their task streams
+                        and collects statuses for (nothing to execute)
+             Dask       client.map(noop, range(N)) on LocalCluster(2 workers x 1 thread)
+             PySpark    sc.parallelize(range(N), N).foreach(noop) on local[2]
+  wordcount  word count over generated text (default 1024 MiB; --size-mb):
+             motorpool streaming    map/reduce commands: a small C program (gcc -O2)
+             motorpool Python       map/reduce Python functions (long-lived workers,
+                                    map-side combiner)
+             PySpark RDD            textFile.flatMap(split).map((w,1)).reduceByKey(add)
+             Dask bag               read_text.str.split().flatten().frequencies()
+             single process         the C program alone; Python collections.Counter
+             Every answer is checked equal (distinct words, total, sha256).
+
+motorpool runs as 3 processes (a driver and 2 executors of 1 core each, on
+loopback) like a cluster would; its time is the client's: bundle, upload of
+the input to the driver, scheduling, map, shuffle, reduce, and the output
+written back. Peers' cluster start-up is not timed (nor is motorpool's).
+PySpark and Dask come from PyPI into a virtualenv this script makes
+(bench/.venv). Java 17 must be on the PATH for PySpark.
+
+Usage: python3 bench/runtime.py [--size-mb N] [--noop-tasks N] [--only noop|wordcount]
+                                [--skip-peers] [--binary PATH --submit PATH]
+Builds the release binary and the submitter (cargo example runtime-submit)
+unless --binary/--submit are given. Prints figures and ratios.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+OUT = os.path.join(BENCH, "out", "runtime")
+VENV = os.path.join(BENCH, ".venv")
+PEERS = ["pyspark==3.5.7", "dask[distributed]==2026.8.0"]
+CREDENTIAL = "bench-runtime-" + hashlib.sha256(str(time.time()).encode()).hexdigest()[:16]
+SEED = 20250101
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def target_dir():
+    target = os.environ.get("CARGO_TARGET_DIR")
+    if not target and os.path.isdir("/var/tmp/motorpool-target"):
+        target = "/var/tmp/motorpool-target"
+    return target or os.path.join(ROOT, "target")
+
+
+def build():
+    env = dict(os.environ, CARGO_TARGET_DIR=target_dir())
+    log("==> cargo build --release (motorpool, runtime-submit)")
+    subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "--bin", "motorpool", "--example", "runtime-submit"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    release = os.path.join(target_dir(), "release")
+    return os.path.join(release, "motorpool"), os.path.join(release, "examples", "runtime-submit")
+
+
+def venv_python():
+    py = os.path.join(VENV, "bin", "python")
+    marker = os.path.join(VENV, ".motorpool-peers")
+    want = " ".join(PEERS)
+    if os.path.exists(marker) and open(marker).read() == want:
+        return py
+    log(f"==> virtualenv {VENV}: pip install {want}")
+    subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    subprocess.run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
+    subprocess.run([py, "-m", "pip", "install", "--quiet"] + PEERS, check=True)
+    with open(marker, "w") as f:
+        f.write(want)
+    return py
+
+
+class Processes:
+    """Every process started here; all are stopped on exit, also on failure."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, args, log_path, env=None):
+        f = open(log_path, "wb")
+        p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 5
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+
+
+def wait_for(predicate, what, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    sys.exit(f"timed out waiting for {what}")
+
+
+def start_motorpool(procs, binary, executors, cores):
+    base = os.path.join(OUT, "cluster")
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    env = dict(os.environ, MOTORPOOL_CREDENTIAL=CREDENTIAL)
+    driver_dir = os.path.join(base, "driver")
+    procs.start([binary, "driver", "--listen", "127.0.0.1:0", "--dir", driver_dir],
+                os.path.join(base, "driver.log"), env)
+    driver_file = os.path.join(driver_dir, "driver.json")
+    wait_for(lambda: os.path.exists(driver_file), "the driver")
+    address = json.load(open(driver_file))["address"]
+    logs = []
+    for i in range(executors):
+        path = os.path.join(base, f"executor-{i}.log")
+        procs.start([binary, "executor", "--driver", address, "--dir", os.path.join(base, f"exec-{i}"),
+                     "--cores", str(cores)], path, env)
+        logs.append(path)
+    wait_for(lambda: all("registered with the driver" in open(p).read() for p in logs), "the executors")
+    return address
+
+
+def submit(submitter, address, spec_dir, job):
+    env = dict(os.environ, MOTORPOOL_CREDENTIAL=CREDENTIAL)
+    out = subprocess.run([submitter, "--driver", address, "--spec", spec_dir, "--job", job],
+                         env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"runtime-submit {job} failed:\n{out.stderr}")
+    result = json.loads(out.stdout)
+    if not result["summary"]["ok"]:
+        sys.exit(f"job {job} failed: {result['summary'].get('error')}")
+    return result
+
+
+def digest_lines(lines):
+    pairs = []
+    for line in lines:
+        if not line:
+            continue
+        word, _, count = line.partition("\t")
+        pairs.append((word, int(count)))
+    pairs.sort()
+    words = [w for w, _ in pairs]
+    if len(set(words)) != len(words):
+        sys.exit("a word appears twice in the output")
+    h = hashlib.sha256()
+    for w, c in pairs:
+        h.update(f"{w}\t{c}\n".encode())
+    return {"distinct": len(pairs), "total": sum(c for _, c in pairs), "sha256": h.hexdigest()}
+
+
+def digest_dir(path):
+    lines = []
+    for name in sorted(os.listdir(path)):
+        if name.startswith("part-"):
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                lines.extend(f.read().splitlines())
+    return digest_lines(lines)
+
+
+def peer(python, mode, *args):
+    """Runs one peer measurement in its own process group (the JVM, Dask's
+    workers), which is killed whole when it ends, also on failure."""
+    env = dict(os.environ, PYSPARK_PYTHON=python, PYSPARK_DRIVER_PYTHON=python)
+    p = subprocess.Popen([python, os.path.join(BENCH, "runtime_peers.py"), mode] + [str(a) for a in args],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate()
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+    if p.returncode != 0:
+        sys.exit(f"{mode} failed:\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+SPEC = """\
+project: bench-runtime
+clusters:
+  bench: {{ node_type: small, workers: {executors} }}
+jobs:
+  noop:
+    cluster: bench
+    tasks:
+      noop:
+        map: {{ input: empty.txt, command: cat, partitions: {noop_tasks} }}
+  wc-native:
+    cluster: bench
+    tasks:
+      count:
+        map: {{ input: "data/*.txt", command: "./wcnative map", partition_mb: {partition_mb} }}
+        reduce: {{ partitions: 2, command: "./wcnative reduce" }}
+        output: out/native
+  wc-python:
+    cluster: bench
+    tasks:
+      count:
+        map: {{ input: "data/*.txt", python: {{ file: wc.py, function: tokenize }}, partition_mb: {partition_mb} }}
+        reduce: {{ partitions: 2, python: {{ file: wc.py, function: add }} }}
+        output: out/python
+"""
+
+
+def fmt_s(s):
+    return f"{s:8.2f} s"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=1024, help="word count input size in MiB (default 1024)")
+    ap.add_argument("--noop-tasks", type=int, default=100_000)
+    ap.add_argument("--peer-budget-s", type=float, default=300,
+                    help="a peer's no-op run stops growing past this (rounds of 1k, 10k, 100k tasks)")
+    ap.add_argument("--partition-mb", type=int, default=64, help="map partition size for every system")
+    ap.add_argument("--only", choices=["noop", "wordcount"])
+    ap.add_argument("--skip-peers", action="store_true", help="motorpool and the baselines only")
+    ap.add_argument("--binary")
+    ap.add_argument("--submit")
+    args = ap.parse_args()
+
+    os.makedirs(OUT, exist_ok=True)
+    if args.binary and args.submit:
+        binary, submitter = args.binary, args.submit
+    else:
+        binary, submitter = build()
+    python = None if args.skip_peers else venv_python()
+    executors, cores = 2, 1
+    log(f"machine: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f}; motorpool: driver + {executors} executors x {cores} core; "
+        f"Dask: 2 workers x 1 thread; PySpark: local[2]")
+
+    # The job directory: the spec, the native program, the Python functions, the input.
+    job = os.path.join(OUT, "job")
+    shutil.rmtree(job, ignore_errors=True)
+    os.makedirs(os.path.join(job, "data"))
+    subprocess.run(["gcc", "-O2", "-o", os.path.join(job, "wcnative"),
+                    os.path.join(BENCH, "runtime_wcnative.c"), "-lm"], check=True)
+    shutil.copy(os.path.join(ROOT, "testdata", "jobs", "wordcount", "wc.py"), job)
+    open(os.path.join(job, "empty.txt"), "w").close()
+    with open(os.path.join(job, "motorpool.yaml"), "w") as f:
+        f.write(SPEC.format(executors=executors, noop_tasks=args.noop_tasks, partition_mb=args.partition_mb))
+    size = args.size_mb << 20
+    data = os.path.join(OUT, f"text-{args.size_mb}mb-{SEED}.txt")
+    if args.only != "noop" and not (os.path.exists(data) and os.path.getsize(data) >= size):
+        log(f"==> generating {args.size_mb} MiB of text")
+        with open(data + ".tmp", "wb") as f:
+            subprocess.run([os.path.join(job, "wcnative"), "gen", str(size), str(SEED)], stdout=f, check=True)
+        os.replace(data + ".tmp", data)
+    if args.only != "noop":
+        os.symlink(data, os.path.join(job, "data", "input.txt"))
+
+    results = {}
+    procs = Processes()
+    try:
+        address = start_motorpool(procs, binary, executors, cores)
+        if args.only != "wordcount":
+            log(f"==> motorpool: {args.noop_tasks} no-op tasks")
+            r = submit(submitter, address, job, "noop")
+            results["noop/motorpool"] = {"seconds": r["wall_s"], "tasks": args.noop_tasks}
+        if args.only != "noop":
+            for name, out in [("wc-native", "native"), ("wc-python", "python")]:
+                log(f"==> motorpool: {name} over {args.size_mb} MiB")
+                r = submit(submitter, address, job, name)
+                t = r["summary"]["tasks"][0]
+                results[f"wordcount/motorpool-{out}"] = {
+                    "seconds": r["wall_s"],
+                    "maps": t["map_partitions"],
+                    "shuffle_bytes": t["shuffle_bytes"],
+                    **digest_dir(os.path.join(job, "out", out)),
+                }
+    finally:
+        procs.stop_all()
+
+    if args.only != "noop":
+        log("==> single process: the C program")
+        start = time.perf_counter()
+        with open(data, "rb") as f:
+            out = subprocess.run([os.path.join(job, "wcnative"), "map"], stdin=f, capture_output=True, check=True)
+        seconds = time.perf_counter() - start
+        results["wordcount/single-c"] = {"seconds": seconds, **digest_lines(out.stdout.decode().splitlines())}
+        log("==> single process: Python Counter")
+        results["wordcount/single-python"] = peer(sys.executable, "python-wordcount", data)
+
+    if python:
+        if args.only != "wordcount":
+            log(f"==> Dask: {args.noop_tasks} no-op tasks")
+            results["noop/dask"] = peer(python, "dask-noop", args.noop_tasks, args.peer_budget_s)
+            log(f"==> PySpark: {args.noop_tasks} no-op tasks")
+            results["noop/pyspark"] = peer(python, "spark-noop", args.noop_tasks, args.peer_budget_s)
+        if args.only != "noop":
+            parts = max(1, -(-size // (args.partition_mb << 20)))
+            log(f"==> PySpark: word count over {args.size_mb} MiB")
+            results["wordcount/pyspark"] = peer(python, "spark-wordcount", data, parts)
+            log(f"==> Dask bag: word count over {args.size_mb} MiB")
+            results["wordcount/dask"] = peer(python, "dask-wordcount", data, args.partition_mb << 20)
+
+    report(results, args)
+
+
+def report(results, args):
+    print()
+    print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cpus)")
+    if "noop/motorpool" in results:
+        print(f"No-op tasks ({args.noop_tasks:,} each, 2 cores)")
+        mp = results["noop/motorpool"]
+        mp_rate = args.noop_tasks / mp["seconds"]
+        for key, label in [("noop/motorpool", "motorpool"), ("noop/dask", "Dask distributed"),
+                           ("noop/pyspark", "PySpark local[2]")]:
+            if key not in results:
+                continue
+            r = results[key]
+            rate = r["tasks"] / r["seconds"]
+            ratio = "" if key == "noop/motorpool" else f"   motorpool is {mp_rate / rate:6.1f}x"
+            over = "" if r["tasks"] == args.noop_tasks else f"   (over {r['tasks']:,} tasks: {args.noop_tasks:,} would take ~{args.noop_tasks / rate:,.0f} s)"
+            print(f"  {label:<22} {fmt_s(r['seconds'])}  {rate:>10,.0f} tasks/s{ratio}{over}")
+        verdict = "met" if mp_rate >= 20_000 else "MISSED"
+        print(f"  target >= 20,000 tasks/s: {verdict} ({mp_rate:,.0f}/s)")
+        print()
+    wc = {k: v for k, v in results.items() if k.startswith("wordcount/")}
+    if wc:
+        print(f"Word count over {args.size_mb} MiB of text (2 cores)")
+        spark = wc.get("wordcount/pyspark")
+        labels = [("wordcount/motorpool-native", "motorpool streaming (C)"),
+                  ("wordcount/motorpool-python", "motorpool Python fns"),
+                  ("wordcount/pyspark", "PySpark RDD"),
+                  ("wordcount/dask", "Dask bag"),
+                  ("wordcount/single-c", "single process, C"),
+                  ("wordcount/single-python", "single process, Python")]
+        for key, label in labels:
+            if key not in wc:
+                continue
+            r = wc[key]
+            mbs = args.size_mb / r["seconds"]
+            ratio = f"   {spark['seconds'] / r['seconds']:6.2f}x PySpark" if spark else ""
+            print(f"  {label:<26} {fmt_s(r['seconds'])}  {mbs:8.1f} MiB/s{ratio}")
+        digests = {(r["distinct"], r["total"], r["sha256"]) for r in wc.values()}
+        if len(digests) == 1:
+            d, t, _ = next(iter(digests))
+            print(f"  every answer equal: {d:,} distinct words, {t:,} words")
+        else:
+            print("  ANSWERS DIFFER:")
+            for k, r in wc.items():
+                print(f"    {k}: {r['distinct']} distinct, {r['total']} total, {r['sha256'][:12]}")
+        if spark and "wordcount/motorpool-native" in wc:
+            ratio = spark["seconds"] / wc["wordcount/motorpool-native"]["seconds"]
+            print(f"  target motorpool >= 5x PySpark: {'met' if ratio >= 5 else 'MISSED'} ({ratio:.1f}x)")
+    print()
+    print(json.dumps(results, indent=1, sort_keys=True), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+//! Running startup steps on a node, and remembering how they went.
+//!
+//! A step is a shell script the engine rendered from `templates/` (every
+//! value already shell-quoted), run with `sh -eu` in the node's directory.
+//! Its output streams back to the caller and is kept in
+//! `steps/<step>.log`; its status and timing go to `state.json`, which
+//! `GetState` reports and `motorpool status` shows. A step that already
+//! succeeded with the same key is skipped, which is what makes a re-run
+//! apply converge instead of repeating work.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{Mutex, mpsc};
+use tonic::Status;
+
+use super::proto;
+
+/// Lines of stderr kept for error messages.
+const STDERR_TAIL_LINES: usize = 20;
+
+/// One step as `state.json` records it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StepRecord {
+    pub step: String,
+    pub status: String,
+    pub started_at_unix_ms: u64,
+    pub duration_ms: u64,
+    pub exit_code: i32,
+    pub key: String,
+}
+
+/// `<dir>/state.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStateFile {
+    pub steps: Vec<StepRecord>,
+    #[serde(default)]
+    pub runtime_role: String,
+    #[serde(default)]
+    pub driver_address: String,
+}
+
+impl From<&StepRecord> for proto::StepRecord {
+    fn from(r: &StepRecord) -> Self {
+        proto::StepRecord {
+            step: r.step.clone(),
+            status: r.status.clone(),
+            started_at_unix_ms: r.started_at_unix_ms,
+            duration_ms: r.duration_ms,
+            exit_code: r.exit_code,
+            key: r.key.clone(),
+        }
+    }
+}
+
+/// Runs steps one at a time and keeps `state.json`.
+pub struct StepRunner {
+    dir: PathBuf,
+    state: Mutex<NodeStateFile>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A file-system-safe form of a step name (`init:setup.sh` -> `init_setup.sh`).
+pub fn safe_name(step: &str) -> String {
+    let s: String = step
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = s.trim_start_matches('.').to_string();
+    if s.is_empty() { "step".to_string() } else { s }
+}
+
+impl StepRunner {
+    /// Load `state.json` from `dir` (a missing or unreadable one starts empty).
+    pub fn new(dir: &Path) -> StepRunner {
+        let state = std::fs::read(dir.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        StepRunner {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(state),
+        }
+    }
+
+    pub async fn snapshot(&self) -> NodeStateFile {
+        self.state.lock().await.clone()
+    }
+
+    /// Record what runtime the node hosts.
+    pub async fn set_runtime(&self, role: &str, driver_address: &str) {
+        let mut state = self.state.lock().await;
+        state.runtime_role = role.to_string();
+        state.driver_address = driver_address.to_string();
+        let _ = self.save(&state);
+    }
+
+    fn save(&self, state: &NodeStateFile) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+        crate::home::write_atomic(&self.dir.join("state.json"), &bytes)
+    }
+
+    async fn record(&self, record: StepRecord) {
+        let mut state = self.state.lock().await;
+        state.steps.retain(|r| r.step != record.step);
+        state.steps.push(record);
+        if let Err(e) = self.save(&state) {
+            eprintln!("motorpool agent: cannot save state.json: {e}");
+        }
+    }
+
+    pub fn log_path(&self, step: &str) -> PathBuf {
+        self.dir
+            .join("steps")
+            .join(format!("{}.log", safe_name(step)))
+    }
+
+    /// Run a step, sending its events to `events`. One step at a time per node.
+    pub async fn run(
+        &self,
+        request: proto::RunStepRequest,
+        events: mpsc::Sender<Result<proto::StepEvent, Status>>,
+    ) {
+        let finished = |f: proto::StepFinished| proto::StepEvent {
+            event: Some(proto::step_event::Event::Finished(f)),
+        };
+        if !request.key.is_empty() {
+            let state = self.state.lock().await;
+            let done = state
+                .steps
+                .iter()
+                .any(|r| r.step == request.step && r.key == request.key && r.status == "ok");
+            if done {
+                let _ = events
+                    .send(Ok(finished(proto::StepFinished {
+                        exit_code: 0,
+                        duration_ms: 0,
+                        skipped: true,
+                        stderr_tail: String::new(),
+                    })))
+                    .await;
+                return;
+            }
+        }
+        if request.script.is_empty() {
+            let duration_ms = request.recorded_duration_ms;
+            self.record(StepRecord {
+                step: request.step.clone(),
+                status: "ok".into(),
+                started_at_unix_ms: now_ms().saturating_sub(duration_ms),
+                duration_ms,
+                exit_code: 0,
+                key: request.key.clone(),
+            })
+            .await;
+            let _ = events
+                .send(Ok(finished(proto::StepFinished {
+                    exit_code: 0,
+                    duration_ms,
+                    skipped: false,
+                    stderr_tail: String::new(),
+                })))
+                .await;
+            return;
+        }
+        let started_at = now_ms();
+        let started = Instant::now();
+        self.record(StepRecord {
+            step: request.step.clone(),
+            status: "running".into(),
+            started_at_unix_ms: started_at,
+            key: request.key.clone(),
+            ..StepRecord::default()
+        })
+        .await;
+        let (exit_code, stderr_tail) = match self.execute(&request, &events).await {
+            Ok(r) => r,
+            Err(e) => (-1, e),
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        self.record(StepRecord {
+            step: request.step.clone(),
+            status: if exit_code == 0 { "ok" } else { "failed" }.into(),
+            started_at_unix_ms: started_at,
+            duration_ms,
+            exit_code,
+            key: request.key.clone(),
+        })
+        .await;
+        let _ = events
+            .send(Ok(finished(proto::StepFinished {
+                exit_code,
+                duration_ms,
+                skipped: false,
+                stderr_tail,
+            })))
+            .await;
+    }
+
+    /// Write the step's files, run its script, stream and keep its output.
+    /// Returns the exit code and the tail of stderr.
+    async fn execute(
+        &self,
+        request: &proto::RunStepRequest,
+        events: &mpsc::Sender<Result<proto::StepEvent, Status>>,
+    ) -> Result<(i32, String), String> {
+        let step_dir = self.dir.join("steps").join(safe_name(&request.step));
+        std::fs::create_dir_all(&step_dir)
+            .map_err(|e| format!("cannot create {}: {e}", step_dir.display()))?;
+        for (name, content) in &request.files {
+            let file = step_dir.join(safe_name(name));
+            std::fs::write(&file, content)
+                .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        }
+        let log_path = self.log_path(&request.step);
+        let mut log = tokio::fs::File::create(&log_path)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-eu")
+            .arg("-c")
+            .arg(&request.script)
+            .current_dir(&self.dir)
+            .env("MOTORPOOL_NODE_DIR", &self.dir)
+            .env("MOTORPOOL_STEP_DIR", &step_dir)
+            .envs(&request.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start sh: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let (line_tx, mut line_rx) = mpsc::channel::<(bool, String)>(256);
+        let out_tx = line_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if out_tx.send((false, l)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if line_tx.send((true, l)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut tail: VecDeque<String> = VecDeque::new();
+        let pump = async {
+            while let Some((is_err, text)) = line_rx.recv().await {
+                let _ = log
+                    .write_all(format!("{}{text}\n", if is_err { "! " } else { "" }).as_bytes())
+                    .await;
+                if is_err {
+                    tail.push_back(text.clone());
+                    if tail.len() > STDERR_TAIL_LINES {
+                        tail.pop_front();
+                    }
+                }
+                // A caller that went away does not stop the step; its log is kept.
+                let _ = events
+                    .send(Ok(proto::StepEvent {
+                        event: Some(proto::step_event::Event::Line(proto::OutputLine {
+                            stderr: is_err,
+                            text,
+                        })),
+                    }))
+                    .await;
+            }
+            child.wait().await
+        };
+        let status = if request.timeout_seconds > 0 {
+            match tokio::time::timeout(
+                Duration::from_secs(u64::from(request.timeout_seconds)),
+                pump,
+            )
+            .await
+            {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = log.flush().await;
+                    return Ok((-1, format!("timed out after {}s", request.timeout_seconds)));
+                }
+            }
+        } else {
+            pump.await
+        };
+        let _ = log.flush().await;
+        let status = status.map_err(|e| format!("cannot wait for the step: {e}"))?;
+        let tail = Vec::from(tail).join("\n");
+        Ok((status.code().unwrap_or(-1), tail))
+    }
+}

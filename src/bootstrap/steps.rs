@@ -1,0 +1,199 @@
+//! Each startup step as the `RunStep` request a node's agent runs: a script
+//! rendered from `templates/`, its files, its environment, and an
+//! idempotency key derived from its content (so a re-run skips what is done).
+
+use std::collections::HashMap;
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::template::Templates;
+use super::{BootSpec, Step};
+use crate::agent::proto::RunStepRequest;
+
+/// Where things are on the node's machine.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    /// The Python that makes the node's virtualenv.
+    pub python: String,
+    /// The motorpool executable the node links as its runtime.
+    pub motorpool_binary: String,
+    /// The machine-wide content-addressed cache (libraries).
+    pub cache_dir: String,
+    /// Most seconds one step may take.
+    pub timeout_seconds: u32,
+}
+
+/// The first 12 hex digits of a SHA-256 over `parts`.
+pub fn short_hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn request(step: &str, script: String, key: String, timeout_seconds: u32) -> RunStepRequest {
+    RunStepRequest {
+        step: step.to_string(),
+        script,
+        env: HashMap::new(),
+        files: HashMap::new(),
+        timeout_seconds,
+        key,
+        recorded_duration_ms: 0,
+    }
+}
+
+/// A step the engine performed itself, recorded on the node with its duration.
+pub fn recorded(step: Step, duration_ms: u64) -> RunStepRequest {
+    let mut r = request(step.name(), String::new(), String::new(), 0);
+    r.recorded_duration_ms = duration_ms;
+    r
+}
+
+/// 3. os & runtime setup.
+pub fn runtime(
+    t: &Templates,
+    ctx: &StepContext,
+    spec: &BootSpec,
+) -> Result<RunStepRequest, minijinja::Error> {
+    let script = t.render(
+        "steps/runtime.sh",
+        json!({ "runtime": spec.runtime, "python": ctx.python, "motorpool_binary": ctx.motorpool_binary }),
+    )?;
+    let key = short_hash(&["runtime", &spec.runtime, &ctx.python, &ctx.motorpool_binary]);
+    Ok(request(
+        Step::Runtime.name(),
+        script,
+        key,
+        ctx.timeout_seconds,
+    ))
+}
+
+/// The content-addressed key of a library set.
+pub fn libraries_key(spec: &BootSpec) -> String {
+    let mut parts: Vec<&str> = spec.pip.iter().map(String::as_str).collect();
+    parts.sort_unstable();
+    let mut all: Vec<&str> = vec!["libraries"];
+    all.extend(parts);
+    for r in &spec.requirements {
+        all.push(&r.content);
+    }
+    short_hash(&all)
+}
+
+/// 5. libraries (None when the set is empty).
+pub fn libraries(
+    t: &Templates,
+    ctx: &StepContext,
+    spec: &BootSpec,
+) -> Result<Option<RunStepRequest>, minijinja::Error> {
+    if spec.pip.is_empty() && spec.requirements.is_empty() {
+        return Ok(None);
+    }
+    let key = libraries_key(spec);
+    let names: Vec<String> = spec
+        .requirements
+        .iter()
+        .enumerate()
+        .map(|(i, _)| format!("requirements-{i}.txt"))
+        .collect();
+    let script = t.render(
+        "steps/libraries.sh",
+        json!({ "cache_dir": ctx.cache_dir, "key": key, "pip": spec.pip, "requirements": names }),
+    )?;
+    let mut r = request(Step::Libraries.name(), script, key, ctx.timeout_seconds);
+    for (name, file) in names.iter().zip(&spec.requirements) {
+        r.files
+            .insert(name.clone(), file.content.clone().into_bytes());
+    }
+    Ok(Some(r))
+}
+
+/// 5. the init scripts, in order; each its own step (`init:<name>`) with its output kept.
+pub fn init_scripts(
+    t: &Templates,
+    ctx: &StepContext,
+    spec: &BootSpec,
+) -> Result<Vec<RunStepRequest>, minijinja::Error> {
+    let count = spec.init_scripts.len();
+    let env_text = serde_json::to_string(&spec.env).unwrap_or_default();
+    spec.init_scripts
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let file = "script.sh";
+            let script = t.render(
+                "steps/init_script.sh",
+                json!({ "name": s.name, "index": i + 1, "count": count, "file": file }),
+            )?;
+            let key = short_hash(&["init", &s.name, &s.content, &env_text]);
+            let mut r = request(
+                &format!("init:{}", s.name),
+                script,
+                key,
+                ctx.timeout_seconds,
+            );
+            r.files
+                .insert(file.to_string(), s.content.clone().into_bytes());
+            r.env = spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Ok(r)
+        })
+        .collect()
+}
+
+/// A mount's source, split for the templates.
+fn mount_context(source: &str, target: &str, read_only: bool) -> serde_json::Value {
+    for scheme in ["s3", "gs", "az"] {
+        if let Some(rest) = source.strip_prefix(&format!("{scheme}://")) {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            return json!({ "scheme": scheme, "bucket": bucket, "prefix": prefix, "source": source, "target": target, "read_only": read_only });
+        }
+    }
+    json!({ "scheme": "local", "source": source, "target": target, "read_only": read_only, "prefix": "", "bucket": "" })
+}
+
+/// 6. security & access: the mounts (None when there are none).
+pub fn mounts(
+    t: &Templates,
+    ctx: &StepContext,
+    spec: &BootSpec,
+) -> Result<Option<RunStepRequest>, minijinja::Error> {
+    if spec.mounts.is_empty() {
+        return Ok(None);
+    }
+    let mounts: Vec<serde_json::Value> = spec
+        .mounts
+        .iter()
+        .map(|m| mount_context(&m.source, &m.target, m.read_only))
+        .collect();
+    let script = t.render("steps/mounts.sh", json!({ "mounts": mounts }))?;
+    let text = serde_json::to_string(&spec.mounts).unwrap_or_default();
+    Ok(Some(request(
+        Step::Security.name(),
+        script,
+        short_hash(&["mounts", &text]),
+        ctx.timeout_seconds,
+    )))
+}
+
+/// The steps an idle pool instance runs on itself when it starts: runtime
+/// setup and the pool's preloaded libraries.
+pub fn warm_up(
+    t: &Templates,
+    ctx: &StepContext,
+    spec: &BootSpec,
+) -> Result<Vec<RunStepRequest>, minijinja::Error> {
+    let mut steps = vec![runtime(t, ctx, spec)?];
+    steps.extend(libraries(t, ctx, spec)?);
+    Ok(steps)
+}

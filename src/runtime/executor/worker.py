@@ -1,0 +1,297 @@
+"""motorpool's Python worker: runs a job's map and reduce functions, one task
+after another, for as long as its executor keeps it.
+
+Frames on stdin/stdout: op (1 byte), payload length (u32 little endian),
+payload. To the worker: L (load, JSON), then M... E (map) or R... F (reduce).
+From the worker: O (output lines), then D (done, JSON) or X (failed, JSON).
+
+A task's print() output is captured and sent back with D or X; the real
+stdout carries only frames (anything written to fd 1 lands on stderr).
+"""
+
+import importlib.util
+import io
+import json
+import os
+import struct
+import sys
+import traceback
+
+IN = os.fdopen(0, "rb", buffering=1 << 20)
+OUT = os.fdopen(os.dup(1), "wb", buffering=1 << 20)
+os.dup2(2, 1)
+sys.stdin = open(os.devnull)
+REAL_STDERR = sys.stderr
+
+FLUSH_BYTES = 1 << 18
+MAX_COMBINE_KEYS = 1_000_000
+TAIL = 64 * 1024
+HEAD = struct.Struct("<I")
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_MISSING = object()
+
+
+def recv():
+    head = IN.read(5)
+    if not head or len(head) < 5:
+        return None, None
+    (n,) = HEAD.unpack(head[1:5])
+    payload = IN.read(n) if n else b""
+    if payload is None or len(payload) < n:
+        return None, None
+    return head[0:1], payload
+
+
+def send(op, payload):
+    OUT.write(op + HEAD.pack(len(payload)) + payload)
+
+
+class Capture(io.TextIOBase):
+    """Keeps the end of what a task prints."""
+
+    def __init__(self):
+        self.parts = []
+        self.size = 0
+
+    def writable(self):
+        return True
+
+    def write(self, s):
+        self.parts.append(s)
+        self.size += len(s)
+        if self.size > 4 * TAIL:
+            joined = "".join(self.parts)[-TAIL:]
+            self.parts = [joined]
+            self.size = len(joined)
+        return len(s)
+
+    def text(self):
+        return "".join(self.parts)[-TAIL:]
+
+
+MODULES = {}
+
+
+def load_function(file, name):
+    path = os.path.abspath(file)
+    mod = MODULES.get(path)
+    if mod is None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{file}: no such file in the job directory")
+        folder = os.path.dirname(path)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        modname = "motorpool_job_%d_%s" % (
+            len(MODULES),
+            "".join(c if c.isalnum() else "_" for c in os.path.basename(file)),
+        )
+        spec = importlib.util.spec_from_file_location(modname, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {file}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[modname] = mod
+        spec.loader.exec_module(mod)
+        MODULES[path] = mod
+    fn = getattr(mod, name, None)
+    if fn is None or not callable(fn):
+        raise AttributeError(f"{file} has no function {name!r}")
+    return fn
+
+
+def key_text(k):
+    if isinstance(k, str) and "\t" not in k and "\n" not in k and "\r" not in k:
+        return k
+    return _dumps(k)
+
+
+def value_text(v):
+    if isinstance(v, str) and "\n" not in v and "\r" not in v:
+        return v
+    return _dumps(v)
+
+
+def enc_text(k, v):
+    return key_text(k) + "\t" + value_text(v) + "\n"
+
+
+def enc_json(k, v):
+    return _dumps(k) + "\t" + _dumps(v) + "\n"
+
+
+def json_or_str(s):
+    try:
+        return json.loads(s)
+    except ValueError:
+        return s
+
+
+def lines_of(payload):
+    lines = payload.decode("utf-8", "surrogateescape").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+class Output:
+    def __init__(self):
+        self.parts = []
+        self.size = 0
+        self.records = 0
+
+    def add(self, s):
+        self.parts.append(s)
+        self.size += len(s)
+        self.records += 1
+        if self.size >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self):
+        if self.parts:
+            send(b"O", "".join(self.parts).encode("utf-8", "surrogateescape"))
+            self.parts = []
+            self.size = 0
+
+
+def error_text():
+    return traceback.format_exc()[-TAIL:]
+
+
+def finish(out, error, records_in, capture):
+    if error is None:
+        try:
+            out.flush()
+        except BaseException:
+            error = error_text()
+    if error is None:
+        payload = {"records_in": records_in, "records_out": out.records, "stderr": capture.text()}
+        send(b"D", _dumps(payload).encode())
+    else:
+        send(b"X", _dumps({"error": error, "stderr": capture.text()}).encode())
+    OUT.flush()
+
+
+def run_map(load, capture):
+    out = Output()
+    error = None
+    records_in = 0
+    acc = None
+    try:
+        fn = load_function(load["file"], load["map"])
+        red = None
+        if load.get("combiner"):
+            red = load_function(load["combiner_file"], load["combiner"])
+            acc = {}
+        enc = enc_json if load.get("codec") == "json" else enc_text
+    except BaseException:
+        error = error_text()
+    while True:
+        op, payload = recv()
+        if op is None:
+            sys.exit(0)
+        if op == b"M":
+            if error is not None:
+                continue
+            try:
+                lines = lines_of(payload)
+                records_in += len(lines)
+                if acc is not None:
+                    get = acc.get
+                    missing = _MISSING
+                    for rec in lines:
+                        for k, v in fn(rec):
+                            old = get(k, missing)
+                            acc[k] = v if old is missing else red(old, v)
+                    if len(acc) > MAX_COMBINE_KEYS:
+                        for k, v in acc.items():
+                            out.add(enc(k, v))
+                        acc.clear()
+                else:
+                    add = out.add
+                    for rec in lines:
+                        for k, v in fn(rec):
+                            add(enc(k, v))
+            except BaseException:
+                error = error_text()
+        elif op == b"E":
+            if error is None and acc:
+                try:
+                    for k, v in acc.items():
+                        out.add(enc(k, v))
+                except BaseException:
+                    error = error_text()
+            finish(out, error, records_in, capture)
+            return
+        else:
+            sys.exit(2)
+
+
+def run_reduce(load, capture):
+    out = Output()
+    error = None
+    records_in = 0
+    try:
+        red = load_function(load["file"], load["reduce"])
+        as_json = load.get("codec") == "json"
+        dec_key = json.loads if as_json else (lambda s: s)
+        dec_val = json.loads if as_json else json_or_str
+    except BaseException:
+        error = error_text()
+    cur_raw = None
+    cur_val = None
+    while True:
+        op, payload = recv()
+        if op is None:
+            sys.exit(0)
+        if op == b"R":
+            if error is not None:
+                continue
+            try:
+                lines = lines_of(payload)
+                records_in += len(lines)
+                for line in lines:
+                    raw, _, vtext = line.partition("\t")
+                    v = dec_val(vtext)
+                    if raw == cur_raw:
+                        cur_val = red(cur_val, v)
+                    else:
+                        if cur_raw is not None:
+                            out.add(key_text(dec_key(cur_raw)) + "\t" + value_text(cur_val) + "\n")
+                        cur_raw = raw
+                        cur_val = v
+            except BaseException:
+                error = error_text()
+        elif op == b"F":
+            if error is None and cur_raw is not None:
+                try:
+                    out.add(key_text(dec_key(cur_raw)) + "\t" + value_text(cur_val) + "\n")
+                except BaseException:
+                    error = error_text()
+            finish(out, error, records_in, capture)
+            return
+        else:
+            sys.exit(2)
+
+
+def main():
+    while True:
+        op, payload = recv()
+        if op is None:
+            return
+        if op != b"L":
+            sys.exit(2)
+        load = json.loads(payload)
+        capture = Capture()
+        sys.stdout = capture
+        sys.stderr = capture
+        try:
+            if load.get("mode") == "reduce":
+                run_reduce(load, capture)
+            else:
+                run_map(load, capture)
+        finally:
+            sys.stdout = REAL_STDERR
+            sys.stderr = REAL_STDERR
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+//! From a `spec::Job` to what the driver schedules: tasks in `depends_on`
+//! order, each a command or a map (+ reduce); and map input split into
+//! partitions on line boundaries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use crate::spec::{Job, PythonFunction};
+
+use super::proto::InputRange;
+use super::safe_relative;
+
+/// The default map partition size, when a map sets neither `partitions` nor `partition_mb`.
+pub const DEFAULT_PARTITION_MB: u32 = 64;
+
+/// Without `partitions`, a partition is never made smaller than this just to
+/// give every core work.
+const MIN_SPLIT_BYTES: u64 = 64 << 10;
+
+/// The most partitions one stage may have.
+pub const MAX_PARTITIONS: u32 = 1_000_000;
+
+/// What a map or reduce runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Func {
+    /// `sh -c COMMAND` in the job directory.
+    Command(String),
+    Python(PythonFunction),
+}
+
+impl Func {
+    pub fn is_python(&self) -> bool {
+        matches!(self, Func::Python(_))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapPlan {
+    /// A file or glob, relative to the job directory.
+    pub input: String,
+    pub partitions: Option<u32>,
+    pub partition_mb: Option<u32>,
+    pub func: Func,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReducePlan {
+    pub partitions: Option<u32>,
+    pub func: Func,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskKind {
+    Command(String),
+    Map {
+        map: MapPlan,
+        reduce: Option<ReducePlan>,
+    },
+}
+
+/// One task of the job, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTask {
+    pub name: String,
+    /// Indexes of the tasks it depends on (all earlier in [`JobPlan::tasks`]).
+    pub deps: Vec<usize>,
+    pub kind: TaskKind,
+    /// retries + 1.
+    pub max_attempts: u32,
+    pub timeout_minutes: Option<u32>,
+    /// Where `part-NNNNN` files go, relative to the job directory.
+    pub output: Option<PathBuf>,
+}
+
+impl PlannedTask {
+    pub fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            TaskKind::Command(_) => "command",
+            TaskKind::Map { reduce: None, .. } => "map",
+            TaskKind::Map {
+                reduce: Some(_), ..
+            } => "map_reduce",
+        }
+    }
+}
+
+/// A job's tasks in an order where every task comes after those it depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobPlan {
+    pub tasks: Vec<PlannedTask>,
+}
+
+fn func(
+    command: &Option<String>,
+    python: &Option<PythonFunction>,
+    what: &str,
+) -> anyhow::Result<Func> {
+    match (command, python) {
+        (Some(c), None) => {
+            if c.trim().is_empty() {
+                bail!("the `command` of {what} is empty");
+            }
+            Ok(Func::Command(c.clone()))
+        }
+        (None, Some(p)) => {
+            safe_relative(&p.file).with_context(|| format!("`python.file` of {what}"))?;
+            if !is_python_identifier(&p.function) {
+                bail!(
+                    "`python.function` of {what} is not a Python function name: {:?}",
+                    p.function
+                );
+            }
+            Ok(Func::Python(p.clone()))
+        }
+        (Some(_), Some(_)) => bail!("{what} sets both `command` and `python`; choose one"),
+        (None, None) => bail!("{what} needs one of `command` or `python`"),
+    }
+}
+
+fn is_python_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_alphabetic())
+        && chars.all(|c| c == '_' || c.is_alphanumeric())
+}
+
+/// Checks a job and orders its tasks. Every problem is reported, not only the first.
+pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
+    let mut problems: Vec<String> = Vec::new();
+    if job.tasks.is_empty() {
+        problems.push("the job has no tasks".to_string());
+    }
+    let mut planned: BTreeMap<&str, (PlannedTask, Vec<String>)> = BTreeMap::new();
+    for (name, t) in &job.tasks {
+        let what = format!("task `{name}`");
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            problems.push(format!("{what}: not a valid task name"));
+            continue;
+        }
+        let kind = match (&t.command, &t.map) {
+            (Some(c), None) => {
+                if t.reduce.is_some() {
+                    problems.push(format!("`reduce` in {what} needs a `map`"));
+                }
+                if c.trim().is_empty() {
+                    problems.push(format!("the `command` of {what} is empty"));
+                }
+                TaskKind::Command(c.clone())
+            }
+            (None, Some(m)) => {
+                let mut ok = true;
+                let mwhat = format!("the map of {what}");
+                let mfunc = func(&m.command, &m.python, &mwhat).map_err(|e| {
+                    problems.push(e.to_string());
+                    ok = false;
+                });
+                if let Err(e) = safe_relative(&m.input) {
+                    problems.push(format!("`input` of {mwhat}: {e}"));
+                    ok = false;
+                }
+                if m.partitions == Some(0) || m.partition_mb == Some(0) {
+                    problems.push(format!("{mwhat}: partitions must be at least 1"));
+                    ok = false;
+                }
+                if m.partitions.is_some_and(|p| p > MAX_PARTITIONS) {
+                    problems.push(format!(
+                        "{mwhat}: more than {MAX_PARTITIONS} partitions is not supported"
+                    ));
+                    ok = false;
+                }
+                if m.partitions.is_some() && m.partition_mb.is_some() {
+                    problems.push(format!(
+                        "{mwhat} sets both `partitions` and `partition_mb`; choose one"
+                    ));
+                    ok = false;
+                }
+                let reduce = match &t.reduce {
+                    None => None,
+                    Some(r) => {
+                        let rwhat = format!("the reduce of {what}");
+                        if r.partitions == Some(0) {
+                            problems.push(format!("{rwhat}: partitions must be at least 1"));
+                            ok = false;
+                        }
+                        if r.partitions.is_some_and(|p| p > MAX_PARTITIONS) {
+                            problems.push(format!(
+                                "{rwhat}: more than {MAX_PARTITIONS} partitions is not supported"
+                            ));
+                            ok = false;
+                        }
+                        match func(&r.command, &r.python, &rwhat) {
+                            Ok(f) => Some(ReducePlan {
+                                partitions: r.partitions,
+                                func: f,
+                            }),
+                            Err(e) => {
+                                problems.push(e.to_string());
+                                ok = false;
+                                None
+                            }
+                        }
+                    }
+                };
+                if !ok {
+                    continue;
+                }
+                let Ok(mfunc) = mfunc else { continue };
+                TaskKind::Map {
+                    map: MapPlan {
+                        input: m.input.clone(),
+                        partitions: m.partitions,
+                        partition_mb: m.partition_mb,
+                        func: mfunc,
+                    },
+                    reduce,
+                }
+            }
+            (Some(_), Some(_)) => {
+                problems.push(format!("{what} sets both `command` and `map`; choose one"));
+                continue;
+            }
+            (None, None) => {
+                problems.push(format!("{what} needs one of `command` or `map`"));
+                continue;
+            }
+        };
+        let output = match &t.output {
+            None => None,
+            Some(o) => match safe_relative(o) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    problems.push(format!("`output` of {what}: {e}"));
+                    continue;
+                }
+            },
+        };
+        if output.is_some() && matches!(kind, TaskKind::Command(_)) {
+            problems.push(format!(
+                "`output` of {what}: only a map (or map/reduce) task writes `part-NNNNN` files"
+            ));
+            continue;
+        }
+        let retries = t.retries.unwrap_or(job.retries);
+        planned.insert(
+            name.as_str(),
+            (
+                PlannedTask {
+                    name: name.clone(),
+                    deps: Vec::new(),
+                    kind,
+                    max_attempts: retries.saturating_add(1),
+                    timeout_minutes: t.timeout_minutes,
+                    output,
+                },
+                t.depends_on.clone(),
+            ),
+        );
+    }
+    for (name, t) in &job.tasks {
+        for d in &t.depends_on {
+            if !job.tasks.contains_key(d) {
+                problems.push(format!(
+                    "unknown task `{d}` in `depends_on` of task `{name}`"
+                ));
+            }
+        }
+    }
+    // Two tasks writing one output directory would clobber each other.
+    let mut outputs: HashMap<&Path, &str> = HashMap::new();
+    for (name, (t, _)) in &planned {
+        if let Some(o) = &t.output
+            && let Some(other) = outputs.insert(o.as_path(), name)
+        {
+            problems.push(format!(
+                "tasks `{other}` and `{name}` both write `output` {}",
+                o.display()
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        bail!("the job is not valid:\n  {}", problems.join("\n  "));
+    }
+
+    // Kahn's algorithm, taking names in order, so the plan is deterministic.
+    let mut order: Vec<String> = Vec::new();
+    let mut indegree: BTreeMap<&str, usize> = planned
+        .iter()
+        .map(|(n, (_, deps))| (*n, deps.len()))
+        .collect();
+    loop {
+        let ready: Vec<&str> = indegree
+            .iter()
+            .filter(|(_, d)| **d == 0)
+            .map(|(n, _)| *n)
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for n in ready {
+            indegree.remove(n);
+            order.push(n.to_string());
+            for (m, (_, deps)) in &planned {
+                if deps.iter().any(|d| d == n)
+                    && let Some(count) = indegree.get_mut(m)
+                {
+                    *count -= deps.iter().filter(|d| *d == n).count();
+                }
+            }
+        }
+    }
+    if !indegree.is_empty() {
+        let names: Vec<&str> = indegree.keys().copied().collect();
+        bail!(
+            "the job is not valid: a cycle in `depends_on` among tasks {}",
+            names.join(", ")
+        );
+    }
+    let index: HashMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    let mut tasks = Vec::with_capacity(order.len());
+    for name in &order {
+        let Some((t, deps)) = planned.remove(name.as_str()) else {
+            continue;
+        };
+        let mut t = t;
+        t.deps = deps
+            .iter()
+            .filter_map(|d| index.get(d.as_str()).copied())
+            .collect();
+        t.deps.sort_unstable();
+        t.deps.dedup();
+        tasks.push(t);
+    }
+    Ok(JobPlan { tasks })
+}
+
+/// The files under `dir` that `pattern` (relative) matches, sorted, with their sizes.
+pub fn resolve_input(dir: &Path, pattern: &str) -> anyhow::Result<Vec<(PathBuf, u64)>> {
+    safe_relative(pattern).with_context(|| format!("input `{pattern}`"))?;
+    let full = format!(
+        "{}/{}",
+        glob::Pattern::escape(&dir.to_string_lossy()),
+        pattern.trim_start_matches("./")
+    );
+    let paths =
+        glob::glob(&full).with_context(|| format!("input `{pattern}` is not a valid glob"))?;
+    let mut out = Vec::new();
+    for p in paths {
+        let p = p.with_context(|| format!("cannot read a match of input `{pattern}`"))?;
+        let meta = std::fs::metadata(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        if !meta.is_file() {
+            continue;
+        }
+        let rel = p
+            .strip_prefix(dir)
+            .with_context(|| format!("{} is outside the job directory", p.display()))?
+            .to_path_buf();
+        if rel
+            .components()
+            .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
+        out.push((rel, meta.len()));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// How many map partitions `total` bytes get.
+pub fn partition_count(
+    total: u64,
+    partitions: Option<u32>,
+    partition_mb: Option<u32>,
+    default_partition_mb: u32,
+    cores: usize,
+) -> u32 {
+    if let Some(p) = partitions {
+        return p.clamp(1, MAX_PARTITIONS);
+    }
+    let target = u64::from(partition_mb.unwrap_or(default_partition_mb).max(1)) << 20;
+    let mut n = total.div_ceil(target);
+    if partition_mb.is_none() {
+        n = n.max((cores as u64).min(total.div_ceil(MIN_SPLIT_BYTES)));
+    }
+    n.clamp(1, u64::from(MAX_PARTITIONS)) as u32
+}
+
+/// Splits `files` (relative paths under `dir`, with sizes) into `parts`
+/// partitions of about equal bytes, each a list of byte ranges that begin at
+/// a line start and end after a newline (or at a file's end).
+pub fn split_input(
+    dir: &Path,
+    files: &[(PathBuf, u64)],
+    parts: u32,
+) -> anyhow::Result<Vec<Vec<InputRange>>> {
+    let parts = parts.max(1) as usize;
+    let total: u64 = files.iter().map(|(_, s)| s).sum();
+    let mut out = vec![Vec::new(); parts];
+    if total == 0 {
+        return Ok(out);
+    }
+    // Global offset where each file starts.
+    let mut starts = Vec::with_capacity(files.len());
+    let mut acc = 0u64;
+    for (_, s) in files {
+        starts.push(acc);
+        acc += s;
+    }
+    let mut bounds = Vec::with_capacity(parts + 1);
+    bounds.push(0u64);
+    let mut open: Option<(usize, std::fs::File)> = None;
+    for i in 1..parts {
+        let nominal = (total as u128 * i as u128 / parts as u128) as u64;
+        let prev = *bounds.last().unwrap_or(&0);
+        let nominal = nominal.max(prev);
+        // The file holding `nominal`.
+        let fi = match starts.binary_search(&nominal) {
+            Ok(mut k) => {
+                // Several empty files can start at the same offset: the first non-empty.
+                while k + 1 < files.len() && files[k].1 == 0 {
+                    k += 1;
+                }
+                k
+            }
+            Err(k) => k - 1,
+        };
+        let local = nominal - starts[fi];
+        let aligned = if local == 0 || local >= files[fi].1 {
+            nominal.min(starts[fi] + files[fi].1)
+        } else {
+            let f = match &mut open {
+                Some((k, f)) if *k == fi => f,
+                _ => {
+                    let path = dir.join(&files[fi].0);
+                    let f = std::fs::File::open(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    &mut open.insert((fi, f)).1
+                }
+            };
+            starts[fi] + next_line_start(f, local - 1, files[fi].1)?
+        };
+        bounds.push(aligned.max(prev));
+    }
+    bounds.push(total);
+    for (p, part) in out.iter_mut().enumerate() {
+        let (lo, hi) = (bounds[p], bounds[p + 1]);
+        if lo >= hi {
+            continue;
+        }
+        for (k, (rel, size)) in files.iter().enumerate() {
+            let (fs, fe) = (starts[k], starts[k] + size);
+            let (a, b) = (lo.max(fs), hi.min(fe));
+            if a < b {
+                part.push(InputRange {
+                    path: rel.to_string_lossy().into_owned(),
+                    start: a - fs,
+                    end: b - fs,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The offset just after the first newline at or after `from` (or `size`).
+fn next_line_start(f: &mut std::fs::File, from: u64, size: u64) -> anyhow::Result<u64> {
+    f.seek(SeekFrom::Start(from))
+        .context("cannot seek in an input file")?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pos = from;
+    loop {
+        let n = f.read(&mut buf).context("cannot read an input file")?;
+        if n == 0 {
+            return Ok(size);
+        }
+        if let Some(i) = buf[..n].iter().position(|&b| b == b'\n') {
+            return Ok((pos + i as u64 + 1).min(size));
+        }
+        pos += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{MapStage, ReduceStage, Task};
+
+    fn cmd(c: &str, deps: &[&str]) -> Task {
+        Task {
+            command: Some(c.into()),
+            depends_on: deps.iter().map(|s| s.to_string()).collect(),
+            ..Task::default()
+        }
+    }
+
+    #[test]
+    fn plans_order_tasks_by_depends_on() {
+        let mut job = Job::default();
+        job.tasks.insert("c".into(), cmd("true", &["b"]));
+        job.tasks.insert("a".into(), cmd("true", &[]));
+        job.tasks.insert("b".into(), cmd("true", &["a"]));
+        job.retries = 2;
+        let plan = plan_job(&job).expect("plan");
+        let names: Vec<&str> = plan.tasks.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(plan.tasks[2].deps, vec![1]);
+        assert_eq!(plan.tasks[0].max_attempts, 3);
+    }
+
+    #[test]
+    fn bad_jobs_report_every_problem() {
+        let mut job = Job::default();
+        job.tasks.insert("x".into(), cmd("true", &["nope", "y"]));
+        job.tasks.insert("y".into(), cmd("true", &["x"]));
+        job.tasks.insert(
+            "m".into(),
+            Task {
+                map: Some(MapStage {
+                    input: "../etc/passwd".into(),
+                    ..MapStage::default()
+                }),
+                reduce: Some(ReduceStage::default()),
+                ..Task::default()
+            },
+        );
+        let err = plan_job(&job).expect_err("invalid").to_string();
+        assert!(err.contains("unknown task `nope`"), "{err}");
+        assert!(err.contains("needs one of `command` or `python`"), "{err}");
+        assert!(err.contains(".."), "{err}");
+        job.tasks.remove("m");
+        job.tasks.get_mut("x").expect("x").depends_on = vec!["y".into()];
+        let err = plan_job(&job).expect_err("cycle").to_string();
+        assert!(err.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn splits_fall_on_line_boundaries_and_cover_everything() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = "alpha beta\ngamma\ndelta epsilon zeta\n".repeat(50);
+        let b = "no newline at the end".to_string();
+        std::fs::write(dir.path().join("a.txt"), &a).expect("write");
+        std::fs::write(dir.path().join("b.txt"), &b).expect("write");
+        std::fs::write(dir.path().join("empty.txt"), "").expect("write");
+        let files = resolve_input(dir.path(), "*.txt").expect("glob");
+        assert_eq!(files.len(), 3);
+        for parts in [1, 2, 3, 7, 40, 5000] {
+            let split = split_input(dir.path(), &files, parts).expect("split");
+            assert_eq!(split.len(), parts as usize);
+            let mut joined = Vec::new();
+            for part in &split {
+                for r in part {
+                    let data = std::fs::read(dir.path().join(&r.path)).expect("read");
+                    let piece = &data[r.start as usize..r.end as usize];
+                    if r.start > 0 {
+                        assert_eq!(data[r.start as usize - 1], b'\n', "starts at a line");
+                    }
+                    joined.extend_from_slice(piece);
+                }
+            }
+            assert_eq!(
+                joined,
+                [a.as_bytes(), b.as_bytes()].concat(),
+                "{parts} parts"
+            );
+        }
+        assert_eq!(partition_count(0, Some(100_000), None, 64, 2), 100_000);
+        assert_eq!(partition_count(1 << 30, None, None, 64, 2), 16);
+        assert_eq!(partition_count(1000, None, None, 64, 4), 1);
+        assert_eq!(partition_count(1 << 20, None, None, 64, 4), 4);
+        assert!(resolve_input(dir.path(), "../*.txt").is_err());
+    }
+}

@@ -1,0 +1,549 @@
+//! The AWS provider through the CLI, as a user runs it, against moto's EC2
+//! server on 127.0.0.1: plan -> apply -> plan -> drift -> heal -> destroy,
+//! pool instances re-tagged into a cluster and back, an apply killed half way,
+//! and an apply through a proxy that throttles and fails.
+//!
+//! Each test starts its own moto (killed on drop, also on failure). Every
+//! motorpool run gets fake static credentials, a region, an explicit loopback
+//! endpoint (in the spec, or `AWS_ENDPOINT_URL`) and
+//! `AWS_EC2_METADATA_DISABLED=true`, so nothing can reach AWS or IMDS.
+
+mod common;
+#[path = "../providers/aws/tests/support/mod.rs"]
+mod moto;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Env, Run, wait_until};
+use moto::{AMI, FaultProxy, Faults, Moto};
+use motorpool_aws::aws_sdk_ec2::types::Filter;
+use motorpool_provider::{Provider, Retag, TagFilter, tags};
+
+/// Run motorpool with the test AWS environment (endpoint: the spec's, or
+/// `endpoint` as `AWS_ENDPOINT_URL` when given).
+fn mp(env: &Env, endpoint: Option<&str>, args: &[&str]) -> Run {
+    let mut cmd = env.command(args);
+    moto::with_aws_env(&mut cmd, endpoint);
+    let out = cmd.output().expect("run motorpool");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn spec(project: &str, endpoint: Option<&str>, body: &str) -> String {
+    let endpoint = endpoint
+        .map(|e| format!(", endpoint_url: \"{e}\""))
+        .unwrap_or_default();
+    format!(
+        "project: {project}\nprovider: {{ kind: aws, region: {}, image: {AMI}, page_size: 5{endpoint} }}\n{body}",
+        moto::REGION
+    )
+}
+
+/// One instance as EC2 (moto) reports it, read with the SDK directly.
+#[derive(Debug, Clone)]
+struct Ec2Instance {
+    id: String,
+    state: String,
+    tags: BTreeMap<String, String>,
+}
+
+/// Reads and changes EC2 behind motorpool's back.
+struct Ec2 {
+    rt: tokio::runtime::Runtime,
+    client: motorpool_aws::aws_sdk_ec2::Client,
+}
+
+impl Ec2 {
+    fn new(moto: &Moto) -> Ec2 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let provider = moto::provider(&moto.url(), |_| {});
+        let client = rt.block_on(provider.ec2_client()).expect("an EC2 client");
+        Ec2 { rt, client }
+    }
+
+    /// Every instance of `project` in every state, all pages.
+    fn instances(&self, project: &str) -> Vec<Ec2Instance> {
+        self.rt.block_on(async {
+            let mut all = Vec::new();
+            let mut token = None;
+            loop {
+                let out = self
+                    .client
+                    .describe_instances()
+                    .filters(
+                        Filter::builder()
+                            .name("tag:motorpool-project")
+                            .values(project)
+                            .build(),
+                    )
+                    .set_next_token(token)
+                    .send()
+                    .await
+                    .expect("describe instances");
+                for i in out.reservations().iter().flat_map(|r| r.instances()) {
+                    all.push(Ec2Instance {
+                        id: i.instance_id().unwrap_or_default().to_string(),
+                        state: i
+                            .state()
+                            .and_then(|s| s.name())
+                            .map(|n| n.as_str().to_string())
+                            .unwrap_or_default(),
+                        tags: i
+                            .tags()
+                            .iter()
+                            .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                            .collect(),
+                    });
+                }
+                match out.next_token() {
+                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                    _ => return all,
+                }
+            }
+        })
+    }
+
+    /// The project's instances that are not terminated (or terminating).
+    fn live(&self, project: &str) -> Vec<Ec2Instance> {
+        self.instances(project)
+            .into_iter()
+            .filter(|i| i.state != "terminated" && i.state != "shutting-down")
+            .collect()
+    }
+
+    fn terminate(&self, id: &str) {
+        self.rt.block_on(async {
+            self.client
+                .terminate_instances()
+                .instance_ids(id)
+                .send()
+                .await
+                .expect("terminate behind motorpool's back");
+        });
+    }
+}
+
+/// Plays the node side while a test runs, as each node's agent will on a real
+/// instance: it tags its own instance with the last startup step it finished
+/// (`motorpool-step`): `runtime` once an idle pool instance has warmed up,
+/// `ready` once a cluster node has started. moto runs no user data, so this
+/// stands in for it; an engine that does not wait for these tags ignores them.
+/// Stopped on drop.
+struct FakeNodes {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeNodes {
+    fn start(moto: &Moto, project: &str) -> FakeNodes {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (url, project, flag) = (moto.url(), project.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let provider = moto::provider(&url, |_| {});
+            let mut filter = TagFilter::new();
+            filter.insert(tags::PROJECT.into(), project);
+            while !flag.load(Ordering::SeqCst) {
+                rt.block_on(async {
+                    let mut token = None;
+                    let mut todo: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                    loop {
+                        let Ok(page) = provider.list_page(&filter, token).await else {
+                            return;
+                        };
+                        for i in page.instances.iter().filter(|i| i.state.is_live()) {
+                            let want = match i.tag(tags::KIND) {
+                                Some("pool") => "runtime",
+                                Some("cluster") => "ready",
+                                _ => continue,
+                            };
+                            if i.tag(tags::STEP) != Some(want) {
+                                todo.entry(want).or_default().push(i.id.clone());
+                            }
+                        }
+                        match page.next_token {
+                            Some(t) => token = Some(t),
+                            None => break,
+                        }
+                    }
+                    for (step, ids) in todo {
+                        let mut change = Retag::default();
+                        change.set.insert(tags::STEP.into(), step.into());
+                        let _ = provider.retag(&ids, &change).await;
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        FakeNodes {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeNodes {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn with_tag<'a>(list: &'a [Ec2Instance], key: &str, value: &str) -> Vec<&'a Ec2Instance> {
+    list.iter()
+        .filter(|i| i.tags.get(key).map(String::as_str) == Some(value))
+        .collect()
+}
+
+fn retried(run: &Run) -> u64 {
+    run.stdout
+        .split(" retried")
+        .next()
+        .and_then(|s| s.rsplit(", ").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the summary counts retries: {}", run.stdout))
+}
+
+#[test]
+fn an_aws_cluster_comes_up_drifts_heals_and_goes_away() {
+    let moto = Moto::start();
+    let ec2 = Ec2::new(&moto);
+    let _nodes = FakeNodes::start(&moto, "awslife");
+    let env = Env::new();
+    env.spec(&spec(
+        "awslife",
+        Some(&moto.url()),
+        "pools:\n  general: { node_type: t3.micro, min_idle: 1, max_capacity: 6 }\n\
+         clusters:\n  etl: { pool: general, workers: 2, tags: { team: data } }\n",
+    ));
+
+    let plan = mp(&env, None, &["plan", "--detailed-exitcode"]).expect_code(2);
+    // 4 t3.micro at $0.0104/hour (us-east-1 on-demand).
+    assert!(
+        plan.stdout.contains("Cost after apply: $0.04/hour"),
+        "plan shows the hourly cost: {}",
+        plan.stdout
+    );
+    let applied = mp(&env, None, &["apply", "--yes"]).expect_code(0);
+    assert!(
+        applied.stdout.contains("Apply complete: 2 created"),
+        "{}",
+        applied.stdout
+    );
+    mp(&env, None, &["plan", "--detailed-exitcode"]).expect_code(0);
+
+    let live = ec2.live("awslife");
+    assert_eq!(live.len(), 4, "1 idle + 1 driver + 2 workers: {live:#?}");
+    assert!(live.iter().all(|i| i.state == "running"), "{live:#?}");
+    assert_eq!(with_tag(&live, "motorpool-role", "driver").len(), 1);
+    assert_eq!(with_tag(&live, "motorpool-role", "worker").len(), 2);
+    assert_eq!(with_tag(&live, "motorpool-role", "idle").len(), 1);
+    let status = mp(&env, None, &["status", "--output", "json"]).expect_code(0);
+    let nodes = status.json()["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(nodes.len(), 4, "{nodes:#?}");
+    assert!(
+        nodes.iter().all(|n| n["node_type"] == "t3.micro"),
+        "{nodes:#?}"
+    );
+
+    // A worker is terminated behind motorpool's back: that is drift.
+    let victim = with_tag(&live, "motorpool-role", "worker")[0].id.clone();
+    ec2.terminate(&victim);
+    mp(
+        &env,
+        None,
+        &["plan", "--refresh-only", "--detailed-exitcode"],
+    )
+    .expect_code(2);
+    let drift = mp(
+        &env,
+        None,
+        &["plan", "--detailed-exitcode", "--output", "json"],
+    )
+    .expect_code(2);
+    let plan = drift.json();
+    let etl = plan["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .find(|c| c["address"] == "cluster.etl")
+        .cloned()
+        .expect("cluster.etl in the plan");
+    assert_eq!(etl["drift"], true, "{etl:#}");
+
+    // Apply heals; then nothing is left to do, and the victim stays gone.
+    mp(&env, None, &["apply", "--yes"]).expect_code(0);
+    mp(&env, None, &["plan", "--detailed-exitcode"]).expect_code(0);
+    let healed = ec2.live("awslife");
+    assert_eq!(healed.len(), 4, "{healed:#?}");
+    assert!(healed.iter().all(|i| i.id != victim));
+    assert_eq!(with_tag(&healed, "motorpool-role", "worker").len(), 2);
+
+    mp(&env, None, &["destroy", "--yes"]).expect_code(0);
+    assert!(ec2.live("awslife").is_empty(), "{:#?}", ec2.live("awslife"));
+    mp(&env, None, &["plan", "--detailed-exitcode"]).expect_code(2);
+}
+
+#[test]
+fn idle_pool_instances_join_a_cluster_and_return_when_it_goes() {
+    let moto = Moto::start();
+    let ec2 = Ec2::new(&moto);
+    let _nodes = FakeNodes::start(&moto, "awspool");
+    let env = Env::new();
+    let pool = "pools:\n  general: { node_type: t3.micro, min_idle: 2, max_capacity: 8 }\n";
+    env.spec(&spec("awspool", Some(&moto.url()), pool));
+    mp(&env, None, &["apply", "--yes"]).expect_code(0);
+    let idle: BTreeSet<String> = ec2.live("awspool").into_iter().map(|i| i.id).collect();
+    assert_eq!(idle.len(), 2);
+    // Their nodes report warm (a cluster draws only warm idle instances).
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let live = ec2.live("awspool");
+            with_tag(&live, "motorpool-step", "runtime").len() == 2
+        }),
+        "the idle instances never warmed up: {:#?}",
+        ec2.live("awspool")
+    );
+
+    // A cluster draws its nodes from the pool's idle instances: re-tagged, not launched.
+    env.spec(&spec(
+        "awspool",
+        Some(&moto.url()),
+        &format!("{pool}clusters:\n  etl: {{ pool: general, workers: 1 }}\n"),
+    ));
+    let plan = mp(&env, None, &["plan"]).expect_code(0);
+    assert!(
+        plan.stdout.contains("takes 2 idle instances from pool `general`"),
+        "{}",
+        plan.stdout
+    );
+    mp(&env, None, &["apply", "--yes"]).expect_code(0);
+    mp(&env, None, &["plan", "--detailed-exitcode"]).expect_code(0);
+    let live = ec2.live("awspool");
+    let members: Vec<&Ec2Instance> = with_tag(&live, "motorpool-kind", "cluster");
+    assert_eq!(members.len(), 2, "driver + 1 worker: {live:#?}");
+    let taken: BTreeSet<String> = members.iter().map(|i| i.id.clone()).collect();
+    assert_eq!(taken, idle, "the cluster took the idle instances");
+    for m in &members {
+        assert_eq!(
+            m.tags.get("motorpool-name").map(String::as_str),
+            Some("etl")
+        );
+        assert_eq!(
+            m.tags.get("motorpool-pool").map(String::as_str),
+            Some("general")
+        );
+    }
+    // The pool refilled its idle instances.
+    assert_eq!(
+        with_tag(&live, "motorpool-role", "idle").len(),
+        2,
+        "{live:#?}"
+    );
+
+    // The cluster goes: its instances go back to the pool.
+    env.spec(&spec("awspool", Some(&moto.url()), pool));
+    mp(&env, None, &["apply", "--yes"]).expect_code(0);
+    let live = ec2.live("awspool");
+    assert!(
+        with_tag(&live, "motorpool-kind", "cluster").is_empty(),
+        "{live:#?}"
+    );
+    for id in &taken {
+        let back = live
+            .iter()
+            .find(|i| &i.id == id)
+            .unwrap_or_else(|| panic!("{id} was terminated instead of returned: {live:#?}"));
+        assert_eq!(
+            back.tags.get("motorpool-kind").map(String::as_str),
+            Some("pool")
+        );
+        assert_eq!(
+            back.tags.get("motorpool-name").map(String::as_str),
+            Some("general")
+        );
+        assert_eq!(
+            back.tags.get("motorpool-role").map(String::as_str),
+            Some("idle")
+        );
+        assert!(!back.tags.contains_key("motorpool-pool"), "{back:?}");
+    }
+    mp(&env, None, &["destroy", "--yes"]).expect_code(0);
+    assert!(ec2.live("awspool").is_empty());
+}
+
+fn many_clusters(clusters: usize, workers: usize) -> String {
+    let mut s = String::from(
+        "pools:\n  general: { node_type: t3.micro, min_idle: 2, max_capacity: 40 }\nclusters:\n",
+    );
+    for i in 0..clusters {
+        s.push_str(&format!(
+            "  c{i}: {{ node_type: t3.micro, workers: {workers} }}\n"
+        ));
+    }
+    s
+}
+
+#[test]
+fn an_aws_apply_killed_midway_converges_when_run_again_with_no_duplicate() {
+    let moto = Moto::start();
+    let ec2 = Ec2::new(&moto);
+    let _nodes = FakeNodes::start(&moto, "awskill");
+    // Slow EC2 down so that the kill lands in the middle; the endpoint comes
+    // from AWS_ENDPOINT_URL this time, not from the spec.
+    let slow = FaultProxy::start(
+        moto.port,
+        Faults {
+            latency: Duration::from_millis(120),
+            ..Faults::default()
+        },
+    );
+    let env = Env::new();
+    env.spec(&spec("awskill", None, &many_clusters(6, 2)));
+    let expected = 2 + 6 * 3;
+
+    let mut cmd = env.command(&["apply", "--yes", "--parallelism", "2"]);
+    moto::with_aws_env(&mut cmd, Some(&slow.url()));
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn motorpool");
+    let mut first = common::ChildGuard(Some(child));
+    let journal = env.project_file("awskill", "journal.jsonl");
+    let some_done = wait_until(Duration::from_secs(60), || {
+        std::fs::read_to_string(&journal).is_ok_and(|j| j.matches("\"op_done\"").count() >= 3)
+    });
+    assert!(some_done, "the first apply made no progress");
+    first.kill9();
+    let partial = ec2.live("awskill").len();
+    assert!(
+        partial < expected,
+        "killed too late to test anything: {partial} instances"
+    );
+
+    let again = mp(&env, Some(&slow.url()), &["apply", "--yes"]).expect_code(0);
+    assert!(again.stdout.contains("interrupted"), "{}", again.stdout);
+    mp(&env, Some(&slow.url()), &["plan", "--detailed-exitcode"]).expect_code(0);
+    let live = ec2.live("awskill");
+    assert_eq!(
+        live.len(),
+        expected,
+        "exactly the spec's instances: {live:#?}"
+    );
+    let ids: BTreeSet<&str> = live.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids.len(), expected);
+    mp(&env, Some(&moto.url()), &["destroy", "--yes"]).expect_code(0);
+    assert!(ec2.live("awskill").is_empty());
+}
+
+#[test]
+fn an_aws_apply_converges_through_throttling_and_server_errors() {
+    let moto = Moto::start();
+    let ec2 = Ec2::new(&moto);
+    let _nodes = FakeNodes::start(&moto, "awsfaults");
+    let faulty = FaultProxy::start(
+        moto.port,
+        Faults {
+            throttle_rate: 0.2,
+            unavailable_rate: 0.1,
+            lost_response_rate: 0.05,
+            seed: 7,
+            ..Faults::default()
+        },
+    );
+    let env = Env::new();
+    env.spec(&spec(
+        "awsfaults",
+        Some(&faulty.url()),
+        &many_clusters(5, 2),
+    ));
+    let expected = 2 + 5 * 3;
+
+    let run = mp(&env, None, &["apply", "--yes"]).expect_code(0);
+    assert!(
+        retried(&run) > 0,
+        "20% throttling and 10% 503s must cause retries: {}",
+        run.stdout
+    );
+    assert!(
+        faulty
+            .stats
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert!(
+        faulty
+            .stats
+            .unavailable
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    mp(&env, None, &["plan", "--detailed-exitcode"]).expect_code(0);
+    let live = ec2.live("awsfaults");
+    assert_eq!(live.len(), expected, "no duplicate, no leak: {live:#?}");
+    assert_eq!(
+        ec2.instances("awsfaults").len(),
+        expected,
+        "not even a terminated duplicate"
+    );
+
+    mp(&env, None, &["destroy", "--yes"]).expect_code(0);
+    assert!(
+        ec2.live("awsfaults").is_empty(),
+        "{:#?}",
+        ec2.live("awsfaults")
+    );
+}
+
+#[test]
+fn aws_settings_are_checked_with_their_positions() {
+    let env = Env::new();
+    env.spec(
+        "project: awsbad\n\
+         provider: { kind: aws, image: ubuntu, page_size: 2000, subnet_ids: [subnet-0abc, net-1], tags: { motorpool-x: y } }\n\
+         pools:\n  general: { node_type: t3.mega, max_capacity: 2 }\n",
+    );
+    let run = mp(&env, None, &["validate"]).expect_code(1);
+    for expected in [
+        "motorpool.yaml:2:",
+        "`image`",
+        "`page_size` of the aws provider must be between 5 and 1000",
+        "`net-1` in `subnet_ids`",
+        "tag `motorpool-x`",
+        "unknown node type `t3.mega`",
+    ] {
+        assert!(
+            run.stderr.contains(expected),
+            "no `{expected}` in:\n{}",
+            run.stderr
+        );
+    }
+    // resources: picks the cheapest EC2 type that fits.
+    env.spec(&spec(
+        "awsfit",
+        Some("http://127.0.0.1:9"),
+        "pools:\n  general: { resources: { cpus: 4, memory_gb: 30 }, max_capacity: 2 }\n",
+    ));
+    mp(&env, None, &["validate"]).expect_code(0);
+}

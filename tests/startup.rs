@@ -1,0 +1,361 @@
+//! Cluster startup on the local provider, through the CLI: the seven steps,
+//! libraries from PyPI, init scripts, credentials, warm pools, autotermination.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{Env, wait_until};
+use motorpool::agent::proto::{DriverStatusRequest, GetStateRequest};
+use motorpool::auth::{self, Credential};
+
+const SEVEN: [&str; 7] = [
+    "request",
+    "allocate",
+    "runtime",
+    "formation",
+    "libraries",
+    "security",
+    "ready",
+];
+
+fn node_dir(env: &Env, id: &str) -> PathBuf {
+    env.home().join("local").join("instances").join(id)
+}
+
+fn secret(env: &Env, project: &str) -> Credential {
+    let text =
+        std::fs::read_to_string(env.project_file(project, "secret")).expect("project secret");
+    Credential::new(text.trim())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio")
+}
+
+fn cluster_nodes(env: &Env, cluster: &str) -> Vec<serde_json::Value> {
+    env.nodes()
+        .into_iter()
+        .filter(|n| n["resource"] == format!("cluster.{cluster}"))
+        .collect()
+}
+
+#[test]
+fn a_cluster_starts_in_seven_ordered_steps_with_libraries_init_scripts_and_mounts() {
+    let env = Env::new();
+    let dir = env.spec(
+        r#"
+project: startup
+clusters:
+  etl:
+    node_type: small
+    workers: 3
+    libraries: [ { pip: "six==1.16.0" } ]
+    init_scripts: [ scripts/hello.sh ]
+    env: { GREETING: "it's $(not a command)" }
+    mounts: [ { source: ./data, target: /mnt/data } ]
+"#,
+    );
+    std::fs::create_dir_all(dir.join("scripts")).expect("mkdir");
+    std::fs::write(
+        dir.join("scripts/hello.sh"),
+        "echo \"hello from init: $GREETING\"\n",
+    )
+    .expect("script");
+    std::fs::create_dir_all(dir.join("data")).expect("mkdir");
+    std::fs::write(dir.join("data/words.txt"), "a b c\n").expect("data");
+
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+
+    let nodes = cluster_nodes(&env, "etl");
+    assert_eq!(nodes.len(), 4);
+    for n in &nodes {
+        let id = n["id"].as_str().expect("id");
+        assert_eq!(n["step"], "ready", "{n:#}");
+        // The seven steps, in order, all ok.
+        let steps: Vec<&str> = n["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .filter(|s| s["status"] == "ok")
+            .filter_map(|s| s["step"].as_str())
+            .filter(|s| SEVEN.contains(s))
+            .collect();
+        assert_eq!(steps, SEVEN, "node {id}: {n:#}");
+        // The PyPI library is importable with the node's own Python.
+        let python = node_dir(&env, id).join("runtime/venv/bin/python");
+        let out = std::process::Command::new(&python)
+            .args(["-c", "import six; print(six.__version__)"])
+            .output()
+            .expect("node python");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "1.16.0",
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The mount is linked into the node.
+        let mounted = node_dir(&env, id).join("fs/mnt/data/words.txt");
+        assert_eq!(
+            std::fs::read_to_string(&mounted).expect("mounted file"),
+            "a b c\n"
+        );
+    }
+
+    // Every executor registered with the driver, which refuses calls without the credential.
+    let driver = nodes
+        .iter()
+        .find(|n| n["role"] == "driver")
+        .expect("driver");
+    let agent_address = driver["address"].as_str().expect("address").to_string();
+    let secret = secret(&env, "startup");
+    runtime().block_on(async {
+        let agent_credential = auth::derive(&secret, "agent/startup");
+        let mut agent = motorpool::bootstrap::run::connect(&agent_address, &agent_credential)
+            .await
+            .expect("connect");
+        let status = agent
+            .driver_status(DriverStatusRequest {})
+            .await
+            .expect("driver status")
+            .into_inner();
+        assert_eq!(status.executors.len(), 3, "{status:?}");
+
+        // No credential, or the wrong one: refused by the agent.
+        for bad in [None, Some(Credential::new("wrong"))] {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{agent_address}"))
+                    .expect("endpoint")
+                    .connect()
+                    .await
+                    .expect("connect");
+            let result = match bad {
+                None => motorpool::agent::AgentClient::new(channel)
+                    .get_state(GetStateRequest {})
+                    .await
+                    .map(|_| ()),
+                Some(c) => motorpool::agent::AgentClient::with_interceptor(
+                    channel,
+                    auth::AttachCredential(c),
+                )
+                .get_state(GetStateRequest {})
+                .await
+                .map(|_| ()),
+            };
+            assert_eq!(
+                result.expect_err("refused").code(),
+                tonic::Code::Unauthenticated
+            );
+        }
+        // The driver itself refuses a call without the cluster credential.
+        let state = agent
+            .get_state(GetStateRequest {})
+            .await
+            .expect("state")
+            .into_inner();
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", state.driver_address))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect to driver");
+        let refused = motorpool::runtime::proto::driver_client::DriverClient::new(channel)
+            .cluster_status(motorpool::runtime::proto::ClusterStatusRequest {})
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    });
+
+    // The init script's output is in the logs, with the env value intact (not run by a shell).
+    let logs = env.mp(&["logs", "etl"]).expect_code(0);
+    assert!(
+        logs.stdout
+            .contains("hello from init: it's $(not a command)"),
+        "{}",
+        logs.stdout
+    );
+    // Secrets never show: not the project secret, not any credential.
+    let all_output = [
+        env.mp(&["plan", "--output", "json"]).stdout,
+        env.mp(&["status", "--output", "json"]).stdout,
+        logs.stdout.clone(),
+    ]
+    .join("\n");
+    let cluster_credential = auth::cluster_credential(&secret, "startup", "etl");
+    for s in [
+        secret.expose(),
+        auth::derive(&secret, "agent/startup").expose(),
+        cluster_credential.expose(),
+    ] {
+        assert!(
+            !all_output.contains(s),
+            "a secret leaked into plan/status/logs output"
+        );
+    }
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}
+
+#[test]
+fn a_failing_init_script_fails_startup_with_its_stderr_and_the_next_apply_converges() {
+    let env = Env::new();
+    let dir = env.spec(
+        r#"
+project: initfail
+clusters:
+  etl: { node_type: small, workers: 1, init_scripts: [ setup.sh ] }
+"#,
+    );
+    std::fs::write(dir.join("setup.sh"), "echo 'disk not ready' >&2\nexit 3\n").expect("script");
+    let failed = env.mp(&["apply", "--yes"]).expect_code(1);
+    let text = format!("{}{}", failed.stdout, failed.stderr);
+    assert!(text.contains("init:setup.sh"), "{text}");
+    assert!(text.contains("disk not ready"), "{text}");
+    assert!(text.contains("exit 3"), "{text}");
+    // The plan knows startup did not finish.
+    let plan = env.mp(&["plan", "--detailed-exitcode"]).expect_code(2);
+    assert!(
+        plan.stdout.contains("startup incomplete"),
+        "{}",
+        plan.stdout
+    );
+
+    std::fs::write(dir.join("setup.sh"), "echo fixed\n").expect("script");
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    assert_eq!(
+        cluster_nodes(&env, "etl").len(),
+        2,
+        "the same cluster, not a second one"
+    );
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}
+
+#[test]
+fn a_warm_pool_hands_out_set_up_nodes_and_refills_in_the_background() {
+    let env = Env::new();
+    env.spec(
+        r#"
+project: warm
+pools:
+  general: { node_type: small, min_idle: 3, max_capacity: 8 }
+"#,
+    );
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    // The idle instances warm themselves; meanwhile plan calls them warming, not drift.
+    let early = env.mp(&["plan", "--detailed-exitcode"]);
+    assert!(early.code == 0, "{}", early.stdout);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            env.nodes()
+                .iter()
+                .filter(|n| n["step"] == "runtime")
+                .count()
+                == 3
+        }),
+        "pool never warmed: {:#?}",
+        env.nodes()
+    );
+
+    env.spec(
+        r#"
+project: warm
+pools:
+  general: { node_type: small, min_idle: 3, max_capacity: 8 }
+clusters:
+  etl: { pool: general, workers: 2 }
+"#,
+    );
+    let applied = env.mp(&["apply", "--yes"]).expect_code(0);
+    assert!(
+        applied
+            .stdout
+            .contains("takes 3 idle instances from pool `general`"),
+        "{}",
+        applied.stdout
+    );
+    let nodes = cluster_nodes(&env, "etl");
+    assert_eq!(nodes.len(), 3);
+    for n in &nodes {
+        // Runtime setup was done ahead of time: skipped at startup.
+        let runtime_ms = n["steps"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["step"] == "runtime"))
+            .and_then(|s| s["duration_ms"].as_u64())
+            .expect("runtime step");
+        assert!(n["step"] == "ready", "{n:#}");
+        let _ = runtime_ms;
+    }
+    // The pool refilled with new instances that warm up on their own.
+    let idle = env
+        .nodes()
+        .into_iter()
+        .filter(|n| n["resource"] == "pool.general")
+        .count();
+    assert_eq!(idle, 3);
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}
+
+#[test]
+fn an_idle_cluster_stops_itself_and_stays_stopped_until_asked() {
+    let env = Env::new();
+    env.spec(
+        r#"
+project: idle
+pools:
+  general: { node_type: small, min_idle: 0, max_capacity: 6, idle_timeout_minutes: 60 }
+clusters:
+  etl: { pool: general, workers: 2, autotermination_minutes: 1 }
+"#,
+    );
+    // A "minute" of 400 ms for this test's agents.
+    let mut apply = env.command(&["apply", "--yes"]);
+    apply.env("MOTORPOOL_MINUTE_MS", "400");
+    let out = apply.output().expect("apply");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let stopped = wait_until(Duration::from_secs(30), || {
+        env.nodes().iter().any(|n| {
+            n["resource"] == "cluster.etl" && n["role"] == "driver" && n["state"] == "stopped"
+        })
+    });
+    assert!(
+        stopped,
+        "the cluster never stopped itself: {:#?}",
+        env.nodes()
+    );
+    let nodes = env.nodes();
+    // Its workers went back to the pool, warm.
+    let back: Vec<_> = nodes
+        .iter()
+        .filter(|n| n["resource"] == "pool.general")
+        .collect();
+    assert_eq!(back.len(), 2, "{nodes:#?}");
+
+    // On purpose, not drift: neither plan nor the drift check wants to change it.
+    let plan = env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    assert!(plan.stdout.contains("stopped itself"), "{}", plan.stdout);
+    env.mp(&["plan", "--refresh-only", "--detailed-exitcode"])
+        .expect_code(0);
+
+    // Asked to, apply starts it again, drawing the workers back from the pool.
+    let again = env.mp(&["apply", "--yes", "--start", "etl"]).expect_code(0);
+    assert!(again.stdout.contains("starts again"), "{}", again.stdout);
+    let nodes = cluster_nodes(&env, "etl");
+    assert_eq!(nodes.len(), 3);
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["state"] == "running" && n["step"] == "ready"),
+        "{nodes:#?}"
+    );
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}
