@@ -20,22 +20,12 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import build_binary
+
 
 # Published anchors, quoted for scale (no Terraform run happens here).
 TERRAFORM_ANCHOR = "Terraform: 2,900 resources took 20-25 min to plan (hashicorp/terraform#18981)"
 FLINTROCK_ANCHOR = "Flintrock: 2m06s -> 2m42s (+28%) from 1 to 100 workers; spark-ec2: 8m44s -> 1h06m"
-
-
-def build_binary():
-    target = os.environ.get("CARGO_TARGET_DIR")
-    if not target and os.path.isdir("/var/tmp/motorpool-target"):
-        target = "/var/tmp/motorpool-target"
-    env = dict(os.environ)
-    if target:
-        env["CARGO_TARGET_DIR"] = target
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "motorpool"], cwd=ROOT, env=env, check=True)
-    return os.path.join(target or os.path.join(ROOT, "target"), "release", "motorpool")
 
 
 def run(binary, args, home, cwd, check=True):

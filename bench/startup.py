@@ -21,19 +21,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import build_binary
+
 DATABRICKS = "Databricks' published pool gain: median 145 s -> under 40 s (3.6x)"
-
-
-def build_binary():
-    target = os.environ.get("CARGO_TARGET_DIR")
-    if not target and os.path.isdir("/var/tmp/motorpool-target"):
-        target = "/var/tmp/motorpool-target"
-    env = dict(os.environ)
-    if target:
-        env["CARGO_TARGET_DIR"] = target
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "motorpool"], cwd=ROOT, env=env, check=True)
-    return os.path.join(target or os.path.join(ROOT, "target"), "release", "motorpool")
 
 
 def mp(binary, home, specdir, *args):

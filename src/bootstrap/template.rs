@@ -120,6 +120,24 @@ mod tests {
         "",
     ];
 
+    /// Run a rendered script as a step would (`sh -eu`, in `dir`); it must succeed.
+    fn run_sh(script: &str, dir: &std::path::Path) -> std::process::Output {
+        let out = std::process::Command::new("sh")
+            .arg("-eu")
+            .arg("-c")
+            .arg(script)
+            .env("MOTORPOOL_NODE_DIR", dir)
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     #[test]
     fn every_built_in_template_parses() {
         let t = Templates::new();
@@ -143,18 +161,7 @@ mod tests {
                 .get_template("t.sh")
                 .and_then(|t| t.render(json!({ "one": value, "many": [value, value] })))
                 .expect("render");
-            let out = std::process::Command::new("sh")
-                .arg("-eu")
-                .arg("-c")
-                .arg(&script)
-                .current_dir(dir.path())
-                .output()
-                .expect("sh");
-            assert!(
-                out.status.success(),
-                "{script}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let out = run_sh(&script, dir.path());
             let expected = format!("<{value}>\n").repeat(3);
             assert_eq!(
                 String::from_utf8_lossy(&out.stdout),
@@ -179,19 +186,7 @@ mod tests {
                     json!({ "mounts": [{ "scheme": "local", "source": value, "target": format!("/mnt/{value}") }] }),
                 )
                 .expect("render");
-            let out = std::process::Command::new("sh")
-                .arg("-eu")
-                .arg("-c")
-                .arg(&script)
-                .env("MOTORPOOL_NODE_DIR", dir.path())
-                .current_dir(dir.path())
-                .output()
-                .expect("sh");
-            assert!(
-                out.status.success(),
-                "{script}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            run_sh(&script, dir.path());
             assert!(
                 !dir.path().join("PWNED").exists(),
                 "{value:?} ran a command via mounts.sh"
