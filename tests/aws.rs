@@ -332,7 +332,8 @@ fn idle_pool_instances_join_a_cluster_and_return_when_it_goes() {
     ));
     let plan = mp(&env, None, &["plan"]).expect_code(0);
     assert!(
-        plan.stdout.contains("takes 2 idle instances from pool `general`"),
+        plan.stdout
+            .contains("takes 2 idle instances from pool `general`"),
         "{}",
         plan.stdout
     );

@@ -281,7 +281,8 @@ async fn run(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wordcount_streaming_equals_the_reference() {
     let cluster = Cluster::start(2, 2).await;
-    let (base, reference) = job_dir(6000, 3, 1);
+    // Partitions of ~150 KB: read from the driver (ReadInput), not inlined.
+    let (base, reference) = job_dir(20000, 3, 1);
     // Stale output of an earlier run must not survive.
     std::fs::create_dir_all(base.path().join("out/wordcount")).expect("mkdir");
     std::fs::write(base.path().join("out/wordcount/part-00099"), "stale\t1\n").expect("write");
@@ -312,6 +313,7 @@ async fn wordcount_streaming_equals_the_reference() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wordcount_python_functions_equal_the_reference() {
     let cluster = Cluster::start(2, 2).await;
+    // Small partitions: they travel inside their task messages.
     let (base, reference) = job_dir(6000, 2, 2);
     let f = |function: &str| PythonFunction {
         file: "wc.py".into(),

@@ -470,7 +470,9 @@ impl Runner {
                     // Stopped only once warm: stopping earlier would cut the warm-up short.
                     self.wait_tag(change, &ids, Step::Runtime).await?;
                     self.call(|| self.client.stop(&ids)).await?;
-                } else {
+                } else if warm.is_none() {
+                    // Pool instances warm up in the background: a cluster drawn from the
+                    // pool is ready without waiting for the refill, and so is apply.
                     must_run.extend(
                         launched
                             .iter()

@@ -39,6 +39,8 @@ const MAX_DEPTH: u32 = 512;
 const MAX_RERUNS: u32 = 10;
 /// The most tasks in one message to an executor.
 const MAX_TASKS_PER_MESSAGE: usize = 2048;
+/// Map partitions up to this size travel inside their task message.
+const INLINE_INPUT: u64 = 64 << 10;
 /// How much of a failing attempt's stderr goes into the summary.
 const SUMMARY_STDERR: usize = 4096;
 /// Finished runs kept in memory for late watchers.
@@ -288,6 +290,38 @@ struct RunRt {
     error: Option<String>,
     next_stage: u32,
     ended: bool,
+    /// Input files kept open for inlining small partitions.
+    open_inputs: HashMap<String, std::fs::File>,
+}
+
+impl RunRt {
+    /// The bytes of small byte ranges, with a newline after a file's last line
+    /// when it has none (as ReadInput sends them).
+    fn read_inline(&mut self, ranges: &[InputRange]) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut out = Vec::new();
+        for r in ranges {
+            if r.end <= r.start {
+                continue;
+            }
+            let f = match self.open_inputs.entry(r.path.clone()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let rel = crate::runtime::safe_relative(&r.path).map_err(|e| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+                    })?;
+                    e.insert(std::fs::File::open(self.work.join(rel))?)
+                }
+            };
+            let at = out.len();
+            out.resize(at + (r.end - r.start) as usize, 0);
+            f.read_exact_at(&mut out[at..], r.start)?;
+            if out.last() != Some(&b'\n') {
+                out.push(b'\n');
+            }
+        }
+        Ok(out)
+    }
 }
 
 struct Scheduler {
@@ -542,6 +576,7 @@ impl Scheduler {
             error: None,
             next_stage: 0,
             ended: false,
+            open_inputs: HashMap::new(),
         };
         self.run_order.push(id.clone());
         self.advance(&mut run);
@@ -642,6 +677,8 @@ impl Scheduler {
             .map(|e| e.cores as usize)
             .sum::<usize>()
             .max(1);
+        // Earlier tasks may have rewritten input files: read them afresh.
+        run.open_inputs.clear();
         let files = plan::resolve_input(&run.work, &map.input)?;
         if files.is_empty() {
             anyhow::bail!("the input `{}` matches no file", map.input);
@@ -1372,6 +1409,7 @@ impl Scheduler {
                 inputs: Vec::new(),
                 map_outputs: Vec::new(),
                 locations: Vec::new(),
+                inline_input: None,
             };
             if si == 0 {
                 spec.inputs = stage.inputs[pi as usize].clone();
@@ -1402,6 +1440,19 @@ impl Scheduler {
                     });
                 }
             }
+            let size: u64 = spec
+                .inputs
+                .iter()
+                .map(|r| r.end.saturating_sub(r.start))
+                .sum();
+            if si == 0 && size > 0 && size <= INLINE_INPUT {
+                // Read failures leave the ranges for the executor to read (and report).
+                if let Ok(data) = run.read_inline(&spec.inputs) {
+                    spec.inline_input = Some(data);
+                    spec.inputs.clear();
+                }
+            }
+            let t = &run.tasks[ti];
             let stage = &t.stages[si];
             let key = (run.id.clone(), stage.def.stage_id);
             let Some(exec) = self.executors.get_mut(&exec_id) else {

@@ -267,7 +267,10 @@ impl ExecState {
             return;
         };
         // A map over an empty partition runs nothing: answer at once, no process, no slot.
-        if def.kind == StageKind::Map as i32 && spec.inputs.iter().all(|r| r.end <= r.start) {
+        if def.kind == StageKind::Map as i32
+            && spec.inline_input.is_none()
+            && spec.inputs.iter().all(|r| r.end <= r.start)
+        {
             self.send_status(proto::TaskStatus {
                 attempt_id: spec.attempt_id,
                 state: TaskState::Succeeded as i32,

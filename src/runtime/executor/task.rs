@@ -145,6 +145,8 @@ fn count_lines(data: &[u8]) -> u64 {
 enum Feed {
     Driver(Box<Streaming<proto::DataChunk>>),
     Lines(mpsc::Receiver<Vec<u8>>),
+    /// A small partition that came with its task.
+    Inline(Option<Vec<u8>>),
 }
 
 impl Feed {
@@ -159,11 +161,15 @@ impl Feed {
                 ))),
             },
             Feed::Lines(rx) => Ok(rx.recv().await),
+            Feed::Inline(data) => Ok(data.take()),
         }
     }
 }
 
 async fn open_input(state: &ExecState, spec: &proto::TaskSpec) -> Result<Feed, TaskError> {
+    if let Some(data) = &spec.inline_input {
+        return Ok(Feed::Inline(Some(data.clone())));
+    }
     let mut client = state.driver()?;
     let stream = client
         .read_input(proto::ReadInputRequest {
