@@ -43,6 +43,8 @@ import subprocess
 import sys
 import time
 
+from common import build_binary
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 OUT = os.path.join(BENCH, "out", "runtime")
@@ -56,24 +58,15 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def target_dir():
-    target = os.environ.get("CARGO_TARGET_DIR")
-    if not target and os.path.isdir("/var/tmp/motorpool-target"):
-        target = "/var/tmp/motorpool-target"
-    return target or os.path.join(ROOT, "target")
-
-
 def build():
-    env = dict(os.environ, CARGO_TARGET_DIR=target_dir())
+    """The release motorpool (bench/common.py) and, in the same target dir, the submitter."""
     log("==> cargo build --release (motorpool, runtime-submit)")
-    subprocess.run(
-        ["cargo", "build", "--release", "--quiet", "--bin", "motorpool", "--example", "runtime-submit"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-    )
-    release = os.path.join(target_dir(), "release")
-    return os.path.join(release, "motorpool"), os.path.join(release, "examples", "runtime-submit")
+    binary = build_binary()
+    release = os.path.dirname(binary)
+    env = dict(os.environ, CARGO_TARGET_DIR=os.path.dirname(release))
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "runtime-submit"],
+                   cwd=ROOT, env=env, check=True)
+    return binary, os.path.join(release, "examples", "runtime-submit")
 
 
 def venv_python():
