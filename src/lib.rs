@@ -11,6 +11,7 @@ pub mod auth;
 pub mod bootstrap;
 pub mod engine;
 pub mod home;
+pub mod jobs;
 pub mod observe;
 pub mod plan;
 pub mod providers;

@@ -37,7 +37,9 @@ enum Command {
     Destroy(DestroyArgs),
     /// List the project's nodes with their role, state and address.
     Status(StatusArgs),
-    /// Show a cluster's startup step outputs.
+    /// Run a job on its cluster (started or made for the run) and wait for it.
+    Run(RunArgs),
+    /// Show a cluster's startup step outputs, or a job's last run's task output.
     Logs(LogsArgs),
     /// Run a node agent (started by providers, not by people).
     #[command(hide = true)]
@@ -136,9 +138,38 @@ struct StatusArgs {
 
 #[derive(Args)]
 struct LogsArgs {
-    /// `[PATH] CLUSTER`: the spec (file or directory, default `.`) and the cluster whose logs to show.
-    #[arg(num_args = 1..=2, required = true, value_name = "[PATH] CLUSTER")]
+    /// `[PATH] NAME`: the spec (file or directory, default `.`) and a cluster
+    /// (its startup step outputs) or a job (its newest run's task output).
+    #[arg(num_args = 1..=2, required = true, value_name = "[PATH] NAME")]
     words: Vec<String>,
+    /// A job's run to show, instead of its newest.
+    #[arg(long = "run", value_name = "RUN_ID")]
+    run_id: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum RunOutput {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// `[PATH] JOB`: the spec (file or directory, default `.`) and the job to run.
+    #[arg(num_args = 1..=2, required = true, value_name = "[PATH] JOB")]
+    words: Vec<String>,
+    /// Apply the overrides of this target.
+    #[arg(long)]
+    target: Option<String>,
+    /// Set a variable: --var workers=8 (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+    /// `json`: the run summary (tasks, attempts, durations, bytes shuffled) on stdout.
+    #[arg(long, value_enum, default_value = "text")]
+    output: RunOutput,
+    /// Most provider operations in flight at once (starting the cluster).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    parallelism: u32,
 }
 
 #[derive(Args)]
@@ -215,6 +246,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Apply(args) => apply_cmd(args).await,
         Command::Destroy(args) => destroy_cmd(args).await,
         Command::Status(args) => status_cmd(args).await,
+        Command::Run(args) => run_cmd(args).await,
         Command::Logs(args) => logs_cmd(args).await,
         Command::Agent(args) => {
             motorpool::agent::run(motorpool::agent::AgentOptions {
@@ -240,8 +272,12 @@ async fn run(cli: Cli) -> Result<u8> {
 }
 
 fn load_options(args: &SpecArgs) -> Result<LoadOptions> {
+    parse_load_options(args.target.clone(), &args.vars)
+}
+
+fn parse_load_options(target: Option<String>, raw_vars: &[String]) -> Result<LoadOptions> {
     let mut vars = Vec::new();
-    for v in &args.vars {
+    for v in raw_vars {
         match v.split_once('=') {
             Some((k, val)) if !k.trim().is_empty() => {
                 vars.push((k.trim().to_string(), val.to_string()))
@@ -249,10 +285,7 @@ fn load_options(args: &SpecArgs) -> Result<LoadOptions> {
             _ => bail!("--var takes NAME=VALUE, got `{v}`"),
         }
     }
-    Ok(LoadOptions {
-        target: args.target.clone(),
-        vars,
-    })
+    Ok(LoadOptions { target, vars })
 }
 
 fn validate(args: SpecArgs) -> Result<u8> {
@@ -412,15 +445,53 @@ async fn status_cmd(args: StatusArgs) -> Result<u8> {
     Ok(0)
 }
 
-async fn logs_cmd(args: LogsArgs) -> Result<u8> {
-    let (path, name) = match args.words.as_slice() {
-        [name] => (PathBuf::from("."), name.clone()),
-        [path, name] => (PathBuf::from(path), name.clone()),
-        _ => bail!("logs takes [PATH] CLUSTER"),
+/// `[PATH] NAME` words: the spec path (default `.`) and a name.
+fn path_and_name(words: &[String], usage: &str) -> Result<(PathBuf, String)> {
+    match words {
+        [name] => Ok((PathBuf::from("."), name.clone())),
+        [path, name] => Ok((PathBuf::from(path), name.clone())),
+        _ => bail!("{usage}"),
+    }
+}
+
+async fn run_cmd(args: RunArgs) -> Result<u8> {
+    let (path, job) = path_and_name(&args.words, "run takes [PATH] JOB")?;
+    let loaded = engine::load_spec(&path, &parse_load_options(args.target, &args.vars)?)?;
+    let mode = progress_mode();
+    let request = motorpool::jobs::RunRequest {
+        loaded: &loaded,
+        job: &job,
+        apply: ApplyOptions {
+            parallelism: args.parallelism as usize,
+            progress: mode,
+            ..ApplyOptions::default()
+        },
     };
+    let mut progress = motorpool::jobs::progress::RunProgress::new(mode);
+    let report =
+        motorpool::jobs::run(request, &|line| eprintln!("{line}"), |p| progress.update(p)).await;
+    progress.finish();
+    let report = report?;
+    match args.output {
+        RunOutput::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        RunOutput::Text => print!("{}", motorpool::jobs::progress::render_report(&report)),
+    }
+    Ok(if report.summary.ok { 0 } else { 1 })
+}
+
+async fn logs_cmd(args: LogsArgs) -> Result<u8> {
+    let (path, name) = path_and_name(&args.words, "logs takes [PATH] NAME")?;
     let loaded = engine::load_spec(&path, &LoadOptions::default())?;
     let spec = &loaded.spec;
     let project = Project::open(&spec.project, &spec.provider)?;
+    if spec.jobs.contains_key(&name) {
+        let record = motorpool::jobs::load_record(&project, &name, args.run_id.as_deref())?;
+        print!("{}", motorpool::jobs::render_logs(&record));
+        return Ok(0);
+    }
+    if args.run_id.is_some() {
+        bail!("--run is for jobs, and the spec has no job `{name}`");
+    }
     let observed = project.observe().await?;
     let text = engine::cluster_logs(&observed, &name, &project.agent_credential()?).await?;
     print!("{text}");

@@ -105,7 +105,7 @@ pub fn libraries(
         .collect();
     let script = t.render(
         "steps/libraries.sh",
-        json!({ "cache_dir": ctx.cache_dir, "key": key, "pip": spec.pip, "requirements": names }),
+        json!({ "cache_dir": ctx.cache_dir, "key": key, "pip": spec.pip, "requirements": names, "python": ctx.python }),
     )?;
     let mut r = request(Step::Libraries.name(), script, key, ctx.timeout_seconds);
     for (name, file) in names.iter().zip(&spec.requirements) {

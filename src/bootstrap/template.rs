@@ -194,7 +194,7 @@ mod tests {
             let libs = t
                 .render(
                     "steps/libraries.sh",
-                    json!({ "cache_dir": value, "key": value, "pip": [value], "requirements": [value] }),
+                    json!({ "cache_dir": value, "key": value, "pip": [value], "requirements": [value], "python": value }),
                 )
                 .expect("render");
             // Every library comes after `--`, quoted: a value never becomes shell syntax nor a pip option.

@@ -106,16 +106,7 @@ pub fn build(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     let fingerprint = input.observed.fingerprint();
     assign_tokens(&mut changes, &input.spec.project, &fingerprint);
 
-    let mut summary = Summary::default();
-    for c in &changes {
-        match c.action {
-            Action::Create => summary.create += 1,
-            Action::Update => summary.update += 1,
-            Action::Replace => summary.replace += 1,
-            Action::Delete => summary.delete += 1,
-            Action::NoOp => {}
-        }
-    }
+    let summary = Summary::of(&changes);
     Ok(Plan {
         format_version: FORMAT_VERSION.to_string(),
         project: input.spec.project.clone(),
@@ -832,6 +823,8 @@ impl<'a> Planner<'a> {
             remove.insert(tags::POOL.to_string());
             remove.insert(tags::POOL_SPEC.to_string());
             remove.insert(tags::BOOT.to_string());
+            remove.insert(tags::JOB.to_string());
+            remove.insert(tags::EXPIRES.to_string());
             for i in &back {
                 remove.extend(user_tags(i).into_keys());
             }
@@ -869,6 +862,16 @@ impl<'a> Planner<'a> {
 
         let Some(c) = spec else {
             if self.input.mode == PlanMode::RefreshOnly {
+                return Ok(d.finish());
+            }
+            if self.input.mode != PlanMode::Destroy
+                && let Some((job, left)) = job_cluster_in_use(&live, self.input.now)
+            {
+                // A job cluster belongs to its `motorpool run`, which removes it.
+                d.reason(format!(
+                    "job cluster of a run of `{job}`: its run removes it (or plan does, {} from now)",
+                    minutes(left)
+                ));
                 return Ok(d.finish());
             }
             d.action = Some(Action::Delete);
@@ -1497,5 +1500,22 @@ fn assign_tokens(changes: &mut [Change], project: &str, fingerprint: &str) {
                 *token = format!("mp-{digest}");
             }
         }
+    }
+}
+
+/// A job cluster whose run may still be going: the job's name and the
+/// seconds left before it counts as outlived (`motorpool-expires`).
+fn job_cluster_in_use(live: &[&Instance], now: u64) -> Option<(String, u64)> {
+    live.iter().find_map(|i| {
+        let job = i.tag(tags::JOB)?;
+        let expires: u64 = i.tag(tags::EXPIRES)?.parse().ok()?;
+        (expires > now).then(|| (job.to_string(), expires - now))
+    })
+}
+
+fn minutes(seconds: u64) -> String {
+    match seconds.div_ceil(60) {
+        1 => "1 minute".to_string(),
+        m => format!("{m} minutes"),
     }
 }

@@ -212,7 +212,42 @@ pub struct Plan {
     pub summary: Summary,
 }
 
+impl Summary {
+    /// Count `changes` by action.
+    pub fn of(changes: &[Change]) -> Summary {
+        let mut summary = Summary::default();
+        for c in changes {
+            match c.action {
+                Action::Create => summary.create += 1,
+                Action::Update => summary.update += 1,
+                Action::Replace => summary.replace += 1,
+                Action::Delete => summary.delete += 1,
+                Action::NoOp => {}
+            }
+        }
+        summary
+    }
+}
+
 impl Plan {
+    /// Keep only the changes to `addresses` and those they depend on, as
+    /// `motorpool run` does to bring up just the cluster its job needs.
+    pub fn retain_targets(&mut self, addresses: &[String]) {
+        let mut keep: std::collections::BTreeSet<String> = addresses.iter().cloned().collect();
+        let mut frontier: Vec<String> = addresses.to_vec();
+        while let Some(address) = frontier.pop() {
+            if let Some(c) = self.changes.iter().find(|c| c.address == address) {
+                for dep in &c.depends_on {
+                    if keep.insert(dep.clone()) {
+                        frontier.push(dep.clone());
+                    }
+                }
+            }
+        }
+        self.changes.retain(|c| keep.contains(&c.address));
+        self.summary = Summary::of(&self.changes);
+    }
+
     /// Changes that do something (everything but no-ops).
     pub fn actionable(&self) -> impl Iterator<Item = &Change> {
         self.changes.iter().filter(|c| c.action != Action::NoOp)

@@ -325,6 +325,67 @@ fn a_deleted_cluster_gives_its_instances_back_to_its_pool() {
 }
 
 #[test]
+fn a_job_cluster_is_left_to_its_run_until_it_expires_and_then_goes_back_to_its_pool() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(1, 10));
+    s.clusters
+        .insert("wordcount-run-1".into(), cluster_from_pool("general", 2));
+    let t0 = 1_000;
+    let mut world = converge(&s, vec![], t0);
+    // What `motorpool run` does once the job cluster is up: mark it as the run's.
+    for i in world
+        .iter_mut()
+        .filter(|i| i.tag(tags::NAME) == Some("wordcount-run-1"))
+    {
+        i.tags.insert(tags::JOB.into(), "wordcount".into());
+        i.tags.insert(tags::EXPIRES.into(), (t0 + 600).to_string());
+    }
+    s.clusters.clear();
+
+    // While the run may go on, plan leaves the job cluster alone (no drift, no delete).
+    let p = plan_at(&s, world.clone(), PlanMode::Normal, t0 + 60);
+    let c = change(&p, "cluster.wordcount-run-1");
+    assert_eq!(c.action, Action::NoOp, "{}", render::text(&p));
+    assert!(
+        c.reasons[0].contains("job cluster of a run of `wordcount`"),
+        "{:?}",
+        c.reasons
+    );
+    assert!(c.reasons[0].contains("9 minutes"), "{:?}", c.reasons);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+
+    // Destroy removes it at once; after it expires, plan removes it too,
+    // and its instances go back to the pool without the run's tags.
+    let d = plan_at(&s, world.clone(), PlanMode::Destroy, t0 + 60);
+    assert_eq!(change(&d, "cluster.wordcount-run-1").action, Action::Delete);
+    let p = plan_at(&s, world.clone(), PlanMode::Normal, t0 + 601);
+    assert_eq!(change(&p, "cluster.wordcount-run-1").action, Action::Delete);
+    let world = simulate(&p, world, t0 + 601);
+    assert_eq!(count(&world, "pool", "general", "idle"), 4);
+    assert!(
+        world
+            .iter()
+            .all(|i| i.tag(tags::JOB).is_none() && i.tag(tags::EXPIRES).is_none())
+    );
+}
+
+#[test]
+fn a_plan_narrowed_to_one_cluster_keeps_the_pool_it_draws_from() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(1, 10));
+    s.clusters
+        .insert("etl".into(), cluster_from_pool("general", 2));
+    s.clusters.insert("other".into(), cluster_on("small", 1));
+    let mut p = plan(&s, vec![], PlanMode::Normal);
+    assert_eq!(p.summary.create, 3);
+    p.retain_targets(&["cluster.etl".to_string()]);
+    let addresses: Vec<&str> = p.changes.iter().map(|c| c.address.as_str()).collect();
+    assert_eq!(addresses.len(), 2, "{addresses:?}");
+    assert!(addresses.contains(&"cluster.etl") && addresses.contains(&"pool.general"));
+    assert_eq!(p.summary.create, 2);
+}
+
+#[test]
 fn changing_a_node_type_replaces_the_cluster_and_names_the_field() {
     let mut s = spec();
     s.clusters.insert("etl".into(), cluster_on("small", 2));

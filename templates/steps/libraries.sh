@@ -8,7 +8,7 @@ if [ ! -f "$libs/.complete" ]; then
     if [ ! -f "$libs/.complete" ]; then
       rm -rf "$libs.tmp"
       # `--` ends pip's options: a library named `-r...` stays a requirement, never an option.
-      "$venv/bin/python" -m pip install --disable-pip-version-check --no-input --quiet --target "$libs.tmp" \
+      {{ python }} -m pip install --disable-pip-version-check --no-input --quiet --target "$libs.tmp" \
         {% for file in requirements %}-r "$MOTORPOOL_STEP_DIR"/{{ file }} {% endfor %}-- {% for lib in pip %}{{ lib }} {% endfor %}
       touch "$libs.tmp/.complete"
       mv "$libs.tmp" "$libs"

@@ -3,7 +3,9 @@ venv="$MOTORPOOL_NODE_DIR/runtime/venv"
 mkdir -p "$MOTORPOOL_NODE_DIR/runtime"
 if [ ! -x "$venv/bin/python" ]; then
   rm -rf "$venv.tmp"
-  {{ python }} -m venv "$venv.tmp"
+  # No pip inside: making it costs seconds per node; libraries are installed
+  # by the machine's pip into a shared cache instead (libraries.sh).
+  {{ python }} -m venv --without-pip "$venv.tmp"
   mv "$venv.tmp" "$venv"
 fi
 ln -sfn -- {{ motorpool_binary }} "$MOTORPOOL_NODE_DIR/runtime/motorpool"

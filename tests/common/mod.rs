@@ -105,9 +105,19 @@ impl Env {
         run.json()["nodes"].as_array().cloned().unwrap_or_default()
     }
 
-    /// Pids of live processes whose command line mentions this home.
+    /// Pids of live processes whose command line mentions this home, or
+    /// that run inside it (a job's task processes, started by an agent).
     pub fn processes(&self) -> Vec<i32> {
-        processes_mentioning(&self.home().display().to_string())
+        let home = self.home().display().to_string();
+        let mut pids = processes_mentioning(&home);
+        for pid in processes_mentioning("") {
+            let inside = std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .is_ok_and(|cwd| cwd.starts_with(self.home()));
+            if inside && !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        pids
     }
 
     pub fn project_file(&self, project: &str, file: &str) -> PathBuf {

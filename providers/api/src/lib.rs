@@ -53,6 +53,12 @@ pub mod tags {
     pub const BOOT: &str = "motorpool-boot";
     /// Unix seconds when a cluster stopped itself after idling (autotermination).
     pub const AUTOTERMINATED: &str = "motorpool-autoterminated";
+    /// On a job cluster's instances: the job whose run made the cluster (`motorpool run`).
+    pub const JOB: &str = "motorpool-job";
+    /// On a job cluster's instances: unix seconds after which the cluster has
+    /// outlived its run (the run was killed before it could remove it), so
+    /// plan removes it. Until then plan leaves the cluster to its run.
+    pub const EXPIRES: &str = "motorpool-expires";
 }
 
 /// The lifecycle state of an instance, as the provider reports it.
