@@ -399,7 +399,7 @@ impl Runner {
                 warm,
                 ..
             } => {
-                let user_data = self.user_data(warm.as_ref())?;
+                let user_data = self.user_data(change, warm.as_ref())?;
                 let mut tags = tags.clone();
                 if warm.is_some() && self.client.kind() == "sim" {
                     // A simulated node has nothing to run: it is warm once it has booted.
@@ -509,11 +509,23 @@ impl Runner {
     }
 
     /// What a launched node is told: the agent's config on the local provider
-    /// (its credential, and a pool instance's warm-up steps); nothing elsewhere yet.
-    fn user_data(&self, warm: Option<&BootSpec>) -> Result<String, String> {
+    /// (its credential, and a pool instance's warm-up steps); on a cloud, the
+    /// cloud-init script that installs and starts the agent with a config that
+    /// holds what the node must start by itself; nothing on the simulator.
+    fn user_data(&self, change: &Change, warm: Option<&BootSpec>) -> Result<String, String> {
         let Some(boot) = &self.boot else {
             return Ok(String::new());
         };
+        if let Some(cloud) = &boot.cloud {
+            return self.cloud_user_data(boot, cloud, change, warm);
+        }
+        if self.client.kind() == "aws" {
+            return Err(
+                "the aws provider needs `runtime_url` and `runtime_sha256` in the spec's provider \
+                 block: EC2 nodes install the motorpool runtime from there"
+                    .to_string(),
+            );
+        }
         if self.client.kind() != "local" {
             return Ok(String::new());
         }
@@ -532,8 +544,47 @@ impl Runner {
             provider: Some(crate::agent::node::SelfProvider::Local {
                 home: boot.home.clone(),
             }),
+            ..crate::agent::AgentConfig::default()
         };
         serde_json::to_string(&config).map_err(|e| e.to_string())
+    }
+
+    /// A cloud node's user data: a pool instance warms itself up; a cluster
+    /// node launched directly runs the cluster's startup on itself.
+    fn cloud_user_data(
+        &self,
+        boot: &BootContext,
+        cloud: &crate::bootstrap::cloud::CloudNodes,
+        change: &Change,
+        warm: Option<&BootSpec>,
+    ) -> Result<String, String> {
+        let cluster = match change.kind {
+            ResourceKind::Cluster => change.ops.iter().find_map(|op| match op {
+                Op::Bootstrap { spec } => Some(crate::agent::node::ClusterBoot {
+                    cluster: change.name.clone(),
+                    credential: crate::auth::cluster_credential(
+                        &boot.project_secret,
+                        &self.project,
+                        &change.name,
+                    )
+                    .expose()
+                    .to_string(),
+                    spec: spec.clone(),
+                }),
+                _ => None,
+            }),
+            _ => None,
+        };
+        let config = crate::agent::AgentConfig {
+            credential: boot.agent_credential.expose().to_string(),
+            project: self.project.clone(),
+            provider: Some(cloud.provider.clone()),
+            warm_spec: warm.cloned(),
+            cluster,
+            ..crate::agent::AgentConfig::default()
+        };
+        crate::bootstrap::cloud::user_data(&boot.templates, cloud, &config)
+            .map_err(|e| format!("{}: {e}", change.address))
     }
 
     /// Steps 3-7 on the cluster's nodes.
@@ -651,6 +702,10 @@ impl Runner {
         }
         let deadline = Instant::now() + self.options.ready_timeout;
         let mut delay = Duration::from_millis(100);
+        // A cloud may leave a just-launched instance out of its listing for a
+        // few seconds (EC2 is eventually consistent): only after this many
+        // listings in a row without it is it gone.
+        let mut missing_rounds: BTreeMap<&str, u32> = BTreeMap::new();
         loop {
             let listed = {
                 let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
@@ -668,11 +723,19 @@ impl Runner {
             if waiting.is_empty() {
                 return Ok(());
             }
+            for id in &waiting {
+                let rounds = missing_rounds.entry(id.as_str()).or_default();
+                *rounds = if state.contains_key(id.as_str()) {
+                    0
+                } else {
+                    *rounds + 1
+                };
+            }
             if let Some(dead) = waiting.iter().find(|id| {
-                matches!(
-                    state.get(id.as_str()),
-                    Some(InstanceState::Terminated) | None
-                )
+                state.get(id.as_str()) == Some(&InstanceState::Terminated)
+                    || missing_rounds
+                        .get(id.as_str())
+                        .is_some_and(|n| *n > MISSING_LISTINGS_BEFORE_GONE)
             }) {
                 return Err(format!("instance {dead} went away while starting"));
             }
@@ -690,6 +753,10 @@ impl Runner {
         }
     }
 }
+
+/// Listings in a row that may leave out an instance being waited for before
+/// it counts as gone (with the backoff below, about 10 seconds).
+const MISSING_LISTINGS_BEFORE_GONE: u32 = 8;
 
 fn start(address: &str, op: usize) -> Event {
     Event::OpStart {
