@@ -218,6 +218,7 @@ pub async fn run_until(
             }
             if let Some(spec) = warm_spec {
                 n.warm_up_from_spec(&steps, &dir, &spec).await;
+                n.serve_as_pool_instance(&steps, &runtime, &dir).await;
             }
             if let Some(boot) = cluster {
                 n.start_in_cluster(&steps, &runtime, &dir, &boot).await;

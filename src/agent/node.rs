@@ -131,6 +131,15 @@ pub fn node_step_context(dir: &std::path::Path) -> anyhow::Result<StepContext> {
     })
 }
 
+/// How often a cloud pool instance looks whether it was drawn into a cluster.
+const POOL_WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The name a cluster's startup is stored under at its provider
+/// (`Provider::put_cluster_boot`), for pool instances drawn into it.
+pub fn cluster_boot_name(project: &str, cluster: &str) -> String {
+    format!("{project}-{cluster}")
+}
+
 /// How long a self-starting node waits for what other nodes do (the driver's
 /// address, executors registering) before it reports the step failed.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -237,12 +246,7 @@ impl Node {
                 return;
             }
         }
-        let mut set = BTreeMap::new();
-        set.insert(
-            tags::STEP.to_string(),
-            crate::bootstrap::Step::Runtime.name().to_string(),
-        );
-        if let Err(e) = self.tag_self(set).await {
+        if let Err(e) = self.report_step(Step::Runtime.name(), &[]).await {
             eprintln!("motorpool agent: cannot tag itself warm: {e:#}");
         }
     }
@@ -392,6 +396,81 @@ impl Node {
         self.report_step(Step::Ready.name(), &[(tags::BOOT, hash.as_str())])
             .await
             .map_err(at(Step::Ready))
+    }
+
+    /// A cloud pool instance after its warm-up: watch its own tags; once
+    /// apply draws it into a cluster, read the cluster's startup from the
+    /// provider and run it; once it is back in its pool, stop its runtime.
+    pub async fn serve_as_pool_instance(
+        &self,
+        runner: &StepRunner,
+        runtime: &RuntimeHost,
+        dir: &std::path::Path,
+    ) {
+        let mut joined: Option<String> = None;
+        loop {
+            tokio::time::sleep(POOL_WATCH_INTERVAL).await;
+            let cluster = match self.own_cluster().await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("motorpool agent: cannot read its own tags: {e:#}");
+                    continue;
+                }
+            };
+            let Some(cluster) = cluster else {
+                if joined.take().is_some() {
+                    eprintln!(
+                        "motorpool agent {}: back in its pool, stopping its runtime",
+                        self.instance_id
+                    );
+                    runtime.stop().await;
+                }
+                continue;
+            };
+            if joined.as_deref() == Some(cluster.as_str()) {
+                continue;
+            }
+            let name = cluster_boot_name(&self.project, &cluster);
+            let boot = match self.provider.get_cluster_boot(&name).await {
+                Ok(Some(document)) => {
+                    serde_json::from_str::<ClusterBoot>(&document).with_context(|| {
+                        format!("the boot document of cluster {cluster} is not valid")
+                    })
+                }
+                // Not published yet: apply publishes it before drawing; look again.
+                Ok(None) => continue,
+                Err(e) => Err(anyhow::Error::new(e).context("cannot read the cluster's startup")),
+            };
+            match boot {
+                Ok(boot) => {
+                    eprintln!(
+                        "motorpool agent {}: drawn into cluster {cluster}, starting",
+                        self.instance_id
+                    );
+                    joined = Some(cluster);
+                    self.start_in_cluster(runner, runtime, dir, &boot).await;
+                }
+                Err(e) => eprintln!("motorpool agent: {e:#}"),
+            }
+        }
+    }
+
+    /// The cluster this instance is a member of now, if any.
+    async fn own_cluster(&self) -> anyhow::Result<Option<String>> {
+        let mut filter = TagFilter::new();
+        filter.insert(tags::PROJECT.into(), self.project.clone());
+        filter.insert(tags::KIND.into(), "cluster".into());
+        let mut token = None;
+        loop {
+            let page = self.provider.list_page(&filter, token).await?;
+            if let Some(me) = page.instances.iter().find(|i| i.id == self.instance_id) {
+                return Ok(me.tag(tags::NAME).map(str::to_string));
+            }
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => return Ok(None),
+            }
+        }
     }
 
     /// The cluster's live instances, as the provider lists them.

@@ -321,6 +321,7 @@ impl Runner {
     /// started reports running.
     async fn run_change(&self, change: &Change) -> Result<(), String> {
         let started = Instant::now();
+        self.publish_cluster_boot(change).await?;
         let mut must_run: Vec<String> = Vec::new();
         let mut index = 0;
         while index < change.ops.len() {
@@ -549,6 +550,65 @@ impl Runner {
         serde_json::to_string(&config).map_err(|e| e.to_string())
     }
 
+    /// The startup a cloud cluster's nodes run on themselves, when the change starts some.
+    fn cluster_boot(
+        &self,
+        boot: &BootContext,
+        change: &Change,
+    ) -> Option<crate::agent::node::ClusterBoot> {
+        if change.kind != ResourceKind::Cluster {
+            return None;
+        }
+        change.ops.iter().find_map(|op| match op {
+            Op::Bootstrap { spec } => Some(crate::agent::node::ClusterBoot {
+                cluster: change.name.clone(),
+                credential: crate::auth::cluster_credential(
+                    &boot.project_secret,
+                    &self.project,
+                    &change.name,
+                )
+                .expose()
+                .to_string(),
+                spec: spec.clone(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Clouds: publish the cluster's startup where pool instances drawn into
+    /// it read it (they were launched before the cluster existed), before
+    /// they are drawn; forget it when the cluster goes.
+    async fn publish_cluster_boot(&self, change: &Change) -> Result<(), String> {
+        let Some(boot) = &self.boot else {
+            return Ok(());
+        };
+        if boot.cloud.is_none() || change.kind != ResourceKind::Cluster {
+            return Ok(());
+        }
+        let name = crate::agent::node::cluster_boot_name(&self.project, &change.name);
+        if change.action == Action::Delete {
+            return self
+                .call(|| self.client.delete_cluster_boot(&name))
+                .await
+                .map_err(|e| format!("cannot delete the cluster's boot document: {e}"));
+        }
+        let Some(cluster) = self.cluster_boot(boot, change) else {
+            return Ok(());
+        };
+        let document = serde_json::to_string(&cluster).map_err(|e| e.to_string())?;
+        if document.len() > crate::bootstrap::cloud::USER_DATA_LIMIT {
+            return Err(format!(
+                "the cluster's startup is {} bytes, over EC2's limit of {} bytes for launch \
+                 template user data; make its init scripts, requirements or env smaller",
+                document.len(),
+                crate::bootstrap::cloud::USER_DATA_LIMIT
+            ));
+        }
+        self.call(|| self.client.put_cluster_boot(&name, &document))
+            .await
+            .map_err(|e| format!("cannot publish the cluster's boot document: {e}"))
+    }
+
     /// A cloud node's user data: a pool instance warms itself up; a cluster
     /// node launched directly runs the cluster's startup on itself.
     fn cloud_user_data(
@@ -558,23 +618,7 @@ impl Runner {
         change: &Change,
         warm: Option<&BootSpec>,
     ) -> Result<String, String> {
-        let cluster = match change.kind {
-            ResourceKind::Cluster => change.ops.iter().find_map(|op| match op {
-                Op::Bootstrap { spec } => Some(crate::agent::node::ClusterBoot {
-                    cluster: change.name.clone(),
-                    credential: crate::auth::cluster_credential(
-                        &boot.project_secret,
-                        &self.project,
-                        &change.name,
-                    )
-                    .expose()
-                    .to_string(),
-                    spec: spec.clone(),
-                }),
-                _ => None,
-            }),
-            _ => None,
-        };
+        let cluster = self.cluster_boot(boot, change);
         let config = crate::agent::AgentConfig {
             credential: boot.agent_credential.expose().to_string(),
             project: self.project.clone(),
