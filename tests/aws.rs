@@ -85,6 +85,17 @@ impl Ec2 {
         Ec2 { rt, client }
     }
 
+    /// The names of every launch template.
+    fn launch_templates(&self) -> Vec<String> {
+        self.rt
+            .block_on(self.client.describe_launch_templates().send())
+            .expect("describe launch templates")
+            .launch_templates()
+            .iter()
+            .filter_map(|t| t.launch_template_name().map(str::to_string))
+            .collect()
+    }
+
     /// The user data EC2 holds for instance `id`, decoded; None without any.
     fn user_data(&self, id: &str) -> Option<String> {
         let out = self
@@ -514,9 +525,33 @@ fn an_aws_cluster_comes_up_drifts_heals_and_goes_away() {
     assert_eq!(healed.len(), 4, "{healed:#?}");
     assert!(healed.iter().all(|i| i.id != victim));
     assert_eq!(with_tag(&healed, "motorpool-role", "worker").len(), 2);
+    // The heal drew the warm idle instance: its agent read the cluster's
+    // startup from the launch template and reported every step itself.
+    let drawn = with_tag(&healed, "motorpool-kind", "cluster")
+        .into_iter()
+        .find(|i| machines.log(&i.id).contains("drawn into cluster etl"))
+        .unwrap_or_else(|| panic!("no node was drawn from the pool: {healed:#?}"));
+    assert_eq!(
+        machines.steps_reported(&drawn.id),
+        [
+            "runtime",
+            "runtime",
+            "formation",
+            "libraries",
+            "security",
+            "ready"
+        ],
+        "warm-up, then the cluster's steps:\n{}",
+        machines.log(&drawn.id)
+    );
 
     mp(&env, None, &["destroy", "--yes"]).expect_code(0);
     assert!(ec2.live("awslife").is_empty(), "{:#?}", ec2.live("awslife"));
+    assert!(
+        ec2.launch_templates().is_empty(),
+        "the cluster's boot document went with it: {:?}",
+        ec2.launch_templates()
+    );
     mp(&env, None, &["plan", "--detailed-exitcode"]).expect_code(2);
 }
 

@@ -991,21 +991,25 @@ impl Provider for AwsProvider {
         })
     }
 
-    /// `DeleteLaunchTemplate`; one that does not exist is fine.
+    /// `DeleteLaunchTemplate`. One that does not exist is fine: after a
+    /// failed delete (a retried one whose first answer was lost, or one that
+    /// never existed, which moto answers with `MissingParameter`), it is
+    /// looked up, and only a template that still exists is an error.
     async fn delete_cluster_boot(&self, name: &str) -> Result<()> {
         let client = self.client().await?;
-        match client
+        let deleted = client
             .delete_launch_template()
             .launch_template_name(boot_template_name(name))
             .send()
-            .await
-        {
+            .await;
+        match deleted {
             Ok(_) => Ok(()),
             Err(e) => {
                 let e = from_sdk("DeleteLaunchTemplate", e);
-                let missing = e.code.as_deref().is_some_and(|c| c.contains("NotFound"))
-                    || matches!(e.error, ProviderError::NotFound(_));
-                if missing { Ok(()) } else { Err(e.into()) }
+                match self.get_cluster_boot(name).await {
+                    Ok(None) => Ok(()),
+                    _ => Err(e.into()),
+                }
             }
         }
     }
