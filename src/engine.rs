@@ -14,8 +14,10 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
+use crate::agent::node::SelfProvider;
 use crate::apply::{self, ApplyOptions, ApplyReport, journal, lock::ProjectLock};
 use crate::auth::Credential;
+use crate::bootstrap::cloud::CloudNodes;
 use crate::bootstrap::run::BootContext;
 use crate::bootstrap::steps::StepContext;
 use crate::bootstrap::template::Templates;
@@ -24,6 +26,9 @@ use crate::observe::{self, Observed, ResourceKind};
 use crate::plan::{self, Plan, PlanInput, PlanMode};
 use crate::providers::{self, ProviderClient};
 use crate::spec::{self, LoadOptions, LoadedSpec, ProviderBlock, Spec};
+
+/// How long new nodes may take to report ready unless the spec says otherwise.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A spec with problems: every one of them, one `file:line:col: error: ...` per line.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +48,8 @@ pub struct Project {
     pub home: Home,
     pub dir: PathBuf,
     pub client: Arc<ProviderClient>,
+    /// The spec's provider block (cloud nodes' settings come from it).
+    pub provider: ProviderBlock,
     _lock: Option<ProjectLock>,
 }
 
@@ -58,6 +65,7 @@ impl Project {
             home,
             dir,
             client: Arc::new(client),
+            provider: provider.clone(),
             _lock: None,
         })
     }
@@ -120,8 +128,42 @@ impl Project {
                 timeout_seconds: 30 * 60,
             },
             templates: Templates::new(),
-            ready_timeout: Duration::from_secs(120),
+            ready_timeout: self.ready_timeout(),
             home: self.home.root().to_path_buf(),
+            cloud: self.cloud_nodes(),
+        })
+    }
+
+    /// How long new nodes may take to report ready: the provider's
+    /// `ready_timeout_minutes`, else two minutes.
+    fn ready_timeout(&self) -> Duration {
+        let minutes = match &self.provider {
+            ProviderBlock::Aws(s) => s.ready_timeout_minutes,
+            _ => None,
+        };
+        minutes
+            .and_then(|m| Duration::try_from_secs_f64(m * 60.0).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(DEFAULT_READY_TIMEOUT)
+    }
+
+    /// What cloud nodes need to start themselves: None off the clouds, and
+    /// when the spec does not say (validate requires it once the spec
+    /// launches anything; a launch without it is refused).
+    fn cloud_nodes(&self) -> Option<CloudNodes> {
+        let ProviderBlock::Aws(s) = &self.provider else {
+            return None;
+        };
+        let (Some(url), Some(sha)) = (&s.runtime_url, &s.runtime_sha256) else {
+            return None;
+        };
+        Some(CloudNodes {
+            runtime_url: url.clone(),
+            runtime_sha256: sha.clone(),
+            provider: SelfProvider::Aws {
+                region: s.region.clone(),
+                endpoint: s.endpoint_url.clone(),
+            },
         })
     }
 

@@ -273,6 +273,15 @@ impl ProviderClient {
     pub async fn retag(&self, ids: &[String], change: &Retag) -> Result<(), ProviderError> {
         self.call(|| self.inner.retag(ids, change)).await
     }
+
+    pub async fn put_cluster_boot(&self, name: &str, document: &str) -> Result<(), ProviderError> {
+        self.call(|| self.inner.put_cluster_boot(name, document))
+            .await
+    }
+
+    pub async fn delete_cluster_boot(&self, name: &str) -> Result<(), ProviderError> {
+        self.call(|| self.inner.delete_cluster_boot(name)).await
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::{Env, Run, wait_until};
 use moto::{AMI, FaultProxy, Faults, Moto};
-use motorpool_aws::aws_sdk_ec2::types::Filter;
+use motorpool_aws::aws_sdk_ec2::types::{Filter, InstanceAttributeName};
 use motorpool_provider::{Provider, Retag, TagFilter, tags};
 
 /// Run motorpool with the test AWS environment (endpoint: the spec's, or
@@ -35,12 +35,23 @@ fn mp(env: &Env, endpoint: Option<&str>, args: &[&str]) -> Run {
     }
 }
 
+/// Where the test specs say nodes download the runtime from: never fetched
+/// (moto runs no user data; the node player starts the agent itself).
+const RUNTIME_URL: &str = "https://downloads.example.com/motorpool/0.1.0/motorpool-x86_64-linux";
+const RUNTIME_SHA256: &str = "5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
+
 fn spec(project: &str, endpoint: Option<&str>, body: &str) -> String {
+    spec_with(project, endpoint, "", body)
+}
+
+/// [`spec`] with more provider settings (`extra` starts with `, `).
+fn spec_with(project: &str, endpoint: Option<&str>, extra: &str, body: &str) -> String {
     let endpoint = endpoint
         .map(|e| format!(", endpoint_url: \"{e}\""))
         .unwrap_or_default();
     format!(
-        "project: {project}\nprovider: {{ kind: aws, region: {}, image: {AMI}, page_size: 5{endpoint} }}\n{body}",
+        "project: {project}\nprovider: {{ kind: aws, region: {}, image: {AMI}, page_size: 5{endpoint}, \
+         runtime_url: \"{RUNTIME_URL}\", runtime_sha256: {RUNTIME_SHA256}{extra} }}\n{body}",
         moto::REGION
     )
 }
@@ -61,13 +72,44 @@ struct Ec2 {
 
 impl Ec2 {
     fn new(moto: &Moto) -> Ec2 {
+        Ec2::at(&moto.url())
+    }
+
+    fn at(url: &str) -> Ec2 {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime");
-        let provider = moto::provider(&moto.url(), |_| {});
+        let provider = moto::provider(url, |_| {});
         let client = rt.block_on(provider.ec2_client()).expect("an EC2 client");
         Ec2 { rt, client }
+    }
+
+    /// The names of every launch template.
+    fn launch_templates(&self) -> Vec<String> {
+        self.rt
+            .block_on(self.client.describe_launch_templates().send())
+            .expect("describe launch templates")
+            .launch_templates()
+            .iter()
+            .filter_map(|t| t.launch_template_name().map(str::to_string))
+            .collect()
+    }
+
+    /// The user data EC2 holds for instance `id`, decoded; None without any.
+    fn user_data(&self, id: &str) -> Option<String> {
+        let out = self
+            .rt
+            .block_on(
+                self.client
+                    .describe_instance_attribute()
+                    .instance_id(id)
+                    .attribute(InstanceAttributeName::UserData)
+                    .send(),
+            )
+            .ok()?;
+        let encoded = out.user_data()?.value()?;
+        String::from_utf8(base64_decode(encoded)?).ok()
     }
 
     /// Every instance of `project` in every state, all pages.
@@ -205,6 +247,167 @@ impl Drop for FakeNodes {
     }
 }
 
+/// Plays the machines, not the nodes: for each instance of the project
+/// that moto reports running, it reads the user data moto holds
+/// (DescribeInstanceAttribute userData), takes the agent config out of the
+/// cloud-init script, and starts a real `motorpool agent` on 127.0.0.1 with
+/// it, in its own directory, with the test's AWS environment (endpoint:
+/// moto). The agent then does what it does on EC2: runs the node's startup
+/// and tags its own instance through moto. An instance that is no longer
+/// running loses its agent, as a terminated VM would. Every agent is killed
+/// on drop, also when the test fails.
+struct Machines {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    agents: Arc<std::sync::Mutex<BTreeMap<String, std::process::Child>>>,
+    dir: tempfile::TempDir,
+}
+
+impl Machines {
+    fn start(moto: &Moto, project: &str) -> Machines {
+        let stop = Arc::new(AtomicBool::new(false));
+        let agents: Arc<std::sync::Mutex<BTreeMap<String, std::process::Child>>> = Arc::default();
+        let dir = tempfile::Builder::new()
+            .prefix("mp-machines-")
+            .tempdir()
+            .expect("a directory for the machines");
+        let root = dir.path().to_path_buf();
+        let (url, project, flag, running) = (
+            moto.url(),
+            project.to_string(),
+            stop.clone(),
+            agents.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let ec2 = Ec2::at(&url);
+            while !flag.load(Ordering::SeqCst) {
+                let live: BTreeMap<String, String> = ec2
+                    .instances(&project)
+                    .into_iter()
+                    .map(|i| (i.id, i.state))
+                    .collect();
+                let Ok(mut agents) = running.lock() else {
+                    return;
+                };
+                // A machine that stopped or went away takes its agent with it.
+                let gone: Vec<String> = agents
+                    .keys()
+                    .filter(|id| live.get(*id).map(String::as_str) != Some("running"))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    if let Some(mut child) = agents.remove(&id) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                }
+                for (id, state) in &live {
+                    if state != "running" || agents.contains_key(id) {
+                        continue;
+                    }
+                    if let Some(child) = boot_machine(&ec2, &url, &root, id) {
+                        agents.insert(id.clone(), child);
+                    }
+                }
+                drop(agents);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Machines {
+            stop,
+            thread: Some(thread),
+            agents,
+            dir,
+        }
+    }
+
+    /// The `motorpool-step` values instance `id`'s agent tagged itself with, in order.
+    fn steps_reported(&self, id: &str) -> Vec<String> {
+        let log =
+            std::fs::read_to_string(self.dir.path().join(id).join("agent.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| l.split_once("tagged itself motorpool-step="))
+            .map(|(_, step)| step.to_string())
+            .collect()
+    }
+
+    fn log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(id).join("agent.log")).unwrap_or_default()
+    }
+}
+
+/// Start the agent a machine's user data asks for; None when it has none (yet).
+fn boot_machine(
+    ec2: &Ec2,
+    moto_url: &str,
+    root: &std::path::Path,
+    id: &str,
+) -> Option<std::process::Child> {
+    let user_data = ec2.user_data(id)?;
+    let config = motorpool::bootstrap::cloud::agent_config_of(&user_data)?;
+    let machine = root.join(id);
+    std::fs::create_dir_all(&machine).ok()?;
+    let config_path = machine.join("agent-config.json");
+    std::fs::write(&config_path, serde_json::to_vec(&config).ok()?).ok()?;
+    let log = std::fs::File::create(machine.join("agent.log")).ok()?;
+    let mut cmd = std::process::Command::new(common::binary());
+    cmd.args(["agent", "--listen", "127.0.0.1:0", "--instance-id", id])
+        .arg("--dir")
+        .arg(machine.join("node"))
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().ok()?)
+        .stderr(log);
+    moto::with_aws_env(&mut cmd, Some(moto_url));
+    cmd.spawn().ok()
+}
+
+impl Drop for Machines {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut agents = match self.agents.lock() {
+            Ok(a) => a,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (_, mut child) in std::mem::take(&mut *agents) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Standard base64 (what EC2 returns user data in), for the node player.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let clean: Vec<u8> = text
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
+    for chunk in clean.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
 fn with_tag<'a>(list: &'a [Ec2Instance], key: &str, value: &str) -> Vec<&'a Ec2Instance> {
     list.iter()
         .filter(|i| i.tags.get(key).map(String::as_str) == Some(value))
@@ -224,11 +427,13 @@ fn retried(run: &Run) -> u64 {
 fn an_aws_cluster_comes_up_drifts_heals_and_goes_away() {
     let moto = Moto::start();
     let ec2 = Ec2::new(&moto);
-    let _nodes = FakeNodes::start(&moto, "awslife");
+    // Real agents on every machine: the cluster is ready only when they say so.
+    let machines = Machines::start(&moto, "awslife");
     let env = Env::new();
-    env.spec(&spec(
+    env.spec(&spec_with(
         "awslife",
         Some(&moto.url()),
+        ", ready_timeout_minutes: 4",
         "pools:\n  general: { node_type: t3.micro, min_idle: 1, max_capacity: 6 }\n\
          clusters:\n  etl: { pool: general, workers: 2, tags: { team: data } }\n",
     ));
@@ -254,6 +459,29 @@ fn an_aws_cluster_comes_up_drifts_heals_and_goes_away() {
     assert_eq!(with_tag(&live, "motorpool-role", "driver").len(), 1);
     assert_eq!(with_tag(&live, "motorpool-role", "worker").len(), 2);
     assert_eq!(with_tag(&live, "motorpool-role", "idle").len(), 1);
+    // Each cluster node reported every startup step itself, in order, through its tags.
+    for node in with_tag(&live, "motorpool-kind", "cluster") {
+        assert_eq!(
+            node.tags.get("motorpool-step").map(String::as_str),
+            Some("ready"),
+            "{node:?}"
+        );
+        assert_eq!(
+            machines.steps_reported(&node.id),
+            ["runtime", "formation", "libraries", "security", "ready"],
+            "the agent log of {}:\n{}",
+            node.id,
+            machines.log(&node.id)
+        );
+    }
+    let driver = with_tag(&live, "motorpool-role", "driver")[0];
+    assert!(
+        driver
+            .tags
+            .get("motorpool-driver-address")
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "the driver published where it listens: {driver:?}"
+    );
     let status = mp(&env, None, &["status", "--output", "json"]).expect_code(0);
     let nodes = status.json()["nodes"]
         .as_array()
@@ -297,9 +525,33 @@ fn an_aws_cluster_comes_up_drifts_heals_and_goes_away() {
     assert_eq!(healed.len(), 4, "{healed:#?}");
     assert!(healed.iter().all(|i| i.id != victim));
     assert_eq!(with_tag(&healed, "motorpool-role", "worker").len(), 2);
+    // The heal drew the warm idle instance: its agent read the cluster's
+    // startup from the launch template and reported every step itself.
+    let drawn = with_tag(&healed, "motorpool-kind", "cluster")
+        .into_iter()
+        .find(|i| machines.log(&i.id).contains("drawn into cluster etl"))
+        .unwrap_or_else(|| panic!("no node was drawn from the pool: {healed:#?}"));
+    assert_eq!(
+        machines.steps_reported(&drawn.id),
+        [
+            "runtime",
+            "runtime",
+            "formation",
+            "libraries",
+            "security",
+            "ready"
+        ],
+        "warm-up, then the cluster's steps:\n{}",
+        machines.log(&drawn.id)
+    );
 
     mp(&env, None, &["destroy", "--yes"]).expect_code(0);
     assert!(ec2.live("awslife").is_empty(), "{:#?}", ec2.live("awslife"));
+    assert!(
+        ec2.launch_templates().is_empty(),
+        "the cluster's boot document went with it: {:?}",
+        ec2.launch_templates()
+    );
     mp(&env, None, &["plan", "--detailed-exitcode"]).expect_code(2);
 }
 
@@ -518,11 +770,55 @@ fn an_aws_apply_converges_through_throttling_and_server_errors() {
 }
 
 #[test]
+fn a_node_that_never_reports_fails_apply_after_the_ready_timeout_naming_it() {
+    let moto = Moto::start();
+    let ec2 = Ec2::new(&moto);
+    // No machines: nothing runs the user data, so no node ever reports.
+    let env = Env::new();
+    env.spec(&spec_with(
+        "awsmute",
+        Some(&moto.url()),
+        ", ready_timeout_minutes: 0.1",
+        "clusters:\n  etl: { node_type: t3.micro, workers: 1 }\n",
+    ));
+    let started = std::time::Instant::now();
+    let run = mp(&env, None, &["apply", "--yes"]).expect_code(1);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the 6-second ready timeout was not used: {:?}",
+        started.elapsed()
+    );
+    let live = ec2.live("awsmute");
+    assert_eq!(live.len(), 2, "{live:#?}");
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        all.contains("2 nodes never reported ready within 6s"),
+        "{all}"
+    );
+    for node in &live {
+        assert!(
+            all.contains(&format!("{} (last step: none)", node.id)),
+            "{} is named: {all}",
+            node.id
+        );
+    }
+    // What the nodes were told: the runtime from the spec's URL, checked, and their agent's config.
+    let user_data = ec2.user_data(&live[0].id).expect("launched with user data");
+    assert!(user_data.starts_with("#!/bin/sh"), "{user_data}");
+    assert!(user_data.contains(RUNTIME_URL) && user_data.contains(RUNTIME_SHA256));
+    let config = motorpool::bootstrap::cloud::agent_config_of(&user_data).expect("agent config");
+    let boot = config.cluster.expect("a cluster node's startup");
+    assert_eq!(boot.cluster, "etl");
+    assert_eq!(boot.spec.workers, 1);
+    mp(&env, None, &["destroy", "--yes"]).expect_code(0);
+}
+
+#[test]
 fn aws_settings_are_checked_with_their_positions() {
     let env = Env::new();
     env.spec(
         "project: awsbad\n\
-         provider: { kind: aws, image: ubuntu, page_size: 2000, subnet_ids: [subnet-0abc, net-1], tags: { motorpool-x: y } }\n\
+         provider: { kind: aws, image: ubuntu, page_size: 2000, ready_timeout_minutes: 0, subnet_ids: [subnet-0abc, net-1], tags: { motorpool-x: y } }\n\
          pools:\n  general: { node_type: t3.mega, max_capacity: 2 }\n",
     );
     let run = mp(&env, None, &["validate"]).expect_code(1);
@@ -530,6 +826,9 @@ fn aws_settings_are_checked_with_their_positions() {
         "motorpool.yaml:2:",
         "`image`",
         "`page_size` of the aws provider must be between 5 and 1000",
+        "needs `runtime_url`",
+        "needs `runtime_sha256`",
+        "`ready_timeout_minutes` must be more than 0",
         "`net-1` in `subnet_ids`",
         "tag `motorpool-x`",
         "unknown node type `t3.mega`",

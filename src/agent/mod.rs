@@ -71,6 +71,13 @@ pub struct AgentConfig {
     /// How to reach its own provider (to tag itself, to stop its idle cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<node::SelfProvider>,
+    /// A cloud pool instance: its pool's warm-up, rendered on the node itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_spec: Option<crate::bootstrap::BootSpec>,
+    /// A cloud node launched into a cluster: the cluster's startup, which the
+    /// node runs on itself (the engine cannot reach it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<node::ClusterBoot>,
 }
 
 impl AgentConfig {
@@ -200,12 +207,23 @@ pub async fn run_until(
         },
         on_idle,
     );
-    if let (Some(n), Some(c)) = (node.clone(), config.as_ref())
-        && !c.warm.is_empty()
-    {
+    if let (Some(n), Some(c)) = (node.clone(), config.as_ref()) {
         let steps = svc.steps();
-        let warm = c.warm.clone();
-        tokio::spawn(async move { n.warm_up(&steps, warm).await });
+        let runtime = svc.runtime();
+        let (warm, warm_spec, cluster) = (c.warm.clone(), c.warm_spec.clone(), c.cluster.clone());
+        let dir = dir.clone();
+        tokio::spawn(async move {
+            if !warm.is_empty() {
+                n.warm_up(&steps, warm).await;
+            }
+            if let Some(spec) = warm_spec {
+                n.warm_up_from_spec(&steps, &dir, &spec).await;
+                n.serve_as_pool_instance(&steps, &runtime, &dir).await;
+            }
+            if let Some(boot) = cluster {
+                n.start_in_cluster(&steps, &runtime, &dir, &boot).await;
+            }
+        });
     }
     let runtime = svc.runtime();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

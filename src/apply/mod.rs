@@ -321,6 +321,7 @@ impl Runner {
     /// started reports running.
     async fn run_change(&self, change: &Change) -> Result<(), String> {
         let started = Instant::now();
+        self.publish_cluster_boot(change).await?;
         let mut must_run: Vec<String> = Vec::new();
         let mut index = 0;
         while index < change.ops.len() {
@@ -399,7 +400,7 @@ impl Runner {
                 warm,
                 ..
             } => {
-                let user_data = self.user_data(warm.as_ref())?;
+                let user_data = self.user_data(change, warm.as_ref())?;
                 let mut tags = tags.clone();
                 if warm.is_some() && self.client.kind() == "sim" {
                     // A simulated node has nothing to run: it is warm once it has booted.
@@ -509,11 +510,23 @@ impl Runner {
     }
 
     /// What a launched node is told: the agent's config on the local provider
-    /// (its credential, and a pool instance's warm-up steps); nothing elsewhere yet.
-    fn user_data(&self, warm: Option<&BootSpec>) -> Result<String, String> {
+    /// (its credential, and a pool instance's warm-up steps); on a cloud, the
+    /// cloud-init script that installs and starts the agent with a config that
+    /// holds what the node must start by itself; nothing on the simulator.
+    fn user_data(&self, change: &Change, warm: Option<&BootSpec>) -> Result<String, String> {
         let Some(boot) = &self.boot else {
             return Ok(String::new());
         };
+        if let Some(cloud) = &boot.cloud {
+            return self.cloud_user_data(boot, cloud, change, warm);
+        }
+        if self.client.kind() == "aws" {
+            return Err(
+                "the aws provider needs `runtime_url` and `runtime_sha256` in the spec's provider \
+                 block: EC2 nodes install the motorpool runtime from there"
+                    .to_string(),
+            );
+        }
         if self.client.kind() != "local" {
             return Ok(String::new());
         }
@@ -532,8 +545,90 @@ impl Runner {
             provider: Some(crate::agent::node::SelfProvider::Local {
                 home: boot.home.clone(),
             }),
+            ..crate::agent::AgentConfig::default()
         };
         serde_json::to_string(&config).map_err(|e| e.to_string())
+    }
+
+    /// The startup a cloud cluster's nodes run on themselves, when the change starts some.
+    fn cluster_boot(
+        &self,
+        boot: &BootContext,
+        change: &Change,
+    ) -> Option<crate::agent::node::ClusterBoot> {
+        if change.kind != ResourceKind::Cluster {
+            return None;
+        }
+        change.ops.iter().find_map(|op| match op {
+            Op::Bootstrap { spec } => Some(crate::agent::node::ClusterBoot {
+                cluster: change.name.clone(),
+                credential: crate::auth::cluster_credential(
+                    &boot.project_secret,
+                    &self.project,
+                    &change.name,
+                )
+                .expose()
+                .to_string(),
+                spec: spec.clone(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Clouds: publish the cluster's startup where pool instances drawn into
+    /// it read it (they were launched before the cluster existed), before
+    /// they are drawn; forget it when the cluster goes.
+    async fn publish_cluster_boot(&self, change: &Change) -> Result<(), String> {
+        let Some(boot) = &self.boot else {
+            return Ok(());
+        };
+        if boot.cloud.is_none() || change.kind != ResourceKind::Cluster {
+            return Ok(());
+        }
+        let name = crate::agent::node::cluster_boot_name(&self.project, &change.name);
+        if change.action == Action::Delete {
+            return self
+                .call(|| self.client.delete_cluster_boot(&name))
+                .await
+                .map_err(|e| format!("cannot delete the cluster's boot document: {e}"));
+        }
+        let Some(cluster) = self.cluster_boot(boot, change) else {
+            return Ok(());
+        };
+        let document = serde_json::to_string(&cluster).map_err(|e| e.to_string())?;
+        if document.len() > crate::bootstrap::cloud::USER_DATA_LIMIT {
+            return Err(format!(
+                "the cluster's startup is {} bytes, over EC2's limit of {} bytes for launch \
+                 template user data; make its init scripts, requirements or env smaller",
+                document.len(),
+                crate::bootstrap::cloud::USER_DATA_LIMIT
+            ));
+        }
+        self.call(|| self.client.put_cluster_boot(&name, &document))
+            .await
+            .map_err(|e| format!("cannot publish the cluster's boot document: {e}"))
+    }
+
+    /// A cloud node's user data: a pool instance warms itself up; a cluster
+    /// node launched directly runs the cluster's startup on itself.
+    fn cloud_user_data(
+        &self,
+        boot: &BootContext,
+        cloud: &crate::bootstrap::cloud::CloudNodes,
+        change: &Change,
+        warm: Option<&BootSpec>,
+    ) -> Result<String, String> {
+        let cluster = self.cluster_boot(boot, change);
+        let config = crate::agent::AgentConfig {
+            credential: boot.agent_credential.expose().to_string(),
+            project: self.project.clone(),
+            provider: Some(cloud.provider.clone()),
+            warm_spec: warm.cloned(),
+            cluster,
+            ..crate::agent::AgentConfig::default()
+        };
+        crate::bootstrap::cloud::user_data(&boot.templates, cloud, &config)
+            .map_err(|e| format!("{}: {e}", change.address))
     }
 
     /// Steps 3-7 on the cluster's nodes.
@@ -651,6 +746,10 @@ impl Runner {
         }
         let deadline = Instant::now() + self.options.ready_timeout;
         let mut delay = Duration::from_millis(100);
+        // A cloud may leave a just-launched instance out of its listing for a
+        // few seconds (EC2 is eventually consistent): only after this many
+        // listings in a row without it is it gone.
+        let mut missing_rounds: BTreeMap<&str, u32> = BTreeMap::new();
         loop {
             let listed = {
                 let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
@@ -668,11 +767,19 @@ impl Runner {
             if waiting.is_empty() {
                 return Ok(());
             }
+            for id in &waiting {
+                let rounds = missing_rounds.entry(id.as_str()).or_default();
+                *rounds = if state.contains_key(id.as_str()) {
+                    0
+                } else {
+                    *rounds + 1
+                };
+            }
             if let Some(dead) = waiting.iter().find(|id| {
-                matches!(
-                    state.get(id.as_str()),
-                    Some(InstanceState::Terminated) | None
-                )
+                state.get(id.as_str()) == Some(&InstanceState::Terminated)
+                    || missing_rounds
+                        .get(id.as_str())
+                        .is_some_and(|n| *n > MISSING_LISTINGS_BEFORE_GONE)
             }) {
                 return Err(format!("instance {dead} went away while starting"));
             }
@@ -690,6 +797,10 @@ impl Runner {
         }
     }
 }
+
+/// Listings in a row that may leave out an instance being waited for before
+/// it counts as gone (with the backoff below, about 10 seconds).
+const MISSING_LISTINGS_BEFORE_GONE: u32 = 8;
 
 fn start(address: &str, op: usize) -> Event {
     Event::OpStart {

@@ -16,6 +16,7 @@
 //! and running the steps over the nodes' agents ([`run`]). It never decides
 //! *whether* a cluster needs starting: the planner does.
 
+pub mod cloud;
 pub mod run;
 pub mod steps;
 pub mod template;

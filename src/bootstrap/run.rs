@@ -34,9 +34,13 @@ pub struct BootContext {
     pub agent_credential: Credential,
     pub steps: StepContext,
     pub templates: Templates,
-    /// How long a cluster may take from formation to every executor registered.
+    /// How long a cluster may take from formation to every executor
+    /// registered (on a cloud: from running to every node tagged ready).
     pub ready_timeout: Duration,
     pub home: PathBuf,
+    /// Cloud nodes, which start themselves from their user data; None on
+    /// the local provider and the simulator.
+    pub cloud: Option<super::cloud::CloudNodes>,
 }
 
 type Agent = AgentClient<InterceptedService<Channel, AttachCredential>>;
@@ -371,6 +375,21 @@ async fn wait_for_ready_tags(
                 steps: vec![(Step::Ready, t.elapsed())],
             });
         }
+        let failed: Vec<String> = ids
+            .iter()
+            .filter_map(|id| {
+                let step = steps.get(id.as_str()).and_then(|(s, _)| *s)?;
+                let at = step.strip_prefix("failed:")?;
+                Some(format!("{id} (failed at {at})"))
+            })
+            .collect();
+        if !failed.is_empty() {
+            return Err(format!(
+                "startup failed on {}: {}; the node's agent log says why",
+                crate::plan::plural(failed.len() as u32, "node"),
+                failed.join(", ")
+            ));
+        }
         if Instant::now() >= deadline {
             return Err(format!(
                 "{} never reported ready within {}s: {}",
@@ -379,6 +398,7 @@ async fn wait_for_ready_tags(
                 waiting.join(", ")
             ));
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(Duration::from_secs(2).min(left.max(Duration::from_millis(50)))).await;
     }
 }

@@ -274,6 +274,7 @@ impl<'s> Checker<'_, 's> {
                 format!("`endpoint_url` must be an http:// or https:// URL, found `{url}`"),
             );
         }
+        self.aws_runtime(node);
         if let Some(tags) = node.get("tags").and_then(Node::entries) {
             for e in tags {
                 if e.key.starts_with("motorpool-") || e.key.to_ascii_lowercase().starts_with("aws:")
@@ -287,6 +288,56 @@ impl<'s> Checker<'_, 's> {
                     );
                 }
             }
+        }
+    }
+
+    /// What cloud nodes need to start themselves: the runtime's URL and
+    /// checksum (when the spec launches anything), and a sane ready timeout.
+    fn aws_runtime(&mut self, node: &Node) {
+        let launches_nodes = !self.parts.pools.items.is_empty()
+            || !self.parts.clusters.items.is_empty()
+            || !self.parts.jobs.items.is_empty();
+        let url = node.get("runtime_url").and_then(Node::as_str);
+        let sha = node.get("runtime_sha256").and_then(Node::as_str);
+        if launches_nodes {
+            for (key, value) in [("runtime_url", url), ("runtime_sha256", sha)] {
+                if value.is_none() && node.get(key).is_none() {
+                    self.error(
+                        key_span(node, "kind"),
+                        format!(
+                            "the aws provider needs `{key}`: EC2 nodes install the motorpool runtime \
+                             from `runtime_url` and check it against `runtime_sha256` before they start"
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(url) = url
+            && let Err(problem) = crate::bootstrap::cloud::check_runtime_url(url)
+        {
+            self.error(
+                value_span(node, "runtime_url"),
+                format!("`runtime_url`: {problem}"),
+            );
+        }
+        if let Some(sha) = sha
+            && let Err(problem) = crate::bootstrap::cloud::check_sha256(sha)
+        {
+            self.error(
+                value_span(node, "runtime_sha256"),
+                format!("`runtime_sha256`: {problem}"),
+            );
+        }
+        let minutes = match node.get("ready_timeout_minutes").map(|n| &n.kind) {
+            Some(Kind::Int(i, _)) => Some(*i as f64),
+            Some(Kind::Float(f, _)) => Some(*f),
+            _ => None,
+        };
+        if let Some(m) = minutes.filter(|m| !(m.is_finite() && *m > 0.0 && *m <= 24.0 * 60.0)) {
+            self.error(
+                value_span(node, "ready_timeout_minutes"),
+                format!("`ready_timeout_minutes` must be more than 0 and at most 1440, found {m}"),
+            );
         }
     }
 

@@ -144,6 +144,19 @@ pub struct AwsSettings {
     /// Instances per DescribeInstances page, 5 to 1000 (default 500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_size: Option<u32>,
+    /// Where nodes download the motorpool runtime (the `motorpool` executable
+    /// for the nodes' architecture) at boot: an https:// (or http://) URL.
+    /// Required when the spec has pools, clusters or jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_url: Option<String>,
+    /// The SHA-256 (64 hex digits) of the file at `runtime_url`: a node
+    /// refuses a download that does not match. Required with `runtime_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_sha256: Option<String>,
+    /// How long apply waits for new nodes to start themselves and report
+    /// `ready` (fractions allowed, e.g. 0.5); default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_minutes: Option<f64>,
 }
 
 /// A variable: its default, and what it is for.

@@ -243,6 +243,28 @@ pub trait Provider: Send + Sync {
 
     /// Change tags on instances.
     async fn retag(&self, ids: &[String], change: &Retag) -> Result<()>;
+
+    /// Store `document` (a cluster's startup, as its nodes read it) under
+    /// `name`, replacing what was there. Where the engine can reach the nodes
+    /// (local, sim) there is nothing to store: the default does nothing.
+    /// Clouds store it where a node drawn into the cluster from a pool can
+    /// read it with its instance role (EC2: a launch template's user data).
+    async fn put_cluster_boot(&self, name: &str, document: &str) -> Result<()> {
+        let _ = (name, document);
+        Ok(())
+    }
+
+    /// The document [`Provider::put_cluster_boot`] stored under `name`, if any.
+    async fn get_cluster_boot(&self, name: &str) -> Result<Option<String>> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Forget the document stored under `name` (gone already is fine).
+    async fn delete_cluster_boot(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
 }
 
 /// How long to wait before retry number `attempt` (0-based): exponential

@@ -38,6 +38,11 @@
 //!   for, up to [`AwsConfig::settle_timeout`]; unknown or terminated ids are
 //!   [`ProviderError::NotFound`].
 //! - **retag**: `CreateTags` and `DeleteTags`, 1000 ids per call.
+//! - **put/get/delete_cluster_boot**: a launch template per cluster
+//!   ([`boot_template_name`]) whose user data is the cluster's startup, so a
+//!   pool instance drawn into the cluster reads it with its instance role
+//!   (`CreateLaunchTemplate`, `CreateLaunchTemplateVersion` when it exists,
+//!   `DescribeLaunchTemplateVersions` of `$Latest`, `DeleteLaunchTemplate`).
 //!
 //! The SDK's own retries are off: the engine's client retries throttling and
 //! 5xx with backoff and counts them, and two retry layers would multiply.
@@ -708,6 +713,23 @@ fn to_instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
     })
 }
 
+/// The launch template holding cluster boot document `name` (see
+/// [`Provider::put_cluster_boot`]): its user data is the document.
+pub fn boot_template_name(name: &str) -> String {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "().-/_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(110)
+        .collect();
+    format!("motorpool-boot-{safe}")
+}
+
 #[async_trait]
 impl Provider for AwsProvider {
     fn kind(&self) -> &str {
@@ -898,6 +920,98 @@ impl Provider for AwsProvider {
 
     async fn start(&self, ids: &[String]) -> Result<()> {
         self.change_state(true, ids).await
+    }
+
+    /// `CreateLaunchTemplate`, or `CreateLaunchTemplateVersion` when it
+    /// exists (readers take `$Latest`).
+    async fn put_cluster_boot(&self, name: &str, document: &str) -> Result<()> {
+        let client = self.client().await?;
+        let template = boot_template_name(name);
+        let data = || {
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .user_data(aws_smithy_types::base64::encode(document))
+                .build()
+        };
+        let created = client
+            .create_launch_template()
+            .launch_template_name(&template)
+            .launch_template_data(data())
+            .send()
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = from_sdk("CreateLaunchTemplate", e);
+                if e.code.as_deref() != Some("InvalidLaunchTemplateName.AlreadyExistsException") {
+                    return Err(e.into());
+                }
+                client
+                    .create_launch_template_version()
+                    .launch_template_name(&template)
+                    .launch_template_data(data())
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| ProviderError::from(from_sdk("CreateLaunchTemplateVersion", e)))
+            }
+        }
+    }
+
+    /// `DescribeLaunchTemplateVersions` of `$Latest`.
+    async fn get_cluster_boot(&self, name: &str) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let out = client
+            .describe_launch_template_versions()
+            .launch_template_name(boot_template_name(name))
+            .versions("$Latest")
+            .send()
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                let e = from_sdk("DescribeLaunchTemplateVersions", e);
+                let missing = e.code.as_deref().is_some_and(|c| c.contains("NotFound"))
+                    || matches!(e.error, ProviderError::NotFound(_));
+                return if missing { Ok(None) } else { Err(e.into()) };
+            }
+        };
+        let Some(encoded) = out
+            .launch_template_versions()
+            .first()
+            .and_then(|v| v.launch_template_data())
+            .and_then(|d| d.user_data())
+        else {
+            return Ok(None);
+        };
+        let bytes = aws_smithy_types::base64::decode(encoded).map_err(|e| {
+            ProviderError::Internal(format!("the boot document of {name} is not base64: {e}"))
+        })?;
+        String::from_utf8(bytes).map(Some).map_err(|e| {
+            ProviderError::Internal(format!("the boot document of {name} is not text: {e}"))
+        })
+    }
+
+    /// `DeleteLaunchTemplate`. One that does not exist is fine: after a
+    /// failed delete (a retried one whose first answer was lost, or one that
+    /// never existed, which moto answers with `MissingParameter`), it is
+    /// looked up, and only a template that still exists is an error.
+    async fn delete_cluster_boot(&self, name: &str) -> Result<()> {
+        let client = self.client().await?;
+        let deleted = client
+            .delete_launch_template()
+            .launch_template_name(boot_template_name(name))
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = from_sdk("DeleteLaunchTemplate", e);
+                match self.get_cluster_boot(name).await {
+                    Ok(None) => Ok(()),
+                    _ => Err(e.into()),
+                }
+            }
+        }
     }
 
     async fn retag(&self, ids: &[String], change: &Retag) -> Result<()> {
