@@ -105,6 +105,9 @@ impl Project {
     /// What cluster startup needs: credentials, where things are, the templates.
     pub fn boot_context(&self) -> Result<BootContext> {
         let secret = self.home.project_secret(&self.name)?;
+        let node_tls = crate::tls::ProjectCa::derive(&secret)
+            .and_then(|ca| ca.node_tls(crate::tls::forced_by_env()?))
+            .context("cannot issue the nodes' TLS certificate")?;
         let binary = match std::env::var_os("MOTORPOOL_AGENT_PROGRAM") {
             Some(p) => PathBuf::from(p),
             None => std::env::current_exe().context("cannot find the motorpool binary")?,
@@ -122,6 +125,7 @@ impl Project {
             templates: Templates::new(),
             ready_timeout: Duration::from_secs(120),
             home: self.home.root().to_path_buf(),
+            node_tls: Some(node_tls),
         })
     }
 

@@ -359,3 +359,144 @@ clusters:
     );
     env.mp(&["destroy", "--yes"]).expect_code(0);
 }
+
+#[test]
+fn with_tls_forced_a_cluster_starts_and_only_clients_of_the_project_ca_get_in() {
+    // Forced on loopback: every agent, driver and executor serves TLS, and
+    // every client (CLI, executors, agents) verifies it against the project CA.
+    let env = Env::new().with_var("MOTORPOOL_TLS", "always");
+    env.spec(
+        r#"
+project: tls
+clusters:
+  etl: { node_type: small, workers: 2 }
+"#,
+    );
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    let nodes = cluster_nodes(&env, "etl");
+    assert_eq!(nodes.len(), 3);
+    for n in &nodes {
+        assert_eq!(n["step"], "ready", "{n:#}");
+        // status read the steps from the agent, over TLS.
+        let steps = n["steps"].as_array().map_or(0, |s| s.len());
+        assert!(steps >= SEVEN.len(), "{n:#}");
+        let id = n["id"].as_str().expect("id");
+        let log = std::fs::read_to_string(node_dir(&env, id).join("agent.log")).expect("log");
+        assert!(log.contains("(TLS)"), "{log}");
+    }
+    let driver = nodes
+        .iter()
+        .find(|n| n["role"] == "driver")
+        .expect("driver");
+    let address = driver["address"].as_str().expect("address").to_string();
+    let secret = secret(&env, "tls");
+    let ca = motorpool::tls::ProjectCa::derive(&secret).expect("project CA");
+    let trusted = auth::derive(&secret, "agent/tls").with_trust(ca.trust().always(true));
+
+    runtime().block_on(async {
+        // The project's CA: in. The driver's executors registered over TLS too.
+        let mut agent = motorpool::bootstrap::run::connect(&address, &trusted)
+            .await
+            .expect("connect over TLS");
+        let status = agent
+            .driver_status(DriverStatusRequest {})
+            .await
+            .expect("driver status")
+            .into_inner();
+        assert_eq!(status.executors.len(), 2, "{status:?}");
+        let state = agent
+            .get_state(GetStateRequest {})
+            .await
+            .expect("state")
+            .into_inner();
+
+        // Plaintext, even with the right credential: no answer.
+        let plaintext = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            motorpool::agent::AgentClient::with_interceptor(
+                channel,
+                auth::AttachCredential(trusted.clone()),
+            )
+            .get_state(GetStateRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert!(plaintext.await.is_err(), "a plaintext client got in");
+
+        // Another project's CA (another secret): the handshake fails, whatever the credential.
+        let other = motorpool::tls::ProjectCa::derive(&Credential::new("another project"))
+            .expect("other CA");
+        let untrusting = auth::derive(&secret, "agent/tls").with_trust(other.trust().always(true));
+        let refused = match motorpool::bootstrap::run::connect(&address, &untrusting).await {
+            Err(e) => e,
+            Ok(mut a) => a
+                .get_state(GetStateRequest {})
+                .await
+                .expect_err("a client of another CA got in")
+                .to_string(),
+        };
+        assert!(
+            refused.to_lowercase().contains("certificate")
+                || refused.to_lowercase().contains("issuer"),
+            "{refused}"
+        );
+
+        // The driver: TLS with the cluster credential gets in, plaintext does not.
+        let cluster =
+            auth::cluster_credential(&secret, "tls", "etl").with_trust(ca.trust().always(true));
+        let mut client = motorpool::runtime::connect_driver(&state.driver_address, &cluster)
+            .await
+            .expect("driver over TLS");
+        client
+            .cluster_status(motorpool::runtime::proto::ClusterStatusRequest {})
+            .await
+            .expect("cluster status over TLS");
+        let plain_driver = async {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{}", state.driver_address))
+                    .map_err(|e| e.to_string())?
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(5))
+                    .connect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+            motorpool::runtime::proto::driver_client::DriverClient::with_interceptor(
+                channel,
+                auth::AttachCredential(cluster.clone()),
+            )
+            .cluster_status(motorpool::runtime::proto::ClusterStatusRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert!(
+            plain_driver.await.is_err(),
+            "a plaintext client reached the driver"
+        );
+    });
+
+    // The node key is in the node's private config only: never in any output.
+    let node = ca.node_tls(true).expect("node tls");
+    let key_body: String = node
+        .key
+        .expose()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let outputs = [
+        env.mp(&["plan", "--output", "json"]).stdout,
+        env.mp(&["status", "--output", "json"]).stdout,
+        env.mp(&["logs", "etl"]).expect_code(0).stdout,
+    ]
+    .join("\n");
+    assert!(!outputs.contains(&key_body), "the node key leaked");
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}

@@ -116,7 +116,7 @@ async fn agent_writes_agent_json_and_answers_identity_and_health() {
 }
 
 #[tokio::test]
-async fn agent_refuses_a_non_loopback_address() {
+async fn agent_refuses_a_non_loopback_address_without_tls() {
     let home = tempfile::tempdir().expect("temp dir");
     let err = run_until(
         AgentOptions {
@@ -131,6 +131,7 @@ async fn agent_refuses_a_non_loopback_address() {
     .expect_err("0.0.0.0 must be refused");
     let message = format!("{err:#}");
     assert!(message.contains("loopback"), "{message}");
+    assert!(message.contains("without TLS"), "{message}");
     assert!(!home.path().join("a").join(AGENT_FILE).exists());
 }
 

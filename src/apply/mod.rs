@@ -509,7 +509,8 @@ impl Runner {
     }
 
     /// What a launched node is told: the agent's config on the local provider
-    /// (its credential, and a pool instance's warm-up steps); nothing elsewhere yet.
+    /// (its credential, its TLS certificate, and a pool instance's warm-up
+    /// steps); nothing elsewhere yet.
     fn user_data(&self, warm: Option<&BootSpec>) -> Result<String, String> {
         let Some(boot) = &self.boot else {
             return Ok(String::new());
@@ -532,6 +533,7 @@ impl Runner {
             provider: Some(crate::agent::node::SelfProvider::Local {
                 home: boot.home.clone(),
             }),
+            tls: boot.node_tls.clone(),
         };
         serde_json::to_string(&config).map_err(|e| e.to_string())
     }

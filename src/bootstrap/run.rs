@@ -37,6 +37,8 @@ pub struct BootContext {
     /// How long a cluster may take from formation to every executor registered.
     pub ready_timeout: Duration,
     pub home: PathBuf,
+    /// What launched nodes serve TLS with: a certificate from the project CA.
+    pub node_tls: Option<crate::tls::NodeTls>,
 }
 
 type Agent = AgentClient<InterceptedService<Channel, AttachCredential>>;
@@ -60,15 +62,21 @@ impl StartupReport {
     }
 }
 
-/// Connect to an agent with the project's agent credential.
+/// Connect to an agent with the project's agent credential (over TLS,
+/// verified against the credential's project CA, where [`crate::tls::required`]).
 pub async fn connect(address: &str, credential: &Credential) -> Result<Agent, String> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("bad agent address {address}: {e}"))?
+    let channel = crate::tls::endpoint(address, credential.trust())
+        .map_err(|e| format!("cannot connect to the agent at {address}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| format!("cannot reach the agent at {address}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot reach the agent at {address}: {}",
+                crate::tls::error_chain(&e)
+            )
+        })?;
     Ok(AgentClient::with_interceptor(
         channel,
         AttachCredential(credential.clone()),
