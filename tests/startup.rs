@@ -500,3 +500,98 @@ clusters:
     assert!(!outputs.contains(&key_body), "the node key leaked");
     env.mp(&["destroy", "--yes"]).expect_code(0);
 }
+
+/// The `runtime` step record in a node's `state.json`.
+fn runtime_record(env: &Env, id: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(node_dir(env, id).join("state.json")).expect("state.json");
+    let state: serde_json::Value = serde_json::from_str(&text).expect("state.json is JSON");
+    state["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["step"] == "runtime"))
+        .cloned()
+        .unwrap_or_else(|| panic!("{id} has no runtime step: {state:#}"))
+}
+
+#[test]
+fn a_stopped_warm_pool_keeps_its_set_up_and_starts_its_instances_for_a_cluster() {
+    let env = Env::new();
+    let pool = r#"
+project: cold
+pools:
+  general: { node_type: small, min_idle: 2, max_capacity: 6, warm: stopped }
+"#;
+    env.spec(pool);
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    // Filled, warmed up, then stopped: no agent process runs, the directories stay.
+    let idle: Vec<serde_json::Value> = env
+        .nodes()
+        .into_iter()
+        .filter(|n| n["resource"] == "pool.general")
+        .collect();
+    assert_eq!(idle.len(), 2, "{idle:#?}");
+    let mut warmed = Vec::new();
+    for n in &idle {
+        let id = n["id"].as_str().expect("id").to_string();
+        assert_eq!(n["state"], "stopped", "{n:#}");
+        assert_eq!(n["step"], "runtime", "warm before it stopped: {n:#}");
+        if let Some(pid) = n["pid"].as_i64() {
+            assert!(!common::is_alive(pid as i32), "{id}'s agent still runs");
+        }
+        assert!(node_dir(&env, &id).join("runtime/venv/bin/python").exists());
+        let record = runtime_record(&env, &id);
+        assert_eq!(record["status"], "ok", "{record:#}");
+        warmed.push((id, record));
+    }
+    assert!(
+        env.processes().is_empty(),
+        "agents of a stopped pool still run: {:?}",
+        env.processes()
+    );
+    // Stopped on purpose: not drift.
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+
+    // A cluster draws them: started, ready, without running the warm-up again.
+    env.spec(&format!(
+        "{pool}clusters:\n  etl: {{ pool: general, workers: 1 }}\n"
+    ));
+    let applied = env.mp(&["apply", "--yes"]).expect_code(0);
+    assert!(
+        applied
+            .stdout
+            .contains("takes 2 idle instances from pool `general`"),
+        "{}",
+        applied.stdout
+    );
+    let nodes = cluster_nodes(&env, "etl");
+    assert_eq!(nodes.len(), 2, "{nodes:#?}");
+    for n in &nodes {
+        let id = n["id"].as_str().expect("id");
+        assert_eq!(n["state"], "running", "{n:#}");
+        assert_eq!(n["step"], "ready", "{n:#}");
+        let (_, before) = warmed
+            .iter()
+            .find(|(w, _)| w == id)
+            .unwrap_or_else(|| panic!("{id} was not one of the warm instances"));
+        assert_eq!(
+            &runtime_record(&env, id),
+            before,
+            "{id} ran its runtime setup again"
+        );
+        // Started again, the agent neither repeated its warm-up nor re-tagged itself warm.
+        let log = std::fs::read_to_string(node_dir(&env, id).join("agent.log")).expect("log");
+        assert!(log.contains("warm-up already done"), "{log}");
+    }
+    // The pool refills (stopped again); afterwards nothing is left to do.
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    let refilled: Vec<serde_json::Value> = env
+        .nodes()
+        .into_iter()
+        .filter(|n| n["resource"] == "pool.general")
+        .collect();
+    assert_eq!(refilled.len(), 2, "{refilled:#?}");
+    assert!(
+        refilled.iter().all(|n| n["state"] == "stopped"),
+        "{refilled:#?}"
+    );
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}

@@ -237,7 +237,20 @@ pub async fn run_until(
     {
         let steps = svc.steps();
         let warm = c.warm.clone();
-        tokio::spawn(async move { n.warm_up(&steps, warm).await });
+        tokio::spawn(async move {
+            // Started again after a stop (`warm: stopped`, autotermination): it
+            // warmed up before, and may belong to a cluster by now, whose
+            // startup owns its step tag. Tagging itself warm again would undo that.
+            let mut done = true;
+            for s in &warm {
+                done &= steps.done(&s.step, &s.key).await;
+            }
+            if done {
+                eprintln!("motorpool agent: warm-up already done before this start; not repeated");
+                return;
+            }
+            n.warm_up(&steps, warm).await
+        });
     }
     let runtime = svc.runtime();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -99,6 +99,18 @@ impl StepRunner {
         }
     }
 
+    /// Whether `step` already succeeded with `key` (so running it again is skipped).
+    pub async fn done(&self, step: &str, key: &str) -> bool {
+        !key.is_empty()
+            && self
+                .state
+                .lock()
+                .await
+                .steps
+                .iter()
+                .any(|r| r.step == step && r.key == key && r.status == "ok")
+    }
+
     pub async fn snapshot(&self) -> NodeStateFile {
         self.state.lock().await.clone()
     }
