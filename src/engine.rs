@@ -120,7 +120,8 @@ impl Project {
                 python: "python3".into(),
                 motorpool_binary: binary.display().to_string(),
                 cache_dir: self.home.root().join("cache").display().to_string(),
-                timeout_seconds: 30 * 60,
+                timeout_seconds: crate::bootstrap::steps::DEFAULT_STEP_TIMEOUT_MINUTES * 60,
+                minute: minute_from_env(),
             },
             templates: Templates::new(),
             ready_timeout: Duration::from_secs(120),
@@ -445,4 +446,15 @@ pub async fn cluster_logs(
         }
     }
     Ok(out)
+}
+
+/// `MOTORPOOL_MINUTE_MS` shortens a minute of the spec's `*_minutes` settings
+/// that the engine applies (tests of timeouts); one real minute otherwise.
+fn minute_from_env() -> Duration {
+    std::env::var("MOTORPOOL_MINUTE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(60))
 }

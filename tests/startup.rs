@@ -595,3 +595,55 @@ pools:
     );
     env.mp(&["destroy", "--yes"]).expect_code(0);
 }
+
+#[test]
+fn an_init_script_past_its_startup_timeout_fails_startup_naming_the_script() {
+    // A "minute" of 15 seconds for this test's step timeouts: runtime setup fits, the hang does not.
+    let env = Env::new().with_var("MOTORPOOL_MINUTE_MS", "15000");
+    let dir = env.spec(
+        r#"
+project: slow
+clusters:
+  etl:
+    node_type: small
+    workers: 1
+    startup_timeout_minutes: 1
+    init_scripts: [ quick.sh, hang.sh ]
+"#,
+    );
+    std::fs::write(dir.join("quick.sh"), "echo quick\n").expect("script");
+    // `sleep 97` marks the script's own processes: they must die with the step.
+    std::fs::write(
+        dir.join("hang.sh"),
+        "echo started\n(sleep 97; echo survived) &\nsleep 97\n",
+    )
+    .expect("script");
+    let started = std::time::Instant::now();
+    let failed = env.mp(&["apply", "--yes"]).expect_code(1);
+    let text = format!("{}{}", failed.stdout, failed.stderr);
+    assert!(text.contains("init:hang.sh"), "{text}");
+    assert!(text.contains("timed out"), "{text}");
+    assert!(text.contains("after 15s"), "{text}");
+    assert!(!text.contains("init:quick.sh timed out"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(80),
+        "startup waited for the script instead of its timeout: {:?}",
+        started.elapsed()
+    );
+    // The plan knows startup did not finish.
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(2);
+    // Nothing the script started lives on.
+    std::thread::sleep(Duration::from_secs(1));
+    for n in cluster_nodes(&env, "etl") {
+        let id = n["id"].as_str().expect("id");
+        let log = std::fs::read_to_string(node_dir(&env, id).join("steps/init_hang.sh.log"))
+            .expect("step log");
+        assert!(log.contains("timed out after 15s"), "{log}");
+    }
+    let leftovers = common::processes_mentioning("sleep 97");
+    assert!(
+        leftovers.is_empty(),
+        "the step's children outlived it: {leftovers:?}"
+    );
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}

@@ -103,19 +103,28 @@ impl Node {
             };
             let run = runner.run(request, tx);
             let mut exit = -1;
+            let mut timed_out = false;
             let drain = async {
                 while let Some(Ok(event)) = rx.recv().await {
                     if let Some(super::proto::step_event::Event::Finished(f)) = event.event {
                         exit = f.exit_code;
+                        timed_out = f.timed_out;
                     }
                 }
             };
             tokio::join!(run, drain);
-            if exit != 0 {
+            if timed_out {
+                eprintln!(
+                    "motorpool agent: warm-up step {} timed out after {}s (startup_timeout_minutes); see its log",
+                    s.step, s.timeout_seconds
+                );
+            } else if exit != 0 {
                 eprintln!(
                     "motorpool agent: warm-up step {} failed (exit {exit}); see its log",
                     s.step
                 );
+            }
+            if exit != 0 {
                 let mut set = BTreeMap::new();
                 set.insert(tags::STEP.to_string(), format!("failed:{}", s.step));
                 let _ = self.tag_self(set).await;

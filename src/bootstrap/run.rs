@@ -86,6 +86,7 @@ pub async fn connect(address: &str, credential: &Credential) -> Result<Agent, St
 /// Run one step request on a node to its end; Err names the node and the stderr tail.
 async fn run_step(node: &Node, request: RunStepRequest) -> Result<Duration, String> {
     let step = request.step.clone();
+    let timeout = request.timeout_seconds;
     let mut agent = node.agent.clone();
     let mut stream = agent
         .run_step(request)
@@ -99,6 +100,13 @@ async fn run_step(node: &Node, request: RunStepRequest) -> Result<Duration, Stri
             })) => {
                 if f.exit_code == 0 {
                     return Ok(Duration::from_millis(f.duration_ms));
+                }
+                if f.timed_out {
+                    return Err(format!(
+                        "step {step} timed out on node {} after {}: killed (raise `startup_timeout_minutes` if it needs longer)",
+                        node.id,
+                        seconds_text(timeout)
+                    ));
                 }
                 let tail = if f.stderr_tail.is_empty() {
                     String::new()
@@ -125,6 +133,15 @@ async fn run_step(node: &Node, request: RunStepRequest) -> Result<Duration, Stri
                 ));
             }
         }
+    }
+}
+
+/// `90s`, `2m`, `1m30s`.
+fn seconds_text(s: u32) -> String {
+    match (s / 60, s % 60) {
+        (0, s) => format!("{s}s"),
+        (m, 0) => format!("{m}m"),
+        (m, s) => format!("{m}m{s}s"),
     }
 }
 
