@@ -167,3 +167,22 @@ async fn identity_of_nothing_fails_fast_with_the_address() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(format!("{err:#}").contains(&addr), "{err:#}");
 }
+
+#[test]
+fn the_agent_config_never_prints_its_secrets() {
+    let ca = crate::tls::ProjectCa::derive(&crate::auth::Credential::new("s3cr3t")).expect("ca");
+    let config = AgentConfig {
+        credential: "agent-credential-value".into(),
+        project: "p".into(),
+        tls: Some(ca.node_tls(false).expect("node tls")),
+        ..AgentConfig::default()
+    };
+    let printed = format!("{config:?}");
+    assert!(!printed.contains("agent-credential-value"), "{printed}");
+    assert!(!printed.contains("PRIVATE KEY"), "{printed}");
+    // It still round-trips through its JSON (the node's private file).
+    let json = serde_json::to_string(&config).expect("json");
+    let back: AgentConfig = serde_json::from_str(&json).expect("parse");
+    assert_eq!(back.tls, config.tls);
+    assert_eq!(back.credential, config.credential);
+}
