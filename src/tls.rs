@@ -57,9 +57,11 @@ pub enum TlsError {
     #[error("cannot build the project's certificates: {0}")]
     Certificate(String),
     #[error(
-        "{address} is not a loopback address, so the connection must use TLS, but no project CA is at hand to verify the server"
+        "the connection to {address} must use TLS (it is not loopback, or {MODE_ENV}=always), but no project CA is at hand to verify the server"
     )]
     NoTrust { address: String },
+    #[error("{MODE_ENV}=always, but the server on {address} has no certificate to serve TLS with")]
+    NoCertificate { address: SocketAddr },
     #[error(
         "refusing to listen on {address} without TLS: only loopback listeners may be plaintext (give the node its TLS settings)"
     )]
@@ -300,10 +302,7 @@ pub fn server_config(
         Some(t) => Ok(Some(ServerTlsConfig::new().identity(t.identity.clone()))),
         None => {
             if listen.ip().is_loopback() {
-                // Forced by the environment, but this server has no certificate.
-                Err(TlsError::Certificate(format!(
-                    "{MODE_ENV}=always, but the server on {listen} has no certificate"
-                )))
+                Err(TlsError::NoCertificate { address: listen })
             } else {
                 Err(TlsError::PlaintextBeyondLoopback { address: listen })
             }
