@@ -481,6 +481,63 @@ clusters:
             plain_driver.await.is_err(),
             "a plaintext client reached the driver"
         );
+
+        // A job runs: tasks pushed to both executors, map output fetched
+        // between them (shuffle), results back to this client, all over TLS.
+        let job_dir = tempfile::tempdir().expect("job dir");
+        std::fs::create_dir_all(job_dir.path().join("data")).expect("mkdir");
+        std::fs::write(job_dir.path().join("data/a.txt"), "b a\nc a\n").expect("input");
+        std::fs::write(job_dir.path().join("data/b.txt"), "a b\n").expect("input");
+        let mut job = motorpool::spec::Job::default();
+        job.tasks.insert(
+            "count".into(),
+            motorpool::spec::Task {
+                map: Some(motorpool::spec::MapStage {
+                    input: "data/*.txt".into(),
+                    command: Some(r#"tr ' ' '\n' | awk 'NF { print $1 "\t1" }'"#.into()),
+                    partitions: Some(2),
+                    ..Default::default()
+                }),
+                reduce: Some(motorpool::spec::ReduceStage {
+                    partitions: Some(2),
+                    command: Some(
+                        r#"awk -F'\t' '{ c[$1] += $2 } END { for (k in c) print k "\t" c[k] }'"#
+                            .into(),
+                    ),
+                    ..Default::default()
+                }),
+                output: Some("out".into()),
+                ..Default::default()
+            },
+        );
+        let summary = motorpool::runtime::client::run_job(
+            &state.driver_address,
+            &cluster,
+            motorpool::runtime::client::JobSubmission {
+                name: "wc".into(),
+                job,
+                base_dir: job_dir.path().to_path_buf(),
+                env: Default::default(),
+                exclude: Vec::new(),
+            },
+            |_| {},
+        )
+        .await
+        .expect("the job ran over TLS");
+        assert!(summary.ok, "{summary:?}");
+        let mut counts: Vec<String> = std::fs::read_dir(job_dir.path().join("out"))
+            .expect("output")
+            .flatten()
+            .flat_map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        counts.sort();
+        assert_eq!(counts, ["a\t3", "b\t2", "c\t1"]);
     });
 
     // The node key is in the node's private config only: never in any output.
