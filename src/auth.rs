@@ -8,6 +8,10 @@
 //! every party that knows the secret can compute it. This module owns the
 //! derivation, the header and the check; it never logs or prints a credential
 //! ([`Credential`]'s `Debug` and `Display` are redacted).
+//!
+//! A credential also carries what its holder trusts ([`crate::tls::Trust`]):
+//! a credential derived from the project secret trusts the project CA, so
+//! every connection made with it verifies the server where TLS is used.
 
 use std::fmt;
 
@@ -16,22 +20,44 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::tls::Trust;
+
 /// The metadata key that carries the credential.
 pub const HEADER: &str = "authorization";
 
-/// A shared secret; prints as `Credential(<redacted>)`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credential(String);
+/// A shared secret, and the project CA its holder trusts (if known);
+/// prints as `Credential(<redacted>)`. Equal when the secrets are equal.
+#[derive(Clone)]
+pub struct Credential(String, Option<Trust>);
+
+impl PartialEq for Credential {
+    fn eq(&self, other: &Credential) -> bool {
+        constant_time_eq(self.0.as_bytes(), other.0.as_bytes())
+    }
+}
+
+impl Eq for Credential {}
 
 impl Credential {
     /// Wrap a credential received out of band (an environment variable, a file).
     pub fn new(secret: impl Into<String>) -> Credential {
-        Credential(secret.into())
+        Credential(secret.into(), None)
     }
 
     /// The raw secret, to hand to a child process; never print it.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// The same credential, trusting `trust` to verify the servers it talks to over TLS.
+    pub fn with_trust(mut self, trust: Trust) -> Credential {
+        self.1 = Some(trust);
+        self
+    }
+
+    /// What the holder trusts to verify servers over TLS, if known.
+    pub fn trust(&self) -> Option<&Trust> {
+        self.1.as_ref()
     }
 
     /// Add this credential to an outgoing request.
@@ -58,13 +84,22 @@ impl fmt::Display for Credential {
 
 /// Derive a purpose-bound credential from the project secret:
 /// `hex(sha256(secret | purpose))`. Different purposes never share a credential.
+/// It trusts the project CA (derived from the same secret), or what the
+/// project secret was given to trust.
 pub fn derive(project_secret: &Credential, purpose: &str) -> Credential {
     let mut h = Sha256::new();
     h.update(project_secret.0.as_bytes());
     h.update([0]);
     h.update(purpose.as_bytes());
     let digest = h.finalize();
-    Credential(digest.iter().map(|b| format!("{b:02x}")).collect())
+    let trust = project_secret
+        .1
+        .clone()
+        .unwrap_or_else(|| Trust::from_secret(project_secret));
+    Credential(
+        digest.iter().map(|b| format!("{b:02x}")).collect(),
+        Some(trust),
+    )
 }
 
 /// The credential of one cluster's agents, driver and executors.

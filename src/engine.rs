@@ -113,6 +113,9 @@ impl Project {
     /// What cluster startup needs: credentials, where things are, the templates.
     pub fn boot_context(&self) -> Result<BootContext> {
         let secret = self.home.project_secret(&self.name)?;
+        let node_tls = crate::tls::ProjectCa::derive(&secret)
+            .and_then(|ca| ca.node_tls(crate::tls::forced_by_env()?))
+            .context("cannot issue the nodes' TLS certificate")?;
         let binary = match std::env::var_os("MOTORPOOL_AGENT_PROGRAM") {
             Some(p) => PathBuf::from(p),
             None => std::env::current_exe().context("cannot find the motorpool binary")?,
@@ -125,12 +128,14 @@ impl Project {
                 python: "python3".into(),
                 motorpool_binary: binary.display().to_string(),
                 cache_dir: self.home.root().join("cache").display().to_string(),
-                timeout_seconds: 30 * 60,
+                timeout_seconds: crate::bootstrap::steps::DEFAULT_STEP_TIMEOUT_MINUTES * 60,
+                minute: minute_from_env(),
             },
             templates: Templates::new(),
             ready_timeout: self.ready_timeout(),
             home: self.home.root().to_path_buf(),
             cloud: self.cloud_nodes(),
+            node_tls: Some(node_tls),
         })
     }
 
@@ -483,4 +488,15 @@ pub async fn cluster_logs(
         }
     }
     Ok(out)
+}
+
+/// `MOTORPOOL_MINUTE_MS` shortens a minute of the spec's `*_minutes` settings
+/// that the engine applies (tests of timeouts); one real minute otherwise.
+fn minute_from_env() -> Duration {
+    std::env::var("MOTORPOOL_MINUTE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(60))
 }

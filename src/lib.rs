@@ -17,3 +17,4 @@ pub mod plan;
 pub mod providers;
 pub mod runtime;
 pub mod spec;
+pub mod tls;

@@ -177,7 +177,7 @@ struct AgentArgs {
     /// The instance's directory.
     #[arg(long)]
     dir: PathBuf,
-    /// Where to listen (loopback only).
+    /// Where to listen: loopback, or any address when the config has TLS settings.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     #[arg(long)]

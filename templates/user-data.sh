@@ -14,18 +14,26 @@ mv /opt/motorpool/motorpool.download /opt/motorpool/motorpool
 umask 077
 printf '%s\n' {{ agent_config }} > /var/lib/motorpool/agent-config.json
 chmod 0600 /var/lib/motorpool/agent-config.json
-# The instance id, from cloud-init, else from the instance metadata service (IMDSv2).
+# The instance's id and private address, from cloud-init, else from the
+# instance metadata service (IMDSv2).
+imds() {
+  if [ -z "${imds_token:-}" ]; then
+    imds_token=$(curl -fsS -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)
+  fi
+  curl -fsS -H "X-aws-ec2-metadata-token: $imds_token" "http://169.254.169.254/latest/meta-data/$1"
+}
 instance_id=$(cloud-init query v1.instance_id 2>/dev/null || true)
-if [ -z "$instance_id" ]; then
-  imds_token=$(curl -fsS -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)
-  instance_id=$(curl -fsS -H "X-aws-ec2-metadata-token: $imds_token" http://169.254.169.254/latest/meta-data/instance-id)
-fi
+[ -n "$instance_id" ] || instance_id=$(imds instance-id)
 case "$instance_id" in
   i-*) ;;
   *) echo "motorpool: cannot learn this instance's id (got '$instance_id')" >&2; exit 1 ;;
 esac
+private_ip=$(cloud-init query ds.meta_data.local_ipv4 2>/dev/null || true)
+[ -n "$private_ip" ] || private_ip=$(imds local-ipv4)
+# The agent, and the driver or executor it hosts, listen on the private
+# address with TLS (the node's certificate from the project CA is in its config).
 # Values reach the unit through variables: a heredoc would re-parse quoted text.
-listen={{ listen }}
+listen="$private_ip:"{{ port }}
 cat > /etc/systemd/system/motorpool-agent.service <<UNIT
 [Unit]
 Description=motorpool node agent

@@ -6,7 +6,11 @@
 //! and learns its address from `DIR/agent.json`, which [`run`] writes once
 //! the socket is bound.
 //!
-//! Nothing listens beyond loopback for now: a non-loopback `--listen` is refused.
+//! A listener beyond loopback must serve TLS ([`crate::tls`]): the agent
+//! refuses a non-loopback `--listen` unless its config carries the node's
+//! TLS settings. On loopback it serves plaintext unless TLS is forced
+//! (`MOTORPOOL_TLS=always`, or `always` in its TLS settings); the driver or
+//! executor it hosts, and every client it makes, follow the same rule.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +20,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Channel, Server};
 
 pub mod node;
 mod runtime_host;
@@ -49,7 +53,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct AgentOptions {
     /// The agent's working directory; `agent.json` is written here.
     pub dir: PathBuf,
-    /// Where to listen; must be a loopback address. Port 0 picks a free port.
+    /// Where to listen: loopback, or any address when the config has TLS settings. Port 0 picks a free port.
     pub listen: SocketAddr,
     /// The provider's id of the instance this agent runs on.
     pub instance_id: String,
@@ -58,8 +62,9 @@ pub struct AgentOptions {
 }
 
 /// What an agent is told at launch (the local provider's user data; on clouds,
-/// written by cloud-init). Holds a secret: the file is private to the node.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// written by cloud-init). Holds secrets: the file is private to the node,
+/// and `Debug` redacts them.
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct AgentConfig {
     /// The credential every call to this agent must carry (`auth::HEADER`).
     pub credential: String,
@@ -78,6 +83,24 @@ pub struct AgentConfig {
     /// node runs on itself (the engine cannot reach it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<node::ClusterBoot>,
+    /// The node's certificate and key, issued by the project CA (required to
+    /// listen beyond loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::NodeTls>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("credential", &"<redacted>")
+            .field("project", &self.project)
+            .field("warm", &self.warm)
+            .field("provider", &self.provider)
+            .field("warm_spec", &self.warm_spec)
+            .field("cluster", &self.cluster)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl AgentConfig {
@@ -131,12 +154,6 @@ pub async fn run_until(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    if !opts.listen.ip().is_loopback() {
-        bail!(
-            "refusing to listen on {}: the agent only listens on a loopback address (127.0.0.1 or ::1) for now",
-            opts.listen
-        );
-    }
     if opts.instance_id.is_empty() {
         bail!("the instance id must not be empty");
     }
@@ -149,6 +166,12 @@ pub async fn run_until(
         Some(path) => Some(AgentConfig::read(path)?),
         None => None,
     };
+    // Refuse plaintext beyond loopback before binding anything.
+    let node_tls = config.as_ref().and_then(|c| c.tls.clone());
+    let server_tls = node_tls.as_ref().map(|t| t.server());
+    let tls_config = crate::tls::server_config(opts.listen, server_tls.as_ref())
+        .with_context(|| format!("the agent cannot listen on {}", opts.listen))?;
+    let trust = node_tls.as_ref().map(|t| t.trust());
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -166,8 +189,11 @@ pub async fn run_until(
         &serde_json::to_vec_pretty(&agent_file)?,
     )?;
     eprintln!(
-        "motorpool agent {} (pid {}) listening on {}",
-        opts.instance_id, agent_file.pid, agent_file.address
+        "motorpool agent {} (pid {}) listening on {}{}",
+        opts.instance_id,
+        agent_file.pid,
+        agent_file.address,
+        if tls_config.is_some() { " (TLS)" } else { "" }
     );
 
     // The node acting on itself through its provider: warm-up and autotermination.
@@ -181,7 +207,10 @@ pub async fn run_until(
             provider: p
                 .connect()
                 .context("cannot reach the node's own provider")?,
-            agent_credential: crate::auth::Credential::new(c.credential.clone()),
+            agent_credential: with_trust(
+                crate::auth::Credential::new(c.credential.clone()),
+                trust.as_ref(),
+            ),
         })),
         None => None,
     };
@@ -206,6 +235,11 @@ pub async fn run_until(
             dir: dir.clone(),
         },
         on_idle,
+        service::RuntimeTls {
+            server: server_tls.clone(),
+            trust: trust.clone(),
+            listen_ip: opts.listen.ip(),
+        },
     );
     if let (Some(n), Some(c)) = (node.clone(), config.as_ref()) {
         let steps = svc.steps();
@@ -214,7 +248,20 @@ pub async fn run_until(
         let dir = dir.clone();
         tokio::spawn(async move {
             if !warm.is_empty() {
-                n.warm_up(&steps, warm).await;
+                // Started again after a stop (`warm: stopped`, autotermination): it
+                // warmed up before, and may belong to a cluster by now, whose
+                // startup owns its step tag. Tagging itself warm again would undo that.
+                let mut done = true;
+                for s in &warm {
+                    done &= steps.done(&s.step, &s.key).await;
+                }
+                if done {
+                    eprintln!(
+                        "motorpool agent: warm-up already done before this start; not repeated"
+                    );
+                } else {
+                    n.warm_up(&steps, warm).await;
+                }
             }
             if let Some(spec) = warm_spec {
                 n.warm_up_from_spec(&steps, &dir, &spec).await;
@@ -229,15 +276,19 @@ pub async fn run_until(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = Server::builder();
+    if let Some(tls) = tls_config {
+        builder = builder
+            .tls_config(tls)
+            .context("the agent's TLS settings are not valid")?;
+    }
     let router = match config {
         // Every call must carry the credential of the project's agents.
-        Some(c) => {
-            Server::builder().add_service(proto::agent_server::AgentServer::with_interceptor(
-                svc,
-                crate::auth::require(crate::auth::Credential::new(c.credential)),
-            ))
-        }
-        None => Server::builder().add_service(proto::agent_server::AgentServer::new(svc)),
+        Some(c) => builder.add_service(proto::agent_server::AgentServer::with_interceptor(
+            svc,
+            crate::auth::require(crate::auth::Credential::new(c.credential)),
+        )),
+        None => builder.add_service(proto::agent_server::AgentServer::new(svc)),
     };
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
@@ -270,6 +321,17 @@ pub async fn run_until(
         .context("the agent's server task failed")?
         .context("the agent's gRPC server failed")?;
     Ok(())
+}
+
+/// `credential`, trusting `trust` where known.
+fn with_trust(
+    credential: crate::auth::Credential,
+    trust: Option<&crate::tls::Trust>,
+) -> crate::auth::Credential {
+    match trust {
+        Some(t) => credential.with_trust(t.clone()),
+        None => credential,
+    }
 }
 
 /// Completes on the first SIGTERM or SIGINT. SIGHUP is swallowed meanwhile.
@@ -307,8 +369,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 ///
 /// Every call made on the returned client also times out after `timeout`.
 pub async fn connect(address: &str, timeout: Duration) -> anyhow::Result<AgentClient<Channel>> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .with_context(|| format!("not an agent address: {address:?}"))?
+    let endpoint = crate::tls::endpoint(address, None)
+        .with_context(|| format!("cannot connect to the agent at {address}"))?
         .connect_timeout(timeout)
         .timeout(timeout)
         .tcp_nodelay(true);

@@ -56,11 +56,21 @@ pub enum SelfProvider {
 /// A cluster's startup as a cloud node runs it on itself: the cluster, its
 /// credential (which guards its driver and executors) and what to run. The
 /// node learns its role (driver or worker) from its own `motorpool-role` tag.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClusterBoot {
     pub cluster: String,
     pub credential: String,
     pub spec: BootSpec,
+}
+
+impl std::fmt::Debug for ClusterBoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBoot")
+            .field("cluster", &self.cluster)
+            .field("credential", &"<redacted>")
+            .field("spec", &self.spec)
+            .finish()
+    }
 }
 
 /// A step the node runs on itself at start (pool warm-up), as rendered by the engine.
@@ -127,7 +137,8 @@ pub fn node_step_context(dir: &std::path::Path) -> anyhow::Result<StepContext> {
         python: "python3".into(),
         motorpool_binary: binary.display().to_string(),
         cache_dir: dir.join("cache").display().to_string(),
-        timeout_seconds: 30 * 60,
+        timeout_seconds: crate::bootstrap::steps::DEFAULT_STEP_TIMEOUT_MINUTES * 60,
+        minute: Duration::from_secs(60),
     })
 }
 
@@ -179,20 +190,26 @@ impl Node {
     /// Run one step to its end; Err says how it failed (its log has the rest).
     async fn run_one(runner: &StepRunner, request: RunStepRequest) -> anyhow::Result<()> {
         let step = request.step.clone();
+        let timeout = request.timeout_seconds;
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let run = runner.run(request, tx);
-        let mut finished: Option<(i32, String)> = None;
+        let mut finished: Option<(i32, String, bool)> = None;
         let drain = async {
             while let Some(Ok(event)) = rx.recv().await {
                 if let Some(super::proto::step_event::Event::Finished(f)) = event.event {
-                    finished = Some((f.exit_code, f.stderr_tail));
+                    finished = Some((f.exit_code, f.stderr_tail, f.timed_out));
                 }
             }
         };
         tokio::join!(run, drain);
         match finished {
-            Some((0, _)) => Ok(()),
-            Some((exit, tail)) => bail!("step {step} failed (exit {exit}); see its log:\n{tail}"),
+            Some((_, _, true)) => bail!(
+                "step {step} timed out after {timeout}s (startup_timeout_minutes); see its log"
+            ),
+            Some((0, _, _)) => Ok(()),
+            Some((exit, tail, _)) => {
+                bail!("step {step} failed (exit {exit}); see its log:\n{tail}")
+            }
             None => bail!("step {step} ended without a result"),
         }
     }
@@ -320,7 +337,8 @@ impl Node {
                 .await
                 .map_err(at(Step::Formation))?;
         }
-        let address = runtime.start(request).await.map_err(|e| {
+        // The runtime listens on the agent's (private) address.
+        let address = runtime.start(request, None).await.map_err(|e| {
             (
                 Step::Formation,
                 anyhow!("the runtime did not start: {}", e.message()),

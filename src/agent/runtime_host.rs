@@ -7,7 +7,7 @@
 //! autotermination does to the cluster's instances lives in
 //! [`super::autoterminate`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -42,6 +42,7 @@ pub type OnIdle = Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static,
 
 pub struct RuntimeHost {
     dir: PathBuf,
+    tls: super::service::RuntimeTls,
     steps: Arc<StepRunner>,
     hosted: Mutex<Hosted>,
     on_idle: Option<OnIdle>,
@@ -50,9 +51,14 @@ pub struct RuntimeHost {
 }
 
 impl RuntimeHost {
-    pub fn new(dir: PathBuf, steps: Arc<StepRunner>) -> RuntimeHost {
+    pub fn new(
+        dir: PathBuf,
+        steps: Arc<StepRunner>,
+        tls: super::service::RuntimeTls,
+    ) -> RuntimeHost {
         RuntimeHost {
             dir,
+            tls,
             steps,
             hosted: Mutex::new(Hosted::Nothing),
             on_idle: None,
@@ -67,13 +73,23 @@ impl RuntimeHost {
     }
 
     /// Start (or keep) the driver or an executor; returns its address.
-    pub async fn start(&self, request: proto::StartRuntimeRequest) -> Result<String, Status> {
+    ///
+    /// The runtime listens on the agent's IP; when the agent listens on every
+    /// address (0.0.0.0), on the IP the caller reached it at (`local_ip`).
+    pub async fn start(
+        &self,
+        request: proto::StartRuntimeRequest,
+        local_ip: Option<IpAddr>,
+    ) -> Result<String, Status> {
         if request.cluster_credential.is_empty() {
             return Err(Status::invalid_argument(
                 "the runtime needs the cluster's credential",
             ));
         }
-        let credential = Credential::new(request.cluster_credential.clone());
+        let mut credential = Credential::new(request.cluster_credential.clone());
+        if let Some(trust) = &self.tls.trust {
+            credential = credential.with_trust(trust.clone());
+        }
         let mut hosted = self.hosted.lock().await;
         // Asked again for what already runs: idempotent.
         match (&*hosted, request.role.as_str()) {
@@ -98,15 +114,21 @@ impl RuntimeHost {
             _ => {}
         }
         stop_hosted(std::mem::take(&mut *hosted)).await;
-        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let ip = match (self.tls.listen_ip, local_ip) {
+            (ip, _) if !ip.is_unspecified() => ip,
+            (_, Some(ip)) => ip,
+            _ => IpAddr::from([127, 0, 0, 1]),
+        };
+        let listen = SocketAddr::new(ip, 0);
         let (next, address, driver_address) = match request.role.as_str() {
             "driver" => {
                 let mut config = driver::DriverConfig::new(
-                    loopback,
+                    listen,
                     credential.clone(),
                     self.dir.join("runtime").join("driver"),
                 );
                 config.minute = self.minute;
+                config.tls = self.tls.server.clone();
                 let handle = driver::serve(config)
                     .await
                     .map_err(|e| Status::internal(format!("the driver did not start: {e:#}")))?;
@@ -146,6 +168,8 @@ impl RuntimeHost {
                 if request.cores > 0 {
                     config.cores = request.cores as usize;
                 }
+                config.listen = listen;
+                config.tls = self.tls.server.clone();
                 let handle = executor::serve(config)
                     .await
                     .map_err(|e| Status::internal(format!("the executor did not start: {e:#}")))?;
@@ -278,7 +302,7 @@ struct DriverProbe {
 impl DriverProbe {
     async fn running_jobs(&self) -> anyhow::Result<usize> {
         use crate::runtime::proto::{ClusterStatusRequest, driver_client::DriverClient};
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))?
+        let channel = crate::tls::endpoint(&self.address, self.credential.trust())?
             .connect_timeout(std::time::Duration::from_secs(2))
             .connect()
             .await?;

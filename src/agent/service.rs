@@ -23,6 +23,17 @@ pub(crate) struct AgentInfo {
     pub dir: PathBuf,
 }
 
+/// How the runtime the agent hosts speaks: the node's TLS settings and where it listens.
+#[derive(Debug, Clone)]
+pub struct RuntimeTls {
+    /// The node's certificate, for the driver's or executor's server.
+    pub server: Option<crate::tls::ServerTls>,
+    /// The project CA, for the executor's clients (of the driver, of its peers).
+    pub trust: Option<crate::tls::Trust>,
+    /// The agent's listen IP; the runtime listens on the same one.
+    pub listen_ip: std::net::IpAddr,
+}
+
 #[derive(Clone)]
 pub(crate) struct AgentService {
     info: Arc<AgentInfo>,
@@ -31,9 +42,13 @@ pub(crate) struct AgentService {
 }
 
 impl AgentService {
-    pub(crate) fn new(info: AgentInfo, on_idle: Option<super::runtime_host::OnIdle>) -> Self {
+    pub(crate) fn new(
+        info: AgentInfo,
+        on_idle: Option<super::runtime_host::OnIdle>,
+        tls: RuntimeTls,
+    ) -> Self {
         let steps = Arc::new(StepRunner::new(&info.dir));
-        let mut runtime = RuntimeHost::new(info.dir.clone(), steps.clone());
+        let mut runtime = RuntimeHost::new(info.dir.clone(), steps.clone(), tls);
         if let Some(on_idle) = on_idle {
             runtime = runtime.with_on_idle(on_idle);
         }
@@ -135,7 +150,9 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::StartRuntimeRequest>,
     ) -> Result<Response<proto::StartRuntimeResponse>, Status> {
-        let address = self.runtime.start(request.into_inner()).await?;
+        // Where the caller reached this agent: the runtime is reachable there too.
+        let local_ip = request.local_addr().map(|a| a.ip());
+        let address = self.runtime.start(request.into_inner(), local_ip).await?;
         Ok(Response::new(proto::StartRuntimeResponse { address }))
     }
 

@@ -99,6 +99,18 @@ impl StepRunner {
         }
     }
 
+    /// Whether `step` already succeeded with `key` (so running it again is skipped).
+    pub async fn done(&self, step: &str, key: &str) -> bool {
+        !key.is_empty()
+            && self
+                .state
+                .lock()
+                .await
+                .steps
+                .iter()
+                .any(|r| r.step == step && r.key == key && r.status == "ok")
+    }
+
     pub async fn snapshot(&self) -> NodeStateFile {
         self.state.lock().await.clone()
     }
@@ -153,6 +165,7 @@ impl StepRunner {
                         duration_ms: 0,
                         skipped: true,
                         stderr_tail: String::new(),
+                        timed_out: false,
                     })))
                     .await;
                 return;
@@ -175,6 +188,7 @@ impl StepRunner {
                     duration_ms,
                     skipped: false,
                     stderr_tail: String::new(),
+                    timed_out: false,
                 })))
                 .await;
             return;
@@ -189,9 +203,9 @@ impl StepRunner {
             ..StepRecord::default()
         })
         .await;
-        let (exit_code, stderr_tail) = match self.execute(&request, &events).await {
+        let (exit_code, stderr_tail, timed_out) = match self.execute(&request, &events).await {
             Ok(r) => r,
-            Err(e) => (-1, e),
+            Err(e) => (-1, e, false),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
         self.record(StepRecord {
@@ -209,17 +223,19 @@ impl StepRunner {
                 duration_ms,
                 skipped: false,
                 stderr_tail,
+                timed_out,
             })))
             .await;
     }
 
     /// Write the step's files, run its script, stream and keep its output.
-    /// Returns the exit code and the tail of stderr.
+    /// Returns the exit code, the tail of stderr, and whether it timed out
+    /// (then the script and everything it started are killed).
     async fn execute(
         &self,
         request: &proto::RunStepRequest,
         events: &mpsc::Sender<Result<proto::StepEvent, Status>>,
-    ) -> Result<(i32, String), String> {
+    ) -> Result<(i32, String, bool), String> {
         let step_dir = self.dir.join("steps").join(safe_name(&request.step));
         std::fs::create_dir_all(&step_dir)
             .map_err(|e| format!("cannot create {}: {e}", step_dir.display()))?;
@@ -247,6 +263,7 @@ impl StepRunner {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start sh: {e}"))?;
+        let pid = child.id();
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let (line_tx, mut line_rx) = mpsc::channel::<(bool, String)>(256);
@@ -300,8 +317,13 @@ impl StepRunner {
             {
                 Ok(s) => s,
                 Err(_) => {
+                    if let Some(pid) = pid {
+                        kill_tree(pid);
+                    }
+                    let message = format!("timed out after {}s: killed", request.timeout_seconds);
+                    let _ = log.write_all(format!("! {message}\n").as_bytes()).await;
                     let _ = log.flush().await;
-                    return Ok((-1, format!("timed out after {}s", request.timeout_seconds)));
+                    return Ok((-1, message, true));
                 }
             }
         } else {
@@ -310,6 +332,47 @@ impl StepRunner {
         let _ = log.flush().await;
         let status = status.map_err(|e| format!("cannot wait for the step: {e}"))?;
         let tail = Vec::from(tail).join("\n");
-        Ok((status.code().unwrap_or(-1), tail))
+        Ok((status.code().unwrap_or(-1), tail, false))
+    }
+}
+
+/// SIGKILL `root` and every process descended from it (a timed-out step's
+/// shell and whatever it started), found through `/proc`.
+fn kill_tree(root: u32) {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    for pid in tree {
+        if let Ok(pid) = i32::try_from(pid)
+            && pid > 0
+        {
+            // SAFETY: sends a signal to a process; no memory is touched.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
     }
 }

@@ -116,7 +116,7 @@ async fn agent_writes_agent_json_and_answers_identity_and_health() {
 }
 
 #[tokio::test]
-async fn agent_refuses_a_non_loopback_address() {
+async fn agent_refuses_a_non_loopback_address_without_tls() {
     let home = tempfile::tempdir().expect("temp dir");
     let err = run_until(
         AgentOptions {
@@ -131,6 +131,7 @@ async fn agent_refuses_a_non_loopback_address() {
     .expect_err("0.0.0.0 must be refused");
     let message = format!("{err:#}");
     assert!(message.contains("loopback"), "{message}");
+    assert!(message.contains("without TLS"), "{message}");
     assert!(!home.path().join("a").join(AGENT_FILE).exists());
 }
 
@@ -165,4 +166,23 @@ async fn identity_of_nothing_fails_fast_with_the_address() {
         .expect_err("nothing listens there");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(format!("{err:#}").contains(&addr), "{err:#}");
+}
+
+#[test]
+fn the_agent_config_never_prints_its_secrets() {
+    let ca = crate::tls::ProjectCa::derive(&crate::auth::Credential::new("s3cr3t")).expect("ca");
+    let config = AgentConfig {
+        credential: "agent-credential-value".into(),
+        project: "p".into(),
+        tls: Some(ca.node_tls(false).expect("node tls")),
+        ..AgentConfig::default()
+    };
+    let printed = format!("{config:?}");
+    assert!(!printed.contains("agent-credential-value"), "{printed}");
+    assert!(!printed.contains("PRIVATE KEY"), "{printed}");
+    // It still round-trips through its JSON (the node's private file).
+    let json = serde_json::to_string(&config).expect("json");
+    let back: AgentConfig = serde_json::from_str(&json).expect("parse");
+    assert_eq!(back.tls, config.tls);
+    assert_eq!(back.credential, config.credential);
 }

@@ -510,9 +510,10 @@ impl Runner {
     }
 
     /// What a launched node is told: the agent's config on the local provider
-    /// (its credential, and a pool instance's warm-up steps); on a cloud, the
-    /// cloud-init script that installs and starts the agent with a config that
-    /// holds what the node must start by itself; nothing on the simulator.
+    /// (its credential, its TLS certificate, and a pool instance's warm-up
+    /// steps); on a cloud, the cloud-init script that installs and starts the
+    /// agent with a config that holds what the node must start by itself;
+    /// nothing on the simulator.
     fn user_data(&self, change: &Change, warm: Option<&BootSpec>) -> Result<String, String> {
         let Some(boot) = &self.boot else {
             return Ok(String::new());
@@ -545,6 +546,7 @@ impl Runner {
             provider: Some(crate::agent::node::SelfProvider::Local {
                 home: boot.home.clone(),
             }),
+            tls: boot.node_tls.clone(),
             ..crate::agent::AgentConfig::default()
         };
         serde_json::to_string(&config).map_err(|e| e.to_string())
@@ -625,6 +627,8 @@ impl Runner {
             provider: Some(cloud.provider.clone()),
             warm_spec: warm.cloned(),
             cluster,
+            // Cloud nodes listen on their private address: TLS, always.
+            tls: boot.node_tls.clone(),
             ..crate::agent::AgentConfig::default()
         };
         crate::bootstrap::cloud::user_data(&boot.templates, cloud, &config)

@@ -22,8 +22,8 @@ use crate::agent::node::SelfProvider;
 /// EC2's limit on user data, in bytes (before base64).
 pub const USER_DATA_LIMIT: usize = 16 * 1024;
 
-/// Where the agent listens on a cloud node (loopback only, for now).
-pub const CLOUD_AGENT_LISTEN: &str = "127.0.0.1:7443";
+/// The port the agent listens on, on a cloud node's private address (with TLS).
+pub const CLOUD_AGENT_PORT: u16 = 7443;
 
 /// How cloud nodes get their runtime and reach their provider (from the spec's provider block).
 #[derive(Debug, Clone)]
@@ -87,7 +87,7 @@ pub fn user_data(
             "runtime_url": settings.runtime_url,
             "runtime_sha256": settings.runtime_sha256.to_ascii_lowercase(),
             "agent_config": agent_config,
-            "listen": CLOUD_AGENT_LISTEN,
+            "port": CLOUD_AGENT_PORT,
         }),
     )?;
     if script.len() > USER_DATA_LIMIT {
@@ -136,6 +136,7 @@ mod tests {
             }],
             autotermination_minutes: Some(30),
             workers: 2,
+            startup_timeout_minutes: Some(45),
         }
     }
 

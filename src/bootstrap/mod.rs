@@ -117,6 +117,9 @@ pub struct BootSpec {
     /// Clusters: how many executors must register before the cluster is ready.
     #[serde(default)]
     pub workers: u32,
+    /// Most minutes one step may take on a node (None: the engine's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout_minutes: Option<u32>,
 }
 
 impl BootSpec {
@@ -127,6 +130,7 @@ impl BootSpec {
         let mut copy = self.clone();
         copy.workers = 0;
         copy.autotermination_minutes = None;
+        copy.startup_timeout_minutes = None;
         let text = serde_json::to_string(&copy).unwrap_or_default();
         steps::short_hash(&[&text])
     }

@@ -41,6 +41,8 @@ pub struct BootContext {
     /// Cloud nodes, which start themselves from their user data; None on
     /// the local provider and the simulator.
     pub cloud: Option<super::cloud::CloudNodes>,
+    /// What launched nodes serve TLS with: a certificate from the project CA.
+    pub node_tls: Option<crate::tls::NodeTls>,
 }
 
 type Agent = AgentClient<InterceptedService<Channel, AttachCredential>>;
@@ -64,15 +66,21 @@ impl StartupReport {
     }
 }
 
-/// Connect to an agent with the project's agent credential.
+/// Connect to an agent with the project's agent credential (over TLS,
+/// verified against the credential's project CA, where [`crate::tls::required`]).
 pub async fn connect(address: &str, credential: &Credential) -> Result<Agent, String> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("bad agent address {address}: {e}"))?
+    let channel = crate::tls::endpoint(address, credential.trust())
+        .map_err(|e| format!("cannot connect to the agent at {address}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| format!("cannot reach the agent at {address}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot reach the agent at {address}: {}",
+                crate::tls::error_chain(&e)
+            )
+        })?;
     Ok(AgentClient::with_interceptor(
         channel,
         AttachCredential(credential.clone()),
@@ -82,6 +90,7 @@ pub async fn connect(address: &str, credential: &Credential) -> Result<Agent, St
 /// Run one step request on a node to its end; Err names the node and the stderr tail.
 async fn run_step(node: &Node, request: RunStepRequest) -> Result<Duration, String> {
     let step = request.step.clone();
+    let timeout = request.timeout_seconds;
     let mut agent = node.agent.clone();
     let mut stream = agent
         .run_step(request)
@@ -95,6 +104,13 @@ async fn run_step(node: &Node, request: RunStepRequest) -> Result<Duration, Stri
             })) => {
                 if f.exit_code == 0 {
                     return Ok(Duration::from_millis(f.duration_ms));
+                }
+                if f.timed_out {
+                    return Err(format!(
+                        "step {step} timed out on node {} after {}: killed (raise `startup_timeout_minutes` if it needs longer)",
+                        node.id,
+                        seconds_text(timeout)
+                    ));
                 }
                 let tail = if f.stderr_tail.is_empty() {
                     String::new()
@@ -121,6 +137,15 @@ async fn run_step(node: &Node, request: RunStepRequest) -> Result<Duration, Stri
                 ));
             }
         }
+    }
+}
+
+/// `90s`, `2m`, `1m30s`.
+fn seconds_text(s: u32) -> String {
+    match (s / 60, s % 60) {
+        (0, s) => format!("{s}s"),
+        (m, 0) => format!("{m}m"),
+        (m, s) => format!("{m}m{s}s"),
     }
 }
 

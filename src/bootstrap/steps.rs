@@ -20,8 +20,25 @@ pub struct StepContext {
     pub motorpool_binary: String,
     /// The machine-wide content-addressed cache (libraries).
     pub cache_dir: String,
-    /// Most seconds one step may take.
+    /// Most seconds one step may take, unless the spec says otherwise.
     pub timeout_seconds: u32,
+    /// The length of a minute of `startup_timeout_minutes` (tests shorten it).
+    pub minute: std::time::Duration,
+}
+
+/// The default `startup_timeout_minutes`.
+pub const DEFAULT_STEP_TIMEOUT_MINUTES: u32 = 30;
+
+/// Most seconds one of `spec`'s steps may take: its `startup_timeout_minutes`
+/// (a shortened minute still gives at least a second), or the context's default.
+pub fn step_timeout_seconds(ctx: &StepContext, spec: &BootSpec) -> u32 {
+    match spec.startup_timeout_minutes {
+        Some(m) => {
+            let ms = ctx.minute.as_millis().saturating_mul(u128::from(m));
+            u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX).max(1)
+        }
+        None => ctx.timeout_seconds,
+    }
 }
 
 /// The first 12 hex digits of a SHA-256 over `parts`.
@@ -71,7 +88,7 @@ pub fn runtime(
         Step::Runtime.name(),
         script,
         key,
-        ctx.timeout_seconds,
+        step_timeout_seconds(ctx, spec),
     ))
 }
 
@@ -107,7 +124,12 @@ pub fn libraries(
         "steps/libraries.sh",
         json!({ "cache_dir": ctx.cache_dir, "key": key, "pip": spec.pip, "requirements": names, "python": ctx.python }),
     )?;
-    let mut r = request(Step::Libraries.name(), script, key, ctx.timeout_seconds);
+    let mut r = request(
+        Step::Libraries.name(),
+        script,
+        key,
+        step_timeout_seconds(ctx, spec),
+    );
     for (name, file) in names.iter().zip(&spec.requirements) {
         r.files
             .insert(name.clone(), file.content.clone().into_bytes());
@@ -137,7 +159,7 @@ pub fn init_scripts(
                 &format!("init:{}", s.name),
                 script,
                 key,
-                ctx.timeout_seconds,
+                step_timeout_seconds(ctx, spec),
             );
             r.files
                 .insert(file.to_string(), s.content.clone().into_bytes());
@@ -182,7 +204,7 @@ pub fn mounts(
         Step::Security.name(),
         script,
         short_hash(&["mounts", &text]),
-        ctx.timeout_seconds,
+        step_timeout_seconds(ctx, spec),
     )))
 }
 

@@ -394,6 +394,7 @@ fn pool_boot(
         mounts: vec![],
         autotermination_minutes: None,
         workers: 0,
+        startup_timeout_minutes: pool.startup_timeout_minutes,
     })
 }
 
@@ -439,6 +440,7 @@ fn cluster_boot(
         mounts,
         autotermination_minutes: c.autotermination_minutes,
         workers,
+        startup_timeout_minutes: c.startup_timeout_minutes,
     })
 }
 

@@ -37,6 +37,7 @@ fn pool(min_idle: u32, max_capacity: u32) -> Pool {
         max_capacity,
         idle_timeout_minutes: 15,
         warm: Default::default(),
+        startup_timeout_minutes: None,
         preload: None,
     }
 }

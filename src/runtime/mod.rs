@@ -88,14 +88,11 @@ pub type DriverClient =
 pub type ExecutorClient =
     proto::executor_client::ExecutorClient<InterceptedService<Channel, AttachCredential>>;
 
-fn endpoint(address: &str) -> anyhow::Result<Endpoint> {
-    let uri = if address.starts_with("http://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    Ok(Endpoint::from_shared(uri)
-        .with_context(|| format!("not an address: {address:?}"))?
+/// An endpoint for `address` with the runtime's transport settings: TLS
+/// (verified against the credential's project CA) where [`crate::tls::required`].
+fn endpoint(address: &str, credential: &Credential) -> anyhow::Result<Endpoint> {
+    Ok(crate::tls::endpoint(address, credential.trust())
+        .with_context(|| format!("cannot connect to {address}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
@@ -111,7 +108,7 @@ pub async fn connect_driver(
     address: &str,
     credential: &Credential,
 ) -> anyhow::Result<DriverClient> {
-    let channel = endpoint(address)?
+    let channel = endpoint(address, credential)?
         .connect()
         .await
         .with_context(|| format!("cannot connect to the driver at {address}"))?;
@@ -132,7 +129,7 @@ pub async fn connect_executor(
     address: &str,
     credential: &Credential,
 ) -> anyhow::Result<ExecutorClient> {
-    let channel = endpoint(address)?
+    let channel = endpoint(address, credential)?
         .connect()
         .await
         .with_context(|| format!("cannot connect to the executor at {address}"))?;
@@ -144,25 +141,28 @@ pub async fn connect_executor(
     .max_encoding_message_size(MAX_MESSAGE))
 }
 
-/// A server builder with the runtime's transport settings.
-fn server_builder() -> Server {
-    Server::builder()
+/// A server builder with the runtime's transport settings, serving TLS on
+/// `listen` where [`crate::tls::required`] (refusing plaintext beyond loopback).
+fn server_builder(
+    listen: SocketAddr,
+    tls: Option<&crate::tls::ServerTls>,
+    who: &str,
+) -> anyhow::Result<Server> {
+    let builder = Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(FRAME_SIZE)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-}
-
-/// Refuses a non-loopback listen address: nothing listens beyond loopback for now.
-fn check_loopback(addr: SocketAddr, who: &str) -> anyhow::Result<()> {
-    if !addr.ip().is_loopback() {
-        bail!(
-            "refusing to listen on {addr}: the {who} only listens on a loopback address (127.0.0.1 or ::1) for now"
-        );
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    match crate::tls::server_config(listen, tls)
+        .with_context(|| format!("the {who} cannot serve"))?
+    {
+        Some(config) => Ok(builder
+            .tls_config(config)
+            .with_context(|| format!("the {who}'s TLS settings are not valid"))?),
+        None => Ok(builder),
     }
-    Ok(())
 }
 
 /// A fresh id: `<prefix>-<unix ms in base 36>-<random>`, sortable by time.

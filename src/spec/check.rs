@@ -14,6 +14,9 @@ use super::yaml::{Entry, Kind, Node};
 /// More workers, pool instances or autoscale maximum than this is refused.
 pub const MAX_COUNT: u32 = 10_000;
 
+/// The longest `startup_timeout_minutes`: a day.
+pub const MAX_STARTUP_TIMEOUT_MINUTES: u32 = 24 * 60;
+
 /// One resource that passed the shape check, with its place in the tree.
 pub(crate) struct Res<'a, T> {
     pub entry: &'a Entry,
@@ -479,6 +482,25 @@ impl<'s> Checker<'_, 's> {
         }
     }
 
+    /// `startup_timeout_minutes`: at least one minute, at most a day.
+    fn startup_timeout(&mut self, minutes: Option<u32>, node: &Node, what: &str) {
+        let Some(m) = minutes else { return };
+        let span = value_span(node, "startup_timeout_minutes");
+        if m == 0 {
+            self.error(
+                span,
+                format!("`startup_timeout_minutes` of {what} must be at least 1"),
+            );
+        } else if m > MAX_STARTUP_TIMEOUT_MINUTES {
+            self.error(
+                span,
+                format!(
+                    "`startup_timeout_minutes` of {what} must be at most {MAX_STARTUP_TIMEOUT_MINUTES} (a day), found {m}"
+                ),
+            );
+        }
+    }
+
     fn count(&mut self, n: u32, span: Span, noun: &str, what: &str) {
         if n > MAX_COUNT {
             self.error(
@@ -531,6 +553,7 @@ impl<'s> Checker<'_, 's> {
             let libs = node.get("preload").and_then(|n| n.get("libraries"));
             self.libraries(&pre.libraries, libs, &what);
         }
+        self.startup_timeout(p.startup_timeout_minutes, node, &what);
     }
 
     fn policy(&mut self, r: &Res<'_, Policy>) {
@@ -583,6 +606,7 @@ impl<'s> Checker<'_, 's> {
             ("resources", c.resources.is_some()),
         ];
         let mut pool: Option<&Pool> = None;
+        self.startup_timeout(c.startup_timeout_minutes, node, what);
         if self.one_of(node, at, what, &source, false) {
             if let Some(name) = &c.pool {
                 let span = value_span(node, "pool");

@@ -221,6 +221,10 @@ pub struct Pool {
     pub idle_timeout_minutes: u32,
     #[serde(default)]
     pub warm: WarmMode,
+    /// Most minutes each warm-up step (runtime setup, preloaded libraries) may
+    /// take on an instance before it counts as failed (default 30, at most 1440).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout_minutes: Option<u32>,
     /// Set-up done ahead of time on idle instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preload: Option<Preload>,
@@ -326,6 +330,11 @@ pub struct Cluster {
     /// Stop the cluster after this many idle minutes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autotermination_minutes: Option<u32>,
+    /// Most minutes each startup step on a node may take (runtime setup,
+    /// libraries, each init script, mounts) before startup fails (default 30,
+    /// at most 1440).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout_minutes: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// The motorpool runtime version (default "1").

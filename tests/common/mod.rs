@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct Env {
     pub home: tempfile::TempDir,
     pub dir: tempfile::TempDir,
+    /// Extra environment for every command (e.g. `MOTORPOOL_TLS=always`).
+    pub vars: Vec<(String, String)>,
 }
 
 /// A finished command's exit code and text.
@@ -60,7 +62,14 @@ impl Env {
                 .prefix("mp-spec-")
                 .tempdir()
                 .expect("temp spec dir"),
+            vars: Vec::new(),
         }
+    }
+
+    /// Every command of this environment runs with `name=value`.
+    pub fn with_var(mut self, name: &str, value: &str) -> Env {
+        self.vars.push((name.to_string(), value.to_string()));
+        self
     }
 
     pub fn home(&self) -> &Path {
@@ -79,6 +88,8 @@ impl Env {
             .current_dir(self.dir.path())
             .env("MOTORPOOL_HOME", self.home())
             .env_remove("MOTORPOOL_AGENT_PROGRAM")
+            .env_remove("MOTORPOOL_TLS")
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         c
     }

@@ -41,10 +41,12 @@ pub(crate) use scheduler::Event;
 /// How to run a driver.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
-    /// Where to listen; must be a loopback address. Port 0 picks a free port.
+    /// Where to listen: loopback, or any address with `tls`. Port 0 picks a free port.
     pub listen: SocketAddr,
     /// The cluster credential every call must carry.
     pub credential: Credential,
+    /// The certificate to serve TLS with (required beyond loopback).
+    pub tls: Option<crate::tls::ServerTls>,
     /// The driver's working directory (bundles, runs, logs).
     pub dir: PathBuf,
     /// How often executors heartbeat.
@@ -65,6 +67,7 @@ impl DriverConfig {
         DriverConfig {
             listen,
             credential,
+            tls: None,
             dir: dir.into(),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
@@ -191,10 +194,11 @@ impl Drop for DriverHandle {
     }
 }
 
-/// Starts a driver: binds `config.listen` (loopback only) and serves until
+/// Starts a driver: binds `config.listen` (TLS where required) and serves until
 /// the handle is shut down or dropped.
 pub async fn serve(config: DriverConfig) -> anyhow::Result<DriverHandle> {
-    super::check_loopback(config.listen, "driver")?;
+    // Before anything else: a listener beyond loopback needs TLS.
+    let mut builder = super::server_builder(config.listen, config.tls.as_ref(), "driver")?;
     std::fs::create_dir_all(config.dir.join("bundles"))
         .with_context(|| format!("cannot create {}", config.dir.display()))?;
     std::fs::create_dir_all(config.dir.join("runs"))
@@ -244,13 +248,12 @@ pub async fn serve(config: DriverConfig) -> anyhow::Result<DriverHandle> {
     );
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(
-        super::server_builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let server = tokio::spawn(builder.add_service(svc).serve_with_incoming_shutdown(
+        incoming,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     Ok(DriverHandle {
         address,
         shared,

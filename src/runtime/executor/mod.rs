@@ -46,8 +46,10 @@ pub struct ExecutorConfig {
     pub dir: PathBuf,
     /// Tasks run at once.
     pub cores: usize,
-    /// Where to serve shuffle data; must be a loopback address. Port 0 picks a free port.
+    /// Where to serve shuffle data: loopback, or any address with `tls`. Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// The certificate to serve TLS with (required beyond loopback).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl ExecutorConfig {
@@ -59,6 +61,7 @@ impl ExecutorConfig {
             dir: dir.into(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
         }
     }
 }
@@ -373,11 +376,12 @@ impl Drop for ExecutorHandle {
     }
 }
 
-/// Starts an executor: serves shuffle data on `config.listen` (loopback only)
+/// Starts an executor: serves shuffle data on `config.listen` (TLS where required)
 /// and registers with the driver in the background (again whenever the
 /// driver comes back after a loss).
 pub async fn serve(config: ExecutorConfig) -> anyhow::Result<ExecutorHandle> {
-    super::check_loopback(config.listen, "executor")?;
+    // Before anything else: a listener beyond loopback needs TLS.
+    let mut builder = super::server_builder(config.listen, config.tls.as_ref(), "executor")?;
     if config.cores == 0 {
         anyhow::bail!("an executor needs at least one core");
     }
@@ -424,13 +428,12 @@ pub async fn serve(config: ExecutorConfig) -> anyhow::Result<ExecutorHandle> {
     );
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(
-        super::server_builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let server = tokio::spawn(builder.add_service(svc).serve_with_incoming_shutdown(
+        incoming,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let main = tokio::spawn(main_loop(state.clone()));
     Ok(ExecutorHandle {
         address,
