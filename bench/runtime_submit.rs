@@ -1,6 +1,7 @@
 //! Submits one job of a spec to a running motorpool driver and prints how it
 //! went as JSON: `{"wall_s": ..., "summary": RunSummary}`. Used by
-//! bench/runtime.py until `motorpool run` drives clusters itself.
+//! bench/runtime.py, which times the runtime alone: a driver and executors it
+//! starts itself, without `motorpool run`'s cluster management around them.
 //!
 //! Usage: MOTORPOOL_CREDENTIAL=... runtime-submit --driver ADDR --spec PATH --job NAME
 
@@ -39,17 +40,8 @@ async fn submit(args: &[String]) -> anyhow::Result<()> {
         .get(&name)
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("the spec has no job `{name}`"))?;
-    // What `motorpool run` should do too: the other jobs' data stays out of the bundle.
-    let exclude = loaded
-        .spec
-        .jobs
-        .values()
-        .flat_map(|j| j.tasks.values())
-        .flat_map(|t| {
-            let input = t.map.as_ref().map(|m| m.input.clone());
-            input.into_iter().chain(t.output.clone())
-        })
-        .collect();
+    // As `motorpool run` does: the spec's data stays out of the code bundle.
+    let exclude = motorpool::jobs::data_paths(&loaded);
     let started = Instant::now();
     let summary = run_job(
         &driver,

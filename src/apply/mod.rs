@@ -91,6 +91,14 @@ impl ApplyReport {
         self.failures().next().is_none()
     }
 
+    /// Every failure as `address: outcome`, joined by `; `.
+    pub fn failure_text(&self) -> String {
+        self.failures()
+            .map(|f| format!("{}: {:?}", f.address, f.outcome))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// `Apply complete: 1 created, ...` or `Apply failed: ...`.
     pub fn summary_line(&self) -> String {
         let mut counts: BTreeMap<&str, u32> = BTreeMap::new();

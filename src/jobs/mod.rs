@@ -284,14 +284,10 @@ async fn bring_up(
         }
         let report = project.apply(&plan, &request.apply).await?;
         if !report.succeeded() {
-            let failures: Vec<String> = report
-                .failures()
-                .map(|f| format!("{}: {:?}", f.address, f.outcome))
-                .collect();
             bail!(
                 "cluster `{}` did not start: {}",
                 target.name,
-                failures.join("; ")
+                report.failure_text()
             );
         }
     }
@@ -415,7 +411,7 @@ fn cluster_credential(project: &Project, cluster: &str) -> Result<Credential> {
 }
 
 /// Every job's map inputs and task outputs: data, not code, so out of the bundle.
-fn data_paths(loaded: &LoadedSpec) -> Vec<String> {
+pub fn data_paths(loaded: &LoadedSpec) -> Vec<String> {
     loaded
         .spec
         .jobs
@@ -540,11 +536,7 @@ async fn remove_job_cluster(
     on_line(&format!("removing job cluster `{cluster}`"));
     let report = project.apply(&plan, &request.apply).await?;
     if !report.succeeded() {
-        let failures: Vec<String> = report
-            .failures()
-            .map(|f| format!("{}: {:?}", f.address, f.outcome))
-            .collect();
-        bail!("{}", failures.join("; "));
+        bail!("{}", report.failure_text());
     }
     Ok(())
 }
