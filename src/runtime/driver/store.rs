@@ -21,10 +21,21 @@ pub(crate) struct JobRecord {
     pub job: Job,
 }
 
+/// Write `value` as JSON, atomically, readable by the driver's user only:
+/// a run's record holds the job's `env`, which may hold secrets.
 pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let bytes = serde_json::to_vec_pretty(value)?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&bytes))
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
@@ -139,4 +150,27 @@ pub(crate) fn read_logs(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn run_records_are_private_to_the_driver_user() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("job.json");
+        super::write_json(&path, &serde_json::json!({ "env": { "TOKEN": "s3cret" } }))
+            .expect("written");
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+        assert!(
+            std::fs::read_to_string(&path)
+                .expect("read")
+                .contains("s3cret")
+        );
+    }
 }
