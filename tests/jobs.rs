@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Env, processes_mentioning, wait_until};
+use common::{Env, processes_mentioning, read_part_files, wait_until};
 
 /// Word count as Python functions and a command that prints the total.
 const WC_PY: &str = r#"
@@ -57,33 +57,6 @@ fn write_corpus(dir: &Path, files: usize, lines: usize) -> BTreeMap<String, u64>
             text.push('\n');
         }
         std::fs::write(dir.join("data").join(format!("part{f}.txt")), text).expect("corpus");
-    }
-    counts
-}
-
-/// `word<TAB>count` lines of every part file under `dir`.
-fn read_output(dir: &Path) -> BTreeMap<String, u64> {
-    let mut counts = BTreeMap::new();
-    let mut parts: Vec<_> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("no output at {}: {e}", dir.display()))
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
-        })
-        .collect();
-    parts.sort();
-    assert!(!parts.is_empty(), "no part files in {}", dir.display());
-    for p in parts {
-        for line in std::fs::read_to_string(&p).expect("part file").lines() {
-            let (w, n) = line.split_once('\t').expect("word<TAB>count");
-            let n: u64 = n.parse().expect("a count");
-            assert!(
-                counts.insert(w.to_string(), n).is_none(),
-                "{w} in two partitions"
-            );
-        }
     }
     counts
 }
@@ -149,7 +122,7 @@ jobs:
         run.stderr
     );
     assert!(run.stdout.contains("job `wc` succeeded"), "{}", run.stdout);
-    assert_eq!(read_output(&dir.join("out/wc")), expected);
+    assert_eq!(read_part_files(&dir.join("out/wc")), expected);
     // The command task saw the reduce's output and the cluster's env; its output is shown.
     let line = format!("hello from etl: {} distinct words", expected.len());
     assert!(run.stdout.contains(&line), "{}", run.stdout);
@@ -173,7 +146,7 @@ jobs:
     assert_eq!(count["reduce_partitions"], 3);
     assert!(count["shuffle_bytes"].as_u64().unwrap_or(0) > 0, "{count}");
     assert!(count["attempts"].as_u64().unwrap_or(0) >= 9, "{count}");
-    assert_eq!(read_output(&dir.join("out/wc")), expected);
+    assert_eq!(read_part_files(&dir.join("out/wc")), expected);
 
     // The newest run's task output, kept on this machine.
     let logs = env.mp(&["logs", "wc"]).expect_code(0);

@@ -7,8 +7,10 @@
 //! fails (`ProcessGuard`); in-process drivers and executors stop when their
 //! handles drop.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,8 @@ use motorpool::runtime::driver::{self, DriverConfig, DriverHandle};
 use motorpool::runtime::executor::{self, ExecutorConfig, ExecutorHandle};
 use motorpool::runtime::{RunSummary, TaskOutcome, proto};
 use motorpool::spec::{Job, MapStage, PythonFunction, ReduceStage, Task};
+
+use common::read_part_files;
 
 const SECRET: &str = "runtime-test-credential";
 
@@ -203,35 +207,6 @@ fn job_dir(lines: usize, files: usize, seed: u64) -> (tempfile::TempDir, BTreeMa
     (dir, reference)
 }
 
-/// `word<TAB>count` lines of every `part-*` file under `dir`; a word twice is an error.
-fn read_counts(dir: &Path) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("no output at {}: {e}", dir.display()))
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
-        })
-        .collect();
-    names.sort();
-    assert!(!names.is_empty(), "no part files in {}", dir.display());
-    for p in names {
-        let text = std::fs::read_to_string(&p).expect("read part");
-        for line in text.lines() {
-            let (w, c) = line
-                .split_once('\t')
-                .unwrap_or_else(|| panic!("not key<TAB>value: {line:?}"));
-            let c: u64 = c
-                .parse()
-                .unwrap_or_else(|_| panic!("not a count: {line:?}"));
-            assert!(out.insert(w.to_string(), c).is_none(), "{w} appears twice");
-        }
-    }
-    out
-}
-
 fn streaming_job(map_partitions: u32, reduce_partitions: u32, mapper: &str) -> Job {
     let mut job = Job::default();
     job.tasks.insert(
@@ -303,7 +278,10 @@ async fn wordcount_streaming_equals_the_reference() {
     assert_eq!(t.output_files, 3);
     assert!(t.shuffle_bytes > 0 && t.input_bytes > 0, "{t:?}");
     assert!(progress_seen > 0);
-    assert_eq!(read_counts(&base.path().join("out/wordcount")), reference);
+    assert_eq!(
+        read_part_files(&base.path().join("out/wordcount")),
+        reference
+    );
     // The summary serializes for `motorpool run --output json`.
     let json = serde_json::to_value(&summary).expect("json");
     assert_eq!(json["tasks"][0]["name"], "count");
@@ -340,7 +318,10 @@ async fn wordcount_python_functions_equal_the_reference() {
     );
     let summary = run(&cluster, "wordcount-py", job.clone(), base.path(), |_| {}).await;
     assert!(summary.ok, "{summary:#?}");
-    assert_eq!(read_counts(&base.path().join("out/wordcount")), reference);
+    assert_eq!(
+        read_part_files(&base.path().join("out/wordcount")),
+        reference
+    );
     let t = summary.task("count").expect("task");
     // The combiner ran map-side: far fewer records crossed the shuffle than words.
     let words: u64 = reference.values().sum();
@@ -348,7 +329,10 @@ async fn wordcount_python_functions_equal_the_reference() {
     // A second run reuses the bundle and the (per-run) workers; same answer.
     let again = run(&cluster, "wordcount-py", job, base.path(), |_| {}).await;
     assert!(again.ok, "{again:#?}");
-    assert_eq!(read_counts(&base.path().join("out/wordcount")), reference);
+    assert_eq!(
+        read_part_files(&base.path().join("out/wordcount")),
+        reference
+    );
     cluster.shutdown().await;
 }
 
@@ -382,7 +366,10 @@ async fn a_killed_executor_does_not_change_the_result() {
     let t = summary.task("count").expect("task");
     assert!(t.rerun_attempts > 0, "lost work ran again: {t:?}");
     assert_eq!(t.failed_attempts, 0, "a lost executor uses no retry: {t:?}");
-    assert_eq!(read_counts(&base.path().join("out/wordcount")), reference);
+    assert_eq!(
+        read_part_files(&base.path().join("out/wordcount")),
+        reference
+    );
     let left = cluster.driver().executors().await.expect("status");
     assert_eq!(left.len(), 2, "the killed executor is gone: {left:?}");
     cluster.shutdown().await;
@@ -670,7 +657,10 @@ async fn tasks_run_in_depends_on_order() {
     assert!(summary.ok, "{summary:#?}");
     let order: Vec<&str> = summary.tasks.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(order, ["gen", "count", "check"]);
-    assert_eq!(read_counts(&base.path().join("out/wordcount")), reference);
+    assert_eq!(
+        read_part_files(&base.path().join("out/wordcount")),
+        reference
+    );
     let logs = client::fetch_logs(
         &cluster.driver_address(),
         &credential(),

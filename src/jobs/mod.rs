@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::ApplyOptions;
 use crate::auth::{self, Credential};
-use crate::engine::{Project, unix_now};
-use crate::observe::ResourceKind;
+use crate::engine::{Project, plan_against, unix_now};
+use crate::observe::{Observed, ResourceKind};
 use crate::plan::{PlanMode, render};
 use crate::runtime::client::{self, JobSubmission};
 use crate::runtime::{Progress, RunSummary};
@@ -137,10 +137,6 @@ pub async fn run(
             request.job
         ),
     };
-    if target.job_cluster {
-        check_job_cluster_limit(&project, request.job, job).await?;
-    }
-
     // Ctrl-C from here on is ours: a start under way finishes (so nothing is
     // left half made), the run is cancelled, a job cluster removed.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -212,12 +208,13 @@ fn job_cluster_name(job: &str) -> String {
     format!("{}-run-{suffix}", head.trim_end_matches('-'))
 }
 
-/// `max_concurrent_runs` for jobs on job clusters: each live job cluster of the job is a run.
-async fn check_job_cluster_limit(project: &Project, name: &str, job: &Job) -> Result<()> {
+/// `max_concurrent_runs` for jobs on job clusters: each live job cluster of
+/// the job is a run. Checked under the project lock, which is held until the
+/// new job cluster is marked as this job's, so two runs cannot both pass.
+fn check_job_cluster_limit(observed: &Observed, name: &str, job: &Job) -> Result<()> {
     let Some(max) = job.max_concurrent_runs else {
         return Ok(());
     };
-    let observed = project.observe().await?;
     let now = unix_now();
     let going = observed
         .names(ResourceKind::Cluster)
@@ -270,8 +267,19 @@ async fn bring_up(
     if let Some(note) = project.resume_interrupted().await? {
         on_line(&note);
     }
+    let observed = project.observe().await?;
+    if target.job_cluster {
+        check_job_cluster_limit(&observed, request.job, job)?;
+    }
     let start: BTreeSet<String> = [target.name.clone()].into();
-    let mut plan = project.plan(&loaded, PlanMode::Normal, &start).await?;
+    let mut plan = plan_against(
+        &loaded.spec,
+        &loaded.base_dir,
+        &observed,
+        &project.client,
+        PlanMode::Normal,
+        &start,
+    )?;
     let address = ResourceKind::Cluster.address(&target.name);
     plan.retain_targets(std::slice::from_ref(&address));
     if plan.has_changes() {
@@ -302,7 +310,14 @@ async fn bring_up(
             tags::EXPIRES.into(),
             (unix_now() + lifetime.as_secs()).to_string(),
         );
-        retag_cluster(&project, &target.name, set).await?;
+        let observed = project.observe().await?;
+        retag_cluster(
+            &project,
+            &target.name,
+            observed.members(ResourceKind::Cluster, &target.name),
+            set,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -340,10 +355,14 @@ fn is_lock_held(e: &anyhow::Error) -> bool {
     })
 }
 
-async fn retag_cluster(project: &Project, cluster: &str, set: Tags) -> Result<()> {
-    let observed = project.observe().await?;
-    let ids: Vec<String> = observed
-        .members(ResourceKind::Cluster, cluster)
+/// Set `set` on the live ones of `nodes`, the cluster's observed instances.
+async fn retag_cluster(
+    project: &Project,
+    cluster: &str,
+    nodes: &[Instance],
+    set: Tags,
+) -> Result<()> {
+    let ids: Vec<String> = nodes
         .iter()
         .filter(|i| i.state.is_live())
         .map(|i| i.id.clone())
@@ -519,20 +538,21 @@ async fn remove_job_cluster(
     let spec = &request.loaded.spec;
     let project = lock_waiting(&spec.project, spec, on_line).await?;
     let observed = project.observe().await?;
-    if observed.members(ResourceKind::Cluster, cluster).is_empty() {
+    let nodes = observed.members(ResourceKind::Cluster, cluster);
+    if nodes.is_empty() {
         return Ok(());
     }
-    stop_runtimes(&project, observed.members(ResourceKind::Cluster, cluster)).await;
+    stop_runtimes(&project, nodes).await;
     // Expired now: the plan removes it as outlived.
     let mut set = Tags::new();
     set.insert(tags::EXPIRES.into(), "0".into());
-    retag_cluster(&project, cluster, set).await?;
+    retag_cluster(&project, cluster, nodes, set).await?;
     let mut plan = project
         .plan(request.loaded, PlanMode::Normal, &BTreeSet::new())
         .await?;
-    plan.retain_targets(&[ResourceKind::Cluster.address(cluster)]);
-    // Only the cluster's removal: a pool change it depends on waits for the next apply.
-    plan.changes.retain(|c| c.name == cluster);
+    // Only the cluster's removal: a pool change waits for the next apply.
+    let address = ResourceKind::Cluster.address(cluster);
+    plan.retain(|c| c.address == address);
     on_line(&format!("removing job cluster `{cluster}`"));
     let report = project.apply(&plan, &request.apply).await?;
     if !report.succeeded() {
@@ -585,18 +605,20 @@ fn runs_dir(project: &Project, job: &str) -> PathBuf {
     project.dir.join("runs").join(job)
 }
 
+/// A run id can name a file: letters, digits, `-` and `_` only.
+fn is_run_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 fn save_record(
     project: &Project,
     cluster: &str,
     summary: &RunSummary,
     logs: &[LogFile],
 ) -> Result<PathBuf> {
-    let file_name_safe = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    };
-    if !file_name_safe(&summary.run_id) {
+    if !is_run_id(&summary.run_id) {
         bail!(
             "the driver sent a run id that is not a file name: {:?}",
             summary.run_id
@@ -619,6 +641,9 @@ fn save_record(
 pub fn load_record(project: &Project, job: &str, run_id: Option<&str>) -> Result<RunRecord> {
     let dir = runs_dir(project, job);
     let path = match run_id {
+        Some(id) if !is_run_id(id) => {
+            bail!("`{id}` is not a run id (e.g. run-1795228244211-7ed205)")
+        }
         Some(id) => dir.join(format!("{id}.json")),
         None => newest_record(&dir)?.with_context(|| {
             format!(

@@ -244,7 +244,12 @@ impl Plan {
                 }
             }
         }
-        self.changes.retain(|c| keep.contains(&c.address));
+        self.retain(|c| keep.contains(&c.address));
+    }
+
+    /// Keep only the changes `keep` accepts; the summary follows.
+    pub fn retain(&mut self, keep: impl Fn(&Change) -> bool) {
+        self.changes.retain(keep);
         self.summary = Summary::of(&self.changes);
     }
 

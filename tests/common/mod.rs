@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -218,4 +219,34 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     f()
+}
+
+/// `word<TAB>count` lines of every `part-*` file under `dir` (a job's
+/// output); a word in two partitions, or no part file at all, is an error.
+pub fn read_part_files(dir: &Path) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("no output at {}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
+        })
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no part files in {}", dir.display());
+    for p in names {
+        let text = std::fs::read_to_string(&p).expect("read part");
+        for line in text.lines() {
+            let (w, c) = line
+                .split_once('\t')
+                .unwrap_or_else(|| panic!("not key<TAB>value: {line:?}"));
+            let c: u64 = c
+                .parse()
+                .unwrap_or_else(|_| panic!("not a count: {line:?}"));
+            assert!(out.insert(w.to_string(), c).is_none(), "{w} appears twice");
+        }
+    }
+    out
 }
