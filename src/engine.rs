@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use crate::agent::node::SelfProvider;
+use crate::agent::node::NodeProvider;
 use crate::apply::{self, ApplyOptions, ApplyReport, journal, lock::ProjectLock};
 use crate::auth::Credential;
 use crate::bootstrap::cloud::CloudNodes;
@@ -134,7 +134,8 @@ impl Project {
             templates: Templates::new(),
             ready_timeout: self.ready_timeout(),
             home: self.home.root().to_path_buf(),
-            cloud: self.cloud_nodes(),
+            node_provider: self.node_provider()?,
+            cloud: self.cloud_nodes()?,
             node_tls: Some(node_tls),
         })
     }
@@ -142,34 +143,51 @@ impl Project {
     /// How long new nodes may take to report ready: the provider's
     /// `ready_timeout_minutes`, else two minutes.
     fn ready_timeout(&self) -> Duration {
-        let minutes = match &self.provider {
-            ProviderBlock::Aws(s) => s.ready_timeout_minutes,
-            _ => None,
-        };
-        minutes
+        self.provider
+            .shared
+            .ready_timeout_minutes
             .and_then(|m| Duration::try_from_secs_f64(m * 60.0).ok())
             .filter(|d| !d.is_zero())
             .unwrap_or(DEFAULT_READY_TIMEOUT)
     }
 
-    /// What cloud nodes need to start themselves: None off the clouds, and
-    /// when the spec does not say (validate requires it once the spec
-    /// launches anything; a launch without it is refused).
-    fn cloud_nodes(&self) -> Option<CloudNodes> {
-        let ProviderBlock::Aws(s) = &self.provider else {
-            return None;
+    /// How a node reaches its own provider, as the provider's plugin says.
+    fn node_provider(&self) -> Result<NodeProvider> {
+        let plugin = providers::plugin(&self.provider)?;
+        let env = providers::connect_env(&self.home)?;
+        Ok(NodeProvider {
+            kind: plugin.kind().to_string(),
+            settings: plugin.node_settings(&self.provider.settings_value(), &env),
+        })
+    }
+
+    /// What nodes that start themselves need: None where the engine drives
+    /// startup or nothing runs, and when the spec does not say (validate
+    /// requires it once the spec launches anything; a launch without it is
+    /// refused).
+    fn cloud_nodes(&self) -> Result<Option<CloudNodes>> {
+        if !self.client.capabilities().needs_runtime_download() {
+            return Ok(None);
+        }
+        let shared = &self.provider.shared;
+        let (Some(url), Some(sha)) = (&shared.runtime_url, &shared.runtime_sha256) else {
+            return Ok(None);
         };
-        let (Some(url), Some(sha)) = (&s.runtime_url, &s.runtime_sha256) else {
-            return None;
+        let plugin = providers::plugin(&self.provider)?;
+        let provider = self.node_provider()?;
+        let Some(template) = plugin.user_data_template() else {
+            bail!(
+                "the {} provider's nodes start themselves but it brings no user-data template",
+                plugin.kind()
+            );
         };
-        Some(CloudNodes {
+        Ok(Some(CloudNodes {
             runtime_url: url.clone(),
             runtime_sha256: sha.clone(),
-            provider: SelfProvider::Aws {
-                region: s.region.clone(),
-                endpoint: s.endpoint_url.clone(),
-            },
-        })
+            provider,
+            template,
+            user_data_limit: plugin.capabilities().user_data_limit,
+        }))
     }
 
     /// When the last apply was killed, replay its unfinished launches with

@@ -12,78 +12,50 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use motorpool_provider::{
-    Instance, LaunchRequest, NodeType, Provider, ProviderError, Retag, TagFilter, backoff_delay,
+    Capabilities, ConnectEnv, Instance, LaunchRequest, NodeType, Provider, ProviderError,
+    ProviderPlugin, Retag, TagFilter, backoff_delay,
 };
 use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::home::Home;
+use crate::registry::Registry;
 use crate::spec::ProviderBlock;
+
+/// The registered plugin of the spec's provider.
+pub fn plugin(block: &ProviderBlock) -> Result<&'static dyn ProviderPlugin, ProviderError> {
+    let registry = Registry::global();
+    registry.provider(block.kind()).ok_or_else(|| {
+        ProviderError::invalid(
+            Some("provider.kind".to_string()),
+            format!(
+                "this motorpool knows no provider `{}` (it has {}; a cloud missing here \
+                 was left out of the build: its cargo feature is off)",
+                block.kind(),
+                registry.provider_kinds().join(", ")
+            ),
+        )
+    })
+}
+
+/// What connecting from this machine may use.
+pub fn connect_env(home: &Home) -> Result<ConnectEnv, ProviderError> {
+    Ok(ConnectEnv {
+        home: home.root().to_path_buf(),
+        agent_program: agent_program()?,
+    })
+}
 
 /// Turn the spec's provider block into a provider client.
 pub fn connect(block: &ProviderBlock, home: &Home) -> Result<ProviderClient, ProviderError> {
-    let provider: Arc<dyn Provider> = match block {
-        ProviderBlock::Local(settings) => {
-            let config = motorpool_local::LocalConfig {
-                home: home.root().to_path_buf(),
-                agent_program: agent_program()?,
-                page_size: settings.page_size.map(|n| n as usize).unwrap_or(100),
-            };
-            Arc::new(motorpool_local::LocalProvider::new(config)?)
-        }
-        ProviderBlock::Sim(s) => {
-            let defaults = motorpool_sim::SimConfig::default();
-            let config = motorpool_sim::SimConfig {
-                home: home.root().to_path_buf(),
-                latency: s
-                    .latency_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or(defaults.latency),
-                throttle_rate: s.throttle_rate.unwrap_or(defaults.throttle_rate),
-                error_rate: s.error_rate.unwrap_or(defaults.error_rate),
-                capacity: s.capacity.or(defaults.capacity),
-                page_size: s
-                    .page_size
-                    .map(|n| n as usize)
-                    .unwrap_or(defaults.page_size),
-                boot_time: match s.boot_seconds {
-                    None => defaults.boot_time,
-                    Some(secs) => Duration::try_from_secs_f64(secs).map_err(|_| {
-                        ProviderError::invalid(
-                            Some("provider.boot_seconds".to_string()),
-                            format!("{secs} is not a number of seconds"),
-                        )
-                    })?,
-                },
-                seed: defaults.seed,
-            };
-            Arc::new(motorpool_sim::SimProvider::new(config)?)
-        }
-        ProviderBlock::Aws(s) => {
-            let defaults = motorpool_aws::AwsConfig::default();
-            let config = motorpool_aws::AwsConfig {
-                region: s.region.clone(),
-                endpoint_url: s.endpoint_url.clone(),
-                image: s.image.clone(),
-                subnet_ids: s.subnet_ids.clone(),
-                security_group_ids: s.security_group_ids.clone(),
-                iam_instance_profile: s.iam_instance_profile.clone(),
-                key_name: s.key_name.clone(),
-                spot: s.spot,
-                root_volume_gb: s.root_volume_gb,
-                tags: s.tags.clone(),
-                page_size: s.page_size.unwrap_or(defaults.page_size),
-                ..defaults
-            };
-            Arc::new(motorpool_aws::AwsProvider::new(config)?)
-        }
-    };
-    Ok(ProviderClient::new(provider))
+    let plugin = plugin(block)?;
+    let provider = plugin.connect(&block.settings_value(), &connect_env(home)?)?;
+    Ok(ProviderClient::new(provider, plugin.capabilities()))
 }
 
 /// The program local instances run as their agent: `$MOTORPOOL_AGENT_PROGRAM`,
 /// or this very binary.
-fn agent_program() -> Result<PathBuf, ProviderError> {
+pub fn agent_program() -> Result<PathBuf, ProviderError> {
     if let Some(p) = std::env::var_os("MOTORPOOL_AGENT_PROGRAM") {
         return Ok(PathBuf::from(p));
     }
@@ -173,16 +145,18 @@ impl RateLimiter {
 /// A provider behind a rate limit, retries and counters.
 pub struct ProviderClient {
     inner: Arc<dyn Provider>,
+    capabilities: Capabilities,
     limiter: RateLimiter,
     retry: RetryPolicy,
     counters: Counters,
 }
 
 impl ProviderClient {
-    pub fn new(inner: Arc<dyn Provider>) -> Self {
+    pub fn new(inner: Arc<dyn Provider>, capabilities: Capabilities) -> Self {
         let rate = inner.calls_per_second();
         ProviderClient {
             inner,
+            capabilities,
             limiter: RateLimiter::new(rate),
             retry: RetryPolicy::default(),
             counters: Counters::default(),
@@ -196,6 +170,11 @@ impl ProviderClient {
 
     pub fn kind(&self) -> &str {
         self.inner.kind()
+    }
+
+    /// What the engine asks instead of the provider's name.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
     }
 
     pub fn catalog(&self) -> &[NodeType] {
@@ -279,6 +258,15 @@ impl ProviderClient {
             .await
     }
 
+    pub async fn get_cluster_boot(&self, name: &str) -> Result<Option<String>, ProviderError> {
+        self.call(|| self.inner.get_cluster_boot(name)).await
+    }
+
+    /// The instances among `ids` that exist (a look-up by id, not a list).
+    pub async fn describe(&self, ids: &[String]) -> Result<Vec<Instance>, ProviderError> {
+        self.call(|| self.inner.describe(ids)).await
+    }
+
     pub async fn delete_cluster_boot(&self, name: &str) -> Result<(), ProviderError> {
         self.call(|| self.inner.delete_cluster_boot(name)).await
     }
@@ -335,6 +323,14 @@ mod tests {
         }
     }
 
+    fn flaky_capabilities() -> Capabilities {
+        Capabilities {
+            node_startup: motorpool_provider::NodeStartup::Simulated,
+            user_data_limit: None,
+            stop_start: true,
+        }
+    }
+
     fn fast_retry() -> RetryPolicy {
         RetryPolicy {
             max_attempts: 5,
@@ -345,10 +341,13 @@ mod tests {
 
     #[tokio::test]
     async fn throttling_is_retried_and_counted() {
-        let client = ProviderClient::new(Arc::new(Flaky {
-            failures: AtomicU32::new(3),
-            error: ProviderError::Throttled("slow down".into()),
-        }))
+        let client = ProviderClient::new(
+            Arc::new(Flaky {
+                failures: AtomicU32::new(3),
+                error: ProviderError::Throttled("slow down".into()),
+            }),
+            flaky_capabilities(),
+        )
         .with_retry(fast_retry());
         let all = client
             .list_all(&TagFilter::new())
@@ -362,10 +361,13 @@ mod tests {
 
     #[tokio::test]
     async fn errors_that_are_not_retryable_fail_at_once() {
-        let client = ProviderClient::new(Arc::new(Flaky {
-            failures: AtomicU32::new(1),
-            error: ProviderError::Auth("expired".into()),
-        }))
+        let client = ProviderClient::new(
+            Arc::new(Flaky {
+                failures: AtomicU32::new(1),
+                error: ProviderError::Auth("expired".into()),
+            }),
+            flaky_capabilities(),
+        )
         .with_retry(fast_retry());
         let err = client
             .list_all(&TagFilter::new())
@@ -377,10 +379,13 @@ mod tests {
 
     #[tokio::test]
     async fn retries_give_up_after_max_attempts() {
-        let client = ProviderClient::new(Arc::new(Flaky {
-            failures: AtomicU32::new(100),
-            error: ProviderError::Server("503".into()),
-        }))
+        let client = ProviderClient::new(
+            Arc::new(Flaky {
+                failures: AtomicU32::new(100),
+                error: ProviderError::Server("503".into()),
+            }),
+            flaky_capabilities(),
+        )
         .with_retry(fast_retry());
         let err = client
             .list_all(&TagFilter::new())

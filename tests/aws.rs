@@ -344,7 +344,7 @@ fn boot_machine(
     id: &str,
 ) -> Option<std::process::Child> {
     let user_data = ec2.user_data(id)?;
-    let config = motorpool::bootstrap::cloud::agent_config_of(&user_data)?;
+    let config = motorpool::agent::AgentConfig::from_user_data(&user_data)?;
     let machine = root.join(id);
     std::fs::create_dir_all(&machine).ok()?;
     let config_path = machine.join("agent-config.json");
@@ -806,7 +806,7 @@ fn a_node_that_never_reports_fails_apply_after_the_ready_timeout_naming_it() {
     let user_data = ec2.user_data(&live[0].id).expect("launched with user data");
     assert!(user_data.starts_with("#!/bin/sh"), "{user_data}");
     assert!(user_data.contains(RUNTIME_URL) && user_data.contains(RUNTIME_SHA256));
-    let config = motorpool::bootstrap::cloud::agent_config_of(&user_data).expect("agent config");
+    let config = motorpool::agent::AgentConfig::from_user_data(&user_data).expect("agent config");
     let boot = config.cluster.expect("a cluster node's startup");
     assert_eq!(boot.cluster, "etl");
     assert_eq!(boot.spec.workers, 1);

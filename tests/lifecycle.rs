@@ -318,3 +318,26 @@ fn validate_reports_every_problem_with_its_position_and_exits_1() {
     env.mp(&["plan"]).expect_code(1);
     assert!(env.processes().is_empty());
 }
+
+/// Terminate a sim instance as someone with the cloud's console would.
+fn sim_terminate(home: &std::path::Path, id: &str) {
+    use motorpool_provider::Provider;
+    let sim = motorpool_sim::SimProvider::new(motorpool_sim::SimConfig {
+        home: home.to_path_buf(),
+        ..motorpool_sim::SimConfig::default()
+    })
+    .expect("open the sim account");
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(sim.terminate(&[id.to_string()]))
+        .expect("terminate");
+}
+
+#[test]
+fn sim_provider_lifecycle() {
+    let env = Env::new();
+    let home = env.home().to_path_buf();
+    common::lifecycle::simulated_provider_lifecycle(&env, "simlife", "{ kind: sim }", &|id| {
+        sim_terminate(&home, id)
+    });
+}

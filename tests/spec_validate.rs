@@ -219,24 +219,26 @@ fn the_project_spec_merges_includes_and_applies_targets() {
     let etl = &l.spec.clusters["etl"];
     assert_eq!(etl.workers, Some(8));
     assert_eq!(etl.env["LOG_LEVEL"], "debug");
-    match &l.spec.provider {
-        spec::ProviderBlock::Sim(sim) => {
-            assert_eq!(sim.latency_ms, Some(20));
-            assert_eq!(sim.throttle_rate, Some(0.01));
-        }
-        other => panic!("expected the sim provider, got {other:?}"),
-    }
+    // The sim provider's own settings, as its crate reads them.
+    assert_eq!(l.spec.provider.kind(), "sim");
+    let sim: motorpool_sim::SimSettings =
+        serde_json::from_value(l.spec.provider.settings_value()).expect("sim settings");
+    assert_eq!(sim.latency_ms, Some(20));
+    assert_eq!(sim.throttle_rate, Some(0.01));
 
     let ci = LoadOptions {
         target: Some("ci".into()),
         vars: vec![],
     };
     let l = spec::load(&dir, &ci).unwrap();
+    assert_eq!(l.spec.provider.kind(), "local");
+    let local: motorpool_local::LocalSettings =
+        serde_json::from_value(l.spec.provider.settings_value()).expect("local settings");
     assert_eq!(
-        l.spec.provider,
-        spec::ProviderBlock::Local(spec::LocalSettings {
+        local,
+        motorpool_local::LocalSettings {
             page_size: Some(50)
-        })
+        }
     );
     assert_eq!(l.spec.clusters["etl"].workers, Some(1));
 }

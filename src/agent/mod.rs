@@ -31,10 +31,7 @@ pub mod steps;
 mod tests;
 
 /// The generated protobuf messages and the tonic client/server of `motorpool.agent.v1`.
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("motorpool.agent.v1");
-}
+pub use crate::proto::agent as proto;
 
 pub use proto::agent_client::AgentClient;
 pub use proto::{HealthResponse, IdentityResponse};
@@ -75,7 +72,7 @@ pub struct AgentConfig {
     pub warm: Vec<node::WarmStep>,
     /// How to reach its own provider (to tag itself, to stop its idle cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provider: Option<node::SelfProvider>,
+    pub provider: Option<node::NodeProvider>,
     /// A cloud pool instance: its pool's warm-up, rendered on the node itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_spec: Option<crate::bootstrap::BootSpec>,
@@ -104,6 +101,17 @@ impl std::fmt::Debug for AgentConfig {
 }
 
 impl AgentConfig {
+    /// The config a cloud node's user data carries (see
+    /// [`crate::bootstrap::cloud::agent_config_of`]), when it is one.
+    pub fn from_user_data(user_data: &str) -> Option<AgentConfig> {
+        crate::bootstrap::cloud::agent_config_of(user_data).and_then(|c| Self::from_json(&c))
+    }
+
+    /// A config from its JSON text, when it is one.
+    pub fn from_json(text: &str) -> Option<AgentConfig> {
+        serde_json::from_str(text).ok()
+    }
+
     pub fn read(path: &Path) -> anyhow::Result<AgentConfig> {
         let text = std::fs::read(path)
             .with_context(|| format!("cannot read the agent config {}", path.display()))?;
@@ -211,6 +219,7 @@ pub async fn run_until(
                 crate::auth::Credential::new(c.credential.clone()),
                 trust.as_ref(),
             ),
+            watch_interval: node::POOL_WATCH_INTERVAL,
         })),
         None => None,
     };

@@ -22,66 +22,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use motorpool_provider::{Instance, Provider, Retag, TagFilter, tags};
-use serde::{Deserialize, Serialize};
+use motorpool_provider::{Instance, Retag, TagFilter, tags};
 
-use super::proto::{RunStepRequest, StartRuntimeRequest, StopRuntimeRequest};
+use super::proto::{RunStepRequest, StopRuntimeRequest};
 use super::runtime_host::RuntimeHost;
 use super::steps::StepRunner;
 use crate::auth::Credential;
+use crate::bootstrap::saga::{self, StartupNodes};
 use crate::bootstrap::steps::{self as boot_steps, StepContext};
 use crate::bootstrap::template::Templates;
 use crate::bootstrap::{BootSpec, Step};
+use crate::providers::ProviderClient;
+use crate::words::Role;
 
-/// The tag where a self-started driver node publishes its driver's address.
-pub const DRIVER_ADDRESS_TAG: &str = "motorpool-driver-address";
-
-/// How the node reaches its own provider.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum SelfProvider {
-    /// The local provider under this home directory.
-    Local { home: PathBuf },
-    /// EC2 in `region` (default: the standard chain, i.e. the instance's own
-    /// region), through `endpoint` (default: the region's), with the
-    /// instance role's credentials (the standard credential chain).
-    Aws {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        region: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        endpoint: Option<String>,
-    },
-}
-
-/// A cluster's startup as a cloud node runs it on itself: the cluster, its
-/// credential (which guards its driver and executors) and what to run. The
-/// node learns its role (driver or worker) from its own `motorpool-role` tag.
-#[derive(Clone, Serialize, Deserialize, PartialEq)]
-pub struct ClusterBoot {
-    pub cluster: String,
-    pub credential: String,
-    pub spec: BootSpec,
-}
-
-impl std::fmt::Debug for ClusterBoot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterBoot")
-            .field("cluster", &self.cluster)
-            .field("credential", &"<redacted>")
-            .field("spec", &self.spec)
-            .finish()
-    }
-}
-
-/// A step the node runs on itself at start (pool warm-up), as rendered by the engine.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct WarmStep {
-    pub step: String,
-    pub script: String,
-    pub key: String,
-    #[serde(default)]
-    pub timeout_seconds: u32,
-}
+pub use crate::words::{ClusterBoot, NodeProvider, WarmStep, cluster_boot_name};
 
 impl From<&RunStepRequest> for WarmStep {
     fn from(r: &RunStepRequest) -> Self {
@@ -98,8 +52,12 @@ impl From<&RunStepRequest> for WarmStep {
 pub struct Node {
     pub instance_id: String,
     pub project: String,
-    pub provider: Arc<dyn Provider>,
+    /// Its provider, through the retrying, rate-limited client.
+    pub provider: Arc<ProviderClient>,
     pub agent_credential: Credential,
+    /// How often an idle pool instance reads its own record (to learn it
+    /// was drawn into a cluster).
+    pub watch_interval: Duration,
 }
 
 fn now_unix() -> u64 {
@@ -109,23 +67,22 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-impl SelfProvider {
-    pub fn connect(&self) -> anyhow::Result<Arc<dyn Provider>> {
-        match self {
-            SelfProvider::Local { home } => {
-                let program = std::env::current_exe()?;
-                let config = motorpool_local::LocalConfig::new(home.clone(), program);
-                Ok(Arc::new(motorpool_local::LocalProvider::new(config)?))
-            }
-            SelfProvider::Aws { region, endpoint } => {
-                let config = motorpool_aws::AwsConfig {
-                    region: region.clone(),
-                    endpoint_url: endpoint.clone(),
-                    ..motorpool_aws::AwsConfig::default()
-                };
-                Ok(Arc::new(motorpool_aws::AwsProvider::new(config)?))
-            }
-        }
+impl NodeProvider {
+    /// Connect through the registered provider of this kind, behind the
+    /// same rate limit and retries as the engine's calls.
+    pub fn connect(&self) -> anyhow::Result<Arc<ProviderClient>> {
+        let plugin = crate::registry::Registry::global()
+            .provider(&self.kind)
+            .ok_or_else(|| anyhow!("this motorpool knows no provider `{}`", self.kind))?;
+        let env = motorpool_provider::ConnectEnv {
+            home: PathBuf::new(),
+            agent_program: std::env::current_exe()?,
+        };
+        let provider = plugin.connect_from_node(&self.settings, &env)?;
+        Ok(Arc::new(ProviderClient::new(
+            provider,
+            plugin.capabilities(),
+        )))
     }
 }
 
@@ -143,13 +100,7 @@ pub fn node_step_context(dir: &std::path::Path) -> anyhow::Result<StepContext> {
 }
 
 /// How often a cloud pool instance looks whether it was drawn into a cluster.
-const POOL_WATCH_INTERVAL: Duration = Duration::from_secs(2);
-
-/// The name a cluster's startup is stored under at its provider
-/// (`Provider::put_cluster_boot`), for pool instances drawn into it.
-pub fn cluster_boot_name(project: &str, cluster: &str) -> String {
-    format!("{project}-{cluster}")
-}
+pub const POOL_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// How long a self-starting node waits for what other nodes do (the driver's
 /// address, executors registering) before it reports the step failed.
@@ -268,8 +219,8 @@ impl Node {
         }
     }
 
-    /// A cloud node in a cluster: run the cluster's startup on itself,
-    /// tagging itself after each step, `ready` at the end, or
+    /// A cloud node in a cluster: run the cluster's startup saga on
+    /// itself, tagging itself after each step, `ready` at the end, or
     /// `failed:<step>` (with the reason in the agent's log).
     pub async fn start_in_cluster(
         &self,
@@ -278,15 +229,15 @@ impl Node {
         dir: &std::path::Path,
         boot: &ClusterBoot,
     ) {
-        if let Err((step, e)) = self.run_cluster_steps(runner, runtime, dir, boot).await {
+        if let Err(e) = self.run_saga(runner, runtime, dir, boot).await {
             eprintln!(
                 "motorpool agent {}: startup of cluster {} failed at {}: {e:#}",
                 self.instance_id,
                 boot.cluster,
-                step.name()
+                e.step.name()
             );
             if let Err(e) = self
-                .report_step(&format!("failed:{}", step.name()), &[])
+                .report_step(&format!("failed:{}", e.step.name()), &[])
                 .await
             {
                 eprintln!("motorpool agent: {e:#}");
@@ -294,126 +245,42 @@ impl Node {
         }
     }
 
-    async fn run_cluster_steps(
+    async fn run_saga(
         &self,
         runner: &StepRunner,
         runtime: &RuntimeHost,
         dir: &std::path::Path,
         boot: &ClusterBoot,
-    ) -> Result<(), (Step, anyhow::Error)> {
-        let at = |step: Step| move |e: anyhow::Error| (step, e);
-        let render = |step: Step| move |e: minijinja::Error| (step, anyhow!("cannot render: {e}"));
-        let templates = Templates::new();
-        let ctx = node_step_context(dir).map_err(at(Step::Runtime))?;
-        let spec = &boot.spec;
-
-        // 3. os & runtime setup (skipped by its key when the node warmed up in a pool).
-        let request = boot_steps::runtime(&templates, &ctx, spec).map_err(render(Step::Runtime))?;
-        Self::run_one(runner, request)
-            .await
-            .map_err(at(Step::Runtime))?;
-        self.report_step(Step::Runtime.name(), &[])
-            .await
-            .map_err(at(Step::Runtime))?;
-
-        // 4. formation: the driver starts and publishes its address; workers find it.
+    ) -> Result<(), saga::StartupError> {
+        let ctx = node_step_context(dir)
+            .map_err(|e| saga::StartupError::at(Step::Runtime, format!("{e:#}")))?;
         let me = self
             .find_self(&boot.cluster)
             .await
-            .map_err(at(Step::Formation))?;
-        let is_driver = me.tag(tags::ROLE) == Some("driver");
-        let mut request = StartRuntimeRequest {
-            role: if is_driver { "driver" } else { "executor" }.into(),
-            cluster: boot.cluster.clone(),
-            cluster_credential: boot.credential.clone(),
-            driver_address: String::new(),
-            cores: 0,
-            autotermination_minutes: spec.autotermination_minutes.unwrap_or(0),
+            .map_err(|e| saga::StartupError::at(Step::Formation, format!("{e:#}")))?;
+        let nodes = SelfStart {
+            node: self,
+            runner,
+            runtime,
+            cluster: &boot.cluster,
+            is_driver: me.tag(tags::ROLE).and_then(Role::parse) == Some(Role::Driver),
+            published: tokio::sync::Mutex::new(None),
         };
-        if !is_driver {
-            request.autotermination_minutes = 0;
-            request.driver_address = self
-                .find_driver(&boot.cluster)
-                .await
-                .map_err(at(Step::Formation))?;
-        }
-        // The runtime listens on the agent's (private) address.
-        let address = runtime.start(request, None).await.map_err(|e| {
-            (
-                Step::Formation,
-                anyhow!("the runtime did not start: {}", e.message()),
-            )
-        })?;
-        let published: &[(&str, &str)] = if is_driver {
-            &[(DRIVER_ADDRESS_TAG, address.as_str())]
-        } else {
-            &[]
+        let templates = Templates::new();
+        let input = saga::SagaInput {
+            templates: &templates,
+            steps: &ctx,
+            spec: &boot.spec,
+            formation: saga::Formation {
+                cluster: boot.cluster.clone(),
+                credential: boot.credential.clone(),
+                engine: boot.spec.engine.clone(),
+                autotermination_minutes: boot.spec.autotermination_minutes.unwrap_or(0),
+            },
+            allocate: Duration::ZERO,
+            progress: &|line| eprintln!("motorpool agent: {line}"),
         };
-        self.report_step(Step::Formation.name(), published)
-            .await
-            .map_err(at(Step::Formation))?;
-
-        // 5. libraries, then the init scripts in order.
-        if let Some(request) =
-            boot_steps::libraries(&templates, &ctx, spec).map_err(render(Step::Libraries))?
-        {
-            Self::run_one(runner, request)
-                .await
-                .map_err(at(Step::Libraries))?;
-        }
-        for request in
-            boot_steps::init_scripts(&templates, &ctx, spec).map_err(render(Step::Libraries))?
-        {
-            Self::run_one(runner, request)
-                .await
-                .map_err(at(Step::Libraries))?;
-        }
-        self.report_step(Step::Libraries.name(), &[])
-            .await
-            .map_err(at(Step::Libraries))?;
-
-        // 6. security & access: mounts.
-        if let Some(request) =
-            boot_steps::mounts(&templates, &ctx, spec).map_err(render(Step::Security))?
-        {
-            Self::run_one(runner, request)
-                .await
-                .map_err(at(Step::Security))?;
-        }
-        self.report_step(Step::Security.name(), &[])
-            .await
-            .map_err(at(Step::Security))?;
-
-        // 7. ready: on the driver, once every executor registered.
-        if is_driver {
-            let deadline = Instant::now() + PEER_TIMEOUT;
-            loop {
-                let registered = runtime
-                    .driver_status()
-                    .await
-                    .map(|s| s.executors.len())
-                    .map_err(|e| {
-                        (
-                            Step::Ready,
-                            anyhow!("the driver does not answer: {}", e.message()),
-                        )
-                    })?;
-                if registered >= spec.workers as usize {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    return Err((
-                        Step::Ready,
-                        anyhow!("only {registered} of {} executors registered", spec.workers),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-        let hash = spec.hash();
-        self.report_step(Step::Ready.name(), &[(tags::BOOT, hash.as_str())])
-            .await
-            .map_err(at(Step::Ready))
+        saga::run(&nodes, &input).await.map(|_| ())
     }
 
     /// A cloud pool instance after its warm-up: watch its own tags; once
@@ -427,7 +294,7 @@ impl Node {
     ) {
         let mut joined: Option<String> = None;
         loop {
-            tokio::time::sleep(POOL_WATCH_INTERVAL).await;
+            tokio::time::sleep(self.watch_interval).await;
             let cluster = match self.own_cluster().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -473,22 +340,22 @@ impl Node {
         }
     }
 
-    /// The cluster this instance is a member of now, if any.
+    /// The cluster this instance is a member of now, if any: its own
+    /// record, read by id (never a list of the project's instances).
     async fn own_cluster(&self) -> anyhow::Result<Option<String>> {
-        let mut filter = TagFilter::new();
-        filter.insert(tags::PROJECT.into(), self.project.clone());
-        filter.insert(tags::KIND.into(), "cluster".into());
-        let mut token = None;
-        loop {
-            let page = self.provider.list_page(&filter, token).await?;
-            if let Some(me) = page.instances.iter().find(|i| i.id == self.instance_id) {
-                return Ok(me.tag(tags::NAME).map(str::to_string));
-            }
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => return Ok(None),
-            }
-        }
+        let me = self
+            .provider
+            .describe(std::slice::from_ref(&self.instance_id))
+            .await?;
+        Ok(me
+            .iter()
+            .find(|i| i.id == self.instance_id)
+            .filter(|i| {
+                i.tag(tags::KIND) == Some("cluster")
+                    && i.tag(tags::PROJECT) == Some(self.project.as_str())
+            })
+            .and_then(|i| i.tag(tags::NAME))
+            .map(str::to_string))
     }
 
     /// The cluster's live instances, as the provider lists them.
@@ -497,16 +364,8 @@ impl Node {
         filter.insert(tags::PROJECT.into(), self.project.clone());
         filter.insert(tags::KIND.into(), "cluster".into());
         filter.insert(tags::NAME.into(), cluster.to_string());
-        let mut members = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self.provider.list_page(&filter, token).await?;
-            members.extend(page.instances.into_iter().filter(|i| i.state.is_live()));
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => return Ok(members),
-            }
-        }
+        let members = self.provider.list_all(&filter).await?;
+        Ok(members.into_iter().filter(|i| i.state.is_live()).collect())
     }
 
     /// This instance as its provider lists it (a new instance may take a
@@ -542,8 +401,8 @@ impl Node {
             if let Ok(members) = &listed
                 && let Some(address) = members
                     .iter()
-                    .filter(|i| i.tag(tags::ROLE) == Some("driver"))
-                    .find_map(|i| i.tag(DRIVER_ADDRESS_TAG))
+                    .filter(|i| i.tag(tags::ROLE) == Some(Role::Driver.as_str()))
+                    .find_map(|i| i.tag(tags::DRIVER_ADDRESS))
             {
                 return Ok(address.to_string());
             }
@@ -567,16 +426,7 @@ impl Node {
         filter.insert(tags::PROJECT.into(), self.project.clone());
         filter.insert(tags::KIND.into(), "cluster".into());
         filter.insert(tags::NAME.into(), cluster.to_string());
-        let mut members = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self.provider.list_page(&filter, token).await?;
-            members.extend(page.instances);
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
+        let members = self.provider.list_all(&filter).await?;
         let now = now_unix().to_string();
         let mut terminate = Vec::new();
         for w in members
@@ -628,5 +478,246 @@ impl Node {
             .stop(std::slice::from_ref(&self.instance_id))
             .await?;
         Ok(())
+    }
+}
+
+/// A cloud node starting itself: the saga's nodes are this one node, and
+/// what it finished it reports in its own tags.
+struct SelfStart<'a> {
+    node: &'a Node,
+    runner: &'a StepRunner,
+    runtime: &'a RuntimeHost,
+    cluster: &'a str,
+    is_driver: bool,
+    /// The driver's address, once formation started it (published with the formation tag).
+    published: tokio::sync::Mutex<Option<String>>,
+}
+
+#[async_trait::async_trait]
+impl StartupNodes for SelfStart<'_> {
+    async fn record(&self, step: Step, took: Duration) -> Result<(), saga::StartupError> {
+        Node::run_one(
+            self.runner,
+            boot_steps::recorded(step, took.as_millis() as u64),
+        )
+        .await
+        .map_err(|e| saga::StartupError::at(step, format!("{e:#}")))
+    }
+
+    async fn run_script(
+        &self,
+        step: Step,
+        request: RunStepRequest,
+    ) -> Result<Duration, saga::StartupError> {
+        let t = Instant::now();
+        Node::run_one(self.runner, request)
+            .await
+            .map_err(|e| saga::StartupError::at(step, format!("{e:#}")))?;
+        Ok(t.elapsed())
+    }
+
+    async fn form(&self, formation: &saga::Formation) -> Result<(), saga::StartupError> {
+        let failed = |e: String| saga::StartupError::at(Step::Formation, e);
+        let request = if self.is_driver {
+            formation.start_request(None)
+        } else {
+            let driver = self
+                .node
+                .find_driver(self.cluster)
+                .await
+                .map_err(|e| failed(format!("{e:#}")))?;
+            formation.start_request(Some(&driver))
+        };
+        // The engine's role listens on the agent's (private) address.
+        let address = self
+            .runtime
+            .start(request, None)
+            .await
+            .map_err(|e| failed(format!("the runtime did not start: {}", e.message())))?;
+        if self.is_driver {
+            *self.published.lock().await = Some(address);
+        }
+        Ok(())
+    }
+
+    async fn registered_workers(&self) -> Result<Option<usize>, saga::StartupError> {
+        if !self.is_driver {
+            return Ok(None);
+        }
+        let status = self.runtime.driver_status().await.map_err(|e| {
+            saga::StartupError::at(
+                Step::Ready,
+                format!("the driver does not answer: {}", e.message()),
+            )
+        })?;
+        Ok(Some(status.executors.len()))
+    }
+
+    async fn finished(
+        &self,
+        step: Step,
+        _took: Duration,
+        boot_hash: Option<&str>,
+    ) -> Result<(), saga::StartupError> {
+        // Request and allocate were apply's work: the node reports what it did.
+        if matches!(step, Step::Request | Step::Allocate) {
+            return Ok(());
+        }
+        let published = self.published.lock().await.clone();
+        let mut more: Vec<(&str, &str)> = Vec::new();
+        if step == Step::Formation
+            && let Some(address) = published.as_deref()
+        {
+            more.push((tags::DRIVER_ADDRESS, address));
+        }
+        if let Some(hash) = boot_hash {
+            more.push((tags::BOOT, hash));
+        }
+        self.node
+            .report_step(step.name(), &more)
+            .await
+            .map_err(|e| saga::StartupError::at(step, format!("{e:#}")))
+    }
+
+    async fn stop_roles(&self) {
+        self.runtime.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use async_trait::async_trait;
+    use motorpool_provider::{
+        LaunchRequest, NodeType, Page, Provider, ProviderError, ProviderPlugin,
+    };
+
+    use super::*;
+
+    /// Counts, on the way to the provider, the calls idle nodes make.
+    struct Counting {
+        inner: Arc<dyn Provider>,
+        lists: AtomicU64,
+        describes: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Provider for Counting {
+        fn kind(&self) -> &str {
+            self.inner.kind()
+        }
+        fn catalog(&self) -> &[NodeType] {
+            self.inner.catalog()
+        }
+        fn default_image(&self) -> String {
+            self.inner.default_image()
+        }
+        async fn list_page(
+            &self,
+            filter: &TagFilter,
+            token: Option<String>,
+        ) -> Result<Page, ProviderError> {
+            self.lists.fetch_add(1, Ordering::Relaxed);
+            self.inner.list_page(filter, token).await
+        }
+        async fn describe(&self, ids: &[String]) -> Result<Vec<Instance>, ProviderError> {
+            self.describes.fetch_add(1, Ordering::Relaxed);
+            self.inner.describe(ids).await
+        }
+        async fn launch(&self, r: &LaunchRequest) -> Result<Vec<Instance>, ProviderError> {
+            self.inner.launch(r).await
+        }
+        async fn terminate(&self, ids: &[String]) -> Result<(), ProviderError> {
+            self.inner.terminate(ids).await
+        }
+        async fn stop(&self, ids: &[String]) -> Result<(), ProviderError> {
+            self.inner.stop(ids).await
+        }
+        async fn start(&self, ids: &[String]) -> Result<(), ProviderError> {
+            self.inner.start(ids).await
+        }
+        async fn retag(&self, ids: &[String], change: &Retag) -> Result<(), ProviderError> {
+            self.inner.retag(ids, change).await
+        }
+    }
+
+    /// A minute of a thousand idle pool nodes, in fast motion: each node
+    /// watches every 50 ms instead of every 2 s, for 30 intervals (what a
+    /// real minute holds).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thousand_idle_pool_nodes_make_no_list_calls_and_a_fixed_number_of_look_ups() {
+        const NODES: u32 = 1000;
+        let interval = Duration::from_millis(50);
+        let intervals_per_minute = 60 / POOL_WATCH_INTERVAL.as_secs();
+        let home = tempfile::tempdir().expect("home");
+        let plugin = motorpool_sim::SimPlugin;
+        let env = motorpool_provider::ConnectEnv {
+            home: home.path().to_path_buf(),
+            agent_program: PathBuf::from("motorpool"),
+        };
+        let sim = plugin.connect(&serde_json::Value::Null, &env).expect("sim");
+        let mut pool_tags = BTreeMap::new();
+        pool_tags.insert(tags::PROJECT.to_string(), "busy".to_string());
+        pool_tags.insert(tags::KIND.to_string(), "pool".to_string());
+        pool_tags.insert(tags::NAME.to_string(), "general".to_string());
+        pool_tags.insert(tags::ROLE.to_string(), "idle".to_string());
+        let instances = sim
+            .launch(&LaunchRequest {
+                count: NODES,
+                node_type: "small".into(),
+                image: None,
+                tags: pool_tags,
+                user_data: String::new(),
+                client_token: "pool-general".into(),
+            })
+            .await
+            .expect("launch the pool");
+        let counting = Arc::new(Counting {
+            inner: sim,
+            lists: AtomicU64::new(0),
+            describes: AtomicU64::new(0),
+        });
+        let mut watchers = tokio::task::JoinSet::new();
+        for instance in instances {
+            let dir = home.path().join("nodes").join(&instance.id);
+            std::fs::create_dir_all(&dir).expect("node dir");
+            // Each node is its own process in real life: its own client.
+            let node = Node {
+                instance_id: instance.id.clone(),
+                project: "busy".into(),
+                provider: Arc::new(ProviderClient::new(counting.clone(), plugin.capabilities())),
+                agent_credential: Credential::new("agent"),
+                watch_interval: interval,
+            };
+            let runner = Arc::new(StepRunner::new(&dir));
+            let runtime = RuntimeHost::new(
+                dir.clone(),
+                runner.clone(),
+                super::super::service::RuntimeTls {
+                    server: None,
+                    trust: None,
+                    listen_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+                },
+            );
+            watchers.spawn(async move {
+                node.serve_as_pool_instance(&runner, &runtime, &dir).await;
+            });
+        }
+        tokio::time::sleep(interval * intervals_per_minute as u32).await;
+        watchers.abort_all();
+        while watchers.join_next().await.is_some() {}
+        let lists = counting.lists.load(Ordering::Relaxed);
+        let describes = counting.describes.load(Ordering::Relaxed);
+        assert_eq!(lists, 0, "idle pool nodes listed the project's instances");
+        // At most one look-up of its own record per node per watch interval.
+        assert!(
+            describes <= u64::from(NODES) * intervals_per_minute,
+            "{describes} look-ups in a minute"
+        );
+        assert!(
+            describes >= u64::from(NODES),
+            "the nodes did not watch: {describes}"
+        );
     }
 }

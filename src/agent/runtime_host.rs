@@ -1,11 +1,12 @@
-//! The runtime a node agent hosts: the driver on a driver node, an executor
-//! on a worker (startup step 4, formation), and the driver node's
+//! The engine role a node agent hosts: the driver on a driver node, a
+//! worker on the others (startup step 4, formation), and the driver node's
 //! autotermination watch.
 //!
-//! This module owns starting, reporting and stopping that runtime inside the
-//! agent's process; the runtime itself lives in `crate::runtime`, and what
+//! This module owns starting, reporting and stopping that role inside the
+//! agent's process, through the engine seam ([`crate::engines`]): which
+//! engine runs is the cluster's choice, carried in the start request. What
 //! autotermination does to the cluster's instances lives in
-//! [`super::autoterminate`].
+//! [`super::node`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -17,24 +18,18 @@ use tonic::Status;
 use super::proto;
 use super::steps::StepRunner;
 use crate::auth::Credential;
-use crate::runtime::{driver, executor};
+use crate::engines::{self, RoleContext, RoleStart, RunningRole};
+use crate::words::Role;
 
 /// What the agent hosts right now.
-#[derive(Default)]
-enum Hosted {
-    #[default]
-    Nothing,
-    Driver {
-        cluster: String,
-        credential: Credential,
-        handle: driver::DriverHandle,
-        watch: Option<tokio::task::JoinHandle<()>>,
-    },
-    Executor {
-        cluster: String,
-        driver: String,
-        handle: executor::ExecutorHandle,
-    },
+struct Hosted {
+    engine: String,
+    cluster: String,
+    role: Role,
+    /// A worker's driver.
+    driver_address: String,
+    running: Arc<dyn RunningRole>,
+    watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Called when the driver's cluster has idled past its autotermination time.
@@ -44,10 +39,31 @@ pub struct RuntimeHost {
     dir: PathBuf,
     tls: super::service::RuntimeTls,
     steps: Arc<StepRunner>,
-    hosted: Mutex<Hosted>,
+    hosted: Mutex<Option<Hosted>>,
     on_idle: Option<OnIdle>,
     /// How long a "minute" of autotermination is (shortened in tests).
     minute: std::time::Duration,
+}
+
+/// The engine role a start request asks for (the wire keeps the bundled
+/// runtime's words: `driver`, `executor`).
+fn requested_role(request: &proto::StartRuntimeRequest) -> Result<RoleStart, Status> {
+    match request.role.as_str() {
+        "driver" => Ok(RoleStart::Driver),
+        "executor" | "worker" => {
+            if request.driver_address.is_empty() {
+                return Err(Status::invalid_argument(
+                    "an executor needs the driver's address",
+                ));
+            }
+            Ok(RoleStart::Worker {
+                driver_address: request.driver_address.clone(),
+            })
+        }
+        other => Err(Status::invalid_argument(format!(
+            "unknown runtime role `{other}`"
+        ))),
+    }
 }
 
 impl RuntimeHost {
@@ -60,7 +76,7 @@ impl RuntimeHost {
             dir,
             tls,
             steps,
-            hosted: Mutex::new(Hosted::Nothing),
+            hosted: Mutex::new(None),
             on_idle: None,
             minute: minute_from_env(),
         }
@@ -72,9 +88,9 @@ impl RuntimeHost {
         self
     }
 
-    /// Start (or keep) the driver or an executor; returns its address.
+    /// Start (or keep) the cluster's driver or worker role; returns its address.
     ///
-    /// The runtime listens on the agent's IP; when the agent listens on every
+    /// The role listens on the agent's IP; when the agent listens on every
     /// address (0.0.0.0), on the IP the caller reached it at (`local_ip`).
     pub async fn start(
         &self,
@@ -86,128 +102,93 @@ impl RuntimeHost {
                 "the runtime needs the cluster's credential",
             ));
         }
+        let role = requested_role(&request)?;
+        let engine_kind = if request.engine.is_empty() {
+            engines::DEFAULT_ENGINE
+        } else {
+            request.engine.as_str()
+        };
+        let engine =
+            engines::engine(engine_kind).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut credential = Credential::new(request.cluster_credential.clone());
         if let Some(trust) = &self.tls.trust {
             credential = credential.with_trust(trust.clone());
         }
+        let (role_word, driver_address) = match &role {
+            RoleStart::Driver => (Role::Driver, String::new()),
+            RoleStart::Worker { driver_address } => (Role::Worker, driver_address.clone()),
+        };
         let mut hosted = self.hosted.lock().await;
         // Asked again for what already runs: idempotent.
-        match (&*hosted, request.role.as_str()) {
-            (
-                Hosted::Driver {
-                    cluster, handle, ..
-                },
-                "driver",
-            ) if *cluster == request.cluster => {
-                return Ok(handle.address().to_string());
-            }
-            (
-                Hosted::Executor {
-                    cluster,
-                    driver,
-                    handle,
-                },
-                "executor",
-            ) if *cluster == request.cluster && *driver == request.driver_address => {
-                return Ok(handle.address().to_string());
-            }
-            _ => {}
+        if let Some(h) = &*hosted
+            && h.engine == engine_kind
+            && h.cluster == request.cluster
+            && h.role == role_word
+            && h.driver_address == driver_address
+        {
+            return Ok(h.running.address());
         }
-        stop_hosted(std::mem::take(&mut *hosted)).await;
+        if let Some(old) = hosted.take() {
+            stop_hosted(old).await;
+        }
         let ip = match (self.tls.listen_ip, local_ip) {
             (ip, _) if !ip.is_unspecified() => ip,
             (_, Some(ip)) => ip,
             _ => IpAddr::from([127, 0, 0, 1]),
         };
-        let listen = SocketAddr::new(ip, 0);
-        let (next, address, driver_address) = match request.role.as_str() {
-            "driver" => {
-                let mut config = driver::DriverConfig::new(
-                    listen,
-                    credential.clone(),
-                    self.dir.join("runtime").join("driver"),
-                );
-                config.minute = self.minute;
-                config.tls = self.tls.server.clone();
-                let handle = driver::serve(config)
-                    .await
-                    .map_err(|e| Status::internal(format!("the driver did not start: {e:#}")))?;
-                let address = handle.address().to_string();
-                let watch = match (&self.on_idle, request.autotermination_minutes) {
-                    (Some(on_idle), minutes) if minutes > 0 => Some(self.watch_idle(
-                        &handle,
-                        credential.clone(),
-                        request.cluster.clone(),
-                        minutes,
-                        on_idle.clone(),
-                    )),
-                    _ => None,
-                };
-                (
-                    Hosted::Driver {
-                        cluster: request.cluster.clone(),
-                        credential,
-                        handle,
-                        watch,
-                    },
-                    address.clone(),
-                    address,
-                )
-            }
-            "executor" => {
-                if request.driver_address.is_empty() {
-                    return Err(Status::invalid_argument(
-                        "an executor needs the driver's address",
-                    ));
-                }
-                let mut config = executor::ExecutorConfig::new(
-                    request.driver_address.clone(),
-                    credential,
-                    self.dir.join("runtime").join("executor"),
-                );
-                if request.cores > 0 {
-                    config.cores = request.cores as usize;
-                }
-                config.listen = listen;
-                config.tls = self.tls.server.clone();
-                let handle = executor::serve(config)
-                    .await
-                    .map_err(|e| Status::internal(format!("the executor did not start: {e:#}")))?;
-                let address = handle.address().to_string();
-                (
-                    Hosted::Executor {
-                        cluster: request.cluster.clone(),
-                        driver: request.driver_address.clone(),
-                        handle,
-                    },
-                    address,
-                    request.driver_address.clone(),
-                )
-            }
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown runtime role `{other}`"
-                )));
-            }
+        let context = RoleContext {
+            cluster: request.cluster.clone(),
+            credential,
+            dir: self.dir.join("runtime"),
+            listen: SocketAddr::new(ip, 0),
+            tls: self.tls.server.clone(),
+            cores: request.cores,
+            minute: self.minute,
         };
-        *hosted = next;
-        self.steps.set_runtime(&request.role, &driver_address).await;
+        let running = engine
+            .start_role(role, context)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let address = running.address();
+        let watch = match (&self.on_idle, role_word, request.autotermination_minutes) {
+            (Some(on_idle), Role::Driver, minutes) if minutes > 0 => Some(self.watch_idle(
+                running.clone(),
+                request.cluster.clone(),
+                minutes,
+                on_idle.clone(),
+            )),
+            _ => None,
+        };
+        let joined = if role_word == Role::Driver {
+            address.clone()
+        } else {
+            driver_address.clone()
+        };
+        *hosted = Some(Hosted {
+            engine: engine_kind.to_string(),
+            cluster: request.cluster.clone(),
+            role: role_word,
+            driver_address,
+            running,
+            watch,
+        });
+        let wire_role = if role_word == Role::Driver {
+            "driver"
+        } else {
+            "executor"
+        };
+        self.steps.set_runtime(wire_role, &joined).await;
         Ok(address)
     }
 
     /// Watch the driver: once no job has run for `minutes`, call `on_idle`.
     fn watch_idle(
         &self,
-        handle: &driver::DriverHandle,
-        credential: Credential,
+        driver: Arc<dyn RunningRole>,
         cluster: String,
         minutes: u32,
         on_idle: OnIdle,
     ) -> tokio::task::JoinHandle<()> {
-        let probe = DriverProbe {
-            address: handle.address().to_string(),
-            credential,
-        };
         let limit = self.minute * minutes;
         tokio::spawn(async move {
             let mut idle_since = tokio::time::Instant::now();
@@ -217,8 +198,8 @@ impl RuntimeHost {
             );
             loop {
                 tokio::time::sleep(tick).await;
-                match probe.running_jobs().await {
-                    Ok(0) => {
+                match driver.status().await {
+                    Ok(status) if status.running_jobs == 0 => {
                         if idle_since.elapsed() >= limit {
                             eprintln!(
                                 "motorpool agent: cluster {cluster} idle for {minutes} minutes: stopping it"
@@ -234,27 +215,18 @@ impl RuntimeHost {
         })
     }
 
+    /// The hosted driver's view of its cluster.
     pub async fn driver_status(&self) -> Result<proto::DriverStatusResponse, Status> {
         match &*self.hosted.lock().await {
-            Hosted::Driver {
-                handle, credential, ..
-            } => {
-                let credential = Some(credential.clone());
-                let executors = handle
-                    .executors()
+            Some(h) if h.role == Role::Driver => {
+                let status = h
+                    .running
+                    .status()
                     .await
-                    .map_err(|e| Status::unavailable(format!("{e:#}")))?;
-                let running_jobs = credential.as_ref().map(|c| DriverProbe {
-                    address: handle.address().to_string(),
-                    credential: c.clone(),
-                });
-                let running_jobs = match running_jobs {
-                    Some(p) => p.running_jobs().await.unwrap_or(0),
-                    None => 0,
-                };
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
                 Ok(proto::DriverStatusResponse {
-                    executors: executors.into_iter().map(|e| e.executor_id).collect(),
-                    running_jobs: running_jobs as u32,
+                    executors: status.workers,
+                    running_jobs: status.running_jobs,
                 })
             }
             _ => Err(Status::failed_precondition("this node hosts no driver")),
@@ -262,25 +234,20 @@ impl RuntimeHost {
     }
 
     pub async fn stop(&self) {
-        let hosted = std::mem::take(&mut *self.hosted.lock().await);
-        stop_hosted(hosted).await;
+        let hosted = self.hosted.lock().await.take();
+        if let Some(h) = hosted {
+            stop_hosted(h).await;
+        }
         self.steps.set_runtime("", "").await;
     }
 }
 
 async fn stop_hosted(hosted: Hosted) {
-    match hosted {
-        Hosted::Nothing => {}
-        Hosted::Driver { handle, watch, .. } => {
-            if let Some(w) = watch {
-                w.abort();
-            }
-            let _ = handle.shutdown().await;
-        }
-        Hosted::Executor { handle, .. } => {
-            let _ = handle.shutdown().await;
-        }
+    if let Some(w) = hosted.watch {
+        w.abort();
+        let _ = w.await;
     }
+    hosted.running.shutdown().await;
 }
 
 /// `MOTORPOOL_MINUTE_MS` shortens a minute (tests of autotermination); one real minute otherwise.
@@ -291,29 +258,4 @@ fn minute_from_env() -> std::time::Duration {
         .filter(|ms| *ms > 0)
         .map(std::time::Duration::from_millis)
         .unwrap_or(std::time::Duration::from_secs(60))
-}
-
-/// Asks a driver, through its gRPC service, how busy it is.
-struct DriverProbe {
-    address: String,
-    credential: Credential,
-}
-
-impl DriverProbe {
-    async fn running_jobs(&self) -> anyhow::Result<usize> {
-        use crate::runtime::proto::{ClusterStatusRequest, driver_client::DriverClient};
-        let channel = crate::tls::endpoint(&self.address, self.credential.trust())?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .connect()
-            .await?;
-        let mut client = DriverClient::with_interceptor(
-            channel,
-            crate::auth::AttachCredential(self.credential.clone()),
-        );
-        let status = client
-            .cluster_status(ClusterStatusRequest {})
-            .await?
-            .into_inner();
-        Ok(status.active_runs.len())
-    }
 }

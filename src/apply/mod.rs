@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use motorpool_provider::{
-    Instance, InstanceState, LaunchRequest, ProviderError, Retag, TagFilter, Tags, tags,
+    Instance, InstanceState, LaunchRequest, NodeStartup, ProviderError, Retag, TagFilter, Tags,
+    tags,
 };
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
@@ -192,6 +193,8 @@ pub async fn apply(
     let mut outcomes: Vec<Option<(Outcome, f64)>> = vec![None; changes.len()];
     let mut running = vec![false; changes.len()];
     let mut tasks: JoinSet<(usize, Result<(), String>, f64)> = JoinSet::new();
+    // Which change each task runs, so a panic is blamed on its own change.
+    let mut task_change: std::collections::HashMap<tokio::task::Id, usize> = Default::default();
 
     loop {
         // Start what is ready; skip what depends on a failure.
@@ -219,11 +222,12 @@ pub async fn apply(
                 running[i] = true;
                 let runner = runner.clone();
                 let change = changes[i].clone();
-                tasks.spawn(async move {
+                let handle = tasks.spawn(async move {
                     let t = Instant::now();
                     let result = runner.run_change(&change).await;
                     (i, result, t.elapsed().as_secs_f64())
                 });
+                task_change.insert(handle.id(), i);
             }
         }
         let Some(joined) = tasks.join_next().await else {
@@ -252,7 +256,7 @@ pub async fn apply(
             }
             Err(join_error) => {
                 // A task panicked: that is a bug, but the others still finish.
-                if let Some(i) = running.iter().position(|r| *r) {
+                if let Some(&i) = task_change.get(&join_error.id()) {
                     running[i] = false;
                     outcomes[i] = Some((
                         Outcome::Failed {
@@ -316,6 +320,11 @@ fn stamp(tags: &Tags, now: u64) -> Tags {
 }
 
 impl Runner {
+    /// Nodes of a simulated provider run nothing: a running node is started.
+    fn nodes_are_simulated(&self) -> bool {
+        self.client.capabilities().node_startup == NodeStartup::Simulated
+    }
+
     async fn journal(&self, event: Event) -> Result<(), String> {
         self.journal
             .lock()
@@ -410,7 +419,7 @@ impl Runner {
             } => {
                 let user_data = self.user_data(change, warm.as_ref())?;
                 let mut tags = tags.clone();
-                if warm.is_some() && self.client.kind() == "sim" {
+                if warm.is_some() && self.nodes_are_simulated() {
                     // A simulated node has nothing to run: it is warm once it has booted.
                     tags.insert(
                         motorpool_provider::tags::STEP.into(),
@@ -529,15 +538,16 @@ impl Runner {
         if let Some(cloud) = &boot.cloud {
             return self.cloud_user_data(boot, cloud, change, warm);
         }
-        if self.client.kind() == "aws" {
-            return Err(
-                "the aws provider needs `runtime_url` and `runtime_sha256` in the spec's provider \
-                 block: EC2 nodes install the motorpool runtime from there"
-                    .to_string(),
-            );
-        }
-        if self.client.kind() != "local" {
-            return Ok(String::new());
+        match self.client.capabilities().node_startup {
+            NodeStartup::SelfStarting => {
+                return Err(format!(
+                    "the {} provider needs `runtime_url` and `runtime_sha256` in the spec's \
+                     provider block: its nodes install the motorpool runtime from there",
+                    self.client.kind()
+                ));
+            }
+            NodeStartup::Simulated => return Ok(String::new()),
+            NodeStartup::EngineDriven => {}
         }
         let warm = match warm {
             Some(spec) => crate::bootstrap::steps::warm_up(&boot.templates, &boot.steps, spec)
@@ -551,9 +561,7 @@ impl Runner {
             credential: boot.agent_credential.expose().to_string(),
             project: self.project.clone(),
             warm,
-            provider: Some(crate::agent::node::SelfProvider::Local {
-                home: boot.home.clone(),
-            }),
+            provider: Some(boot.node_provider.clone()),
             tls: boot.node_tls.clone(),
             ..crate::agent::AgentConfig::default()
         };
@@ -606,12 +614,15 @@ impl Runner {
             return Ok(());
         };
         let document = serde_json::to_string(&cluster).map_err(|e| e.to_string())?;
-        if document.len() > crate::bootstrap::cloud::USER_DATA_LIMIT {
+        if let Some(limit) = self.client.capabilities().user_data_limit
+            && document.len() > limit
+        {
             return Err(format!(
-                "the cluster's startup is {} bytes, over EC2's limit of {} bytes for launch \
-                 template user data; make its init scripts, requirements or env smaller",
+                "the cluster's startup is {} bytes, over the {} provider's limit of {limit} \
+                 bytes for what a node reads at boot; make its init scripts, requirements or \
+                 env smaller",
                 document.len(),
-                crate::bootstrap::cloud::USER_DATA_LIMIT
+                self.client.kind(),
             ));
         }
         self.call(|| self.client.put_cluster_boot(&name, &document))
@@ -639,6 +650,7 @@ impl Runner {
             tls: boot.node_tls.clone(),
             ..crate::agent::AgentConfig::default()
         };
+        let config = serde_json::to_string(&config).map_err(|e| e.to_string())?;
         crate::bootstrap::cloud::user_data(&boot.templates, cloud, &config)
             .map_err(|e| format!("{}: {e}", change.address))
     }
@@ -663,7 +675,7 @@ impl Runner {
         };
         let nodes: Vec<Instance> = nodes.into_iter().filter(|i| i.state.is_live()).collect();
         match &self.boot {
-            Some(boot) if self.client.kind() != "sim" => {
+            Some(boot) if !self.nodes_are_simulated() => {
                 let report = crate::bootstrap::run::start_cluster(
                     boot,
                     &self.client,

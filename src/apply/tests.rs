@@ -138,7 +138,14 @@ async fn run(
     };
     apply(
         plan,
-        Arc::new(ProviderClient::new(provider)),
+        Arc::new(ProviderClient::new(
+            provider,
+            motorpool_provider::Capabilities {
+                node_startup: motorpool_provider::NodeStartup::Simulated,
+                user_data_limit: None,
+                stop_start: true,
+            },
+        )),
         dir.path(),
         &options,
         None,

@@ -16,73 +16,46 @@
 use serde_json::json;
 
 use super::template::Templates;
-use crate::agent::AgentConfig;
-use crate::agent::node::SelfProvider;
-
-/// EC2's limit on user data, in bytes (before base64).
-pub const USER_DATA_LIMIT: usize = 16 * 1024;
+use crate::words::NodeProvider;
 
 /// The port the agent listens on, on a cloud node's private address (with TLS).
 pub const CLOUD_AGENT_PORT: u16 = 7443;
 
-/// How cloud nodes get their runtime and reach their provider (from the spec's provider block).
+/// How cloud nodes get their runtime and reach their provider (from the
+/// spec's provider block and the provider's plugin).
 #[derive(Debug, Clone)]
 pub struct CloudNodes {
     pub runtime_url: String,
     pub runtime_sha256: String,
     /// How the node's agent reaches its own provider (to tag itself).
-    pub provider: SelfProvider,
+    pub provider: NodeProvider,
+    /// The provider's user-data template (its node-side bootstrap).
+    pub template: &'static str,
+    /// The provider's limit on user data, if it has one.
+    pub user_data_limit: Option<usize>,
 }
 
 /// Why user data could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum UserDataError {
-    #[error("cannot render templates/user-data.sh: {0}")]
+    #[error("cannot render the provider's user-data template: {0}")]
     Render(#[from] minijinja::Error),
-    #[error("cannot encode the agent config: {0}")]
-    Encode(#[from] serde_json::Error),
     #[error(
-        "the node's user data is {size} bytes, over EC2's limit of {limit} bytes; most of it is \
-         the cluster's init scripts, requirements and env: make them smaller (e.g. download a \
-         larger script from an init script)"
+        "the node's user data is {size} bytes, over the provider's limit of {limit} bytes; most \
+         of it is the cluster's init scripts, requirements and env: make them smaller (e.g. \
+         download a larger script from an init script)"
     )]
     TooLarge { size: usize, limit: usize },
 }
 
-/// `runtime_url` must be an http(s) URL without whitespace.
-pub fn check_runtime_url(url: &str) -> Result<(), String> {
-    let ok = (url.starts_with("https://") || url.starts_with("http://"))
-        && url.len() > "https://".len()
-        && !url.chars().any(|c| c.is_whitespace() || c.is_control());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{url}` is not an https:// or http:// URL of the motorpool executable"
-        ))
-    }
-}
-
-/// `runtime_sha256` must be 64 hex digits.
-pub fn check_sha256(sha: &str) -> Result<(), String> {
-    if sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()) {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{sha}` is not a SHA-256 (64 hex digits, as `sha256sum` prints)"
-        ))
-    }
-}
-
-/// The cloud-init user data for a node with agent config `config`.
+/// The user data for a node whose agent config is `agent_config` (JSON).
 pub fn user_data(
     templates: &Templates,
     settings: &CloudNodes,
-    config: &AgentConfig,
+    agent_config: &str,
 ) -> Result<String, UserDataError> {
-    let agent_config = serde_json::to_string(config)?;
-    let script = templates.render(
-        "user-data.sh",
+    let script = templates.render_source(
+        settings.template,
         json!({
             "runtime_url": settings.runtime_url,
             "runtime_sha256": settings.runtime_sha256.to_ascii_lowercase(),
@@ -90,38 +63,42 @@ pub fn user_data(
             "port": CLOUD_AGENT_PORT,
         }),
     )?;
-    if script.len() > USER_DATA_LIMIT {
+    if let Some(limit) = settings.user_data_limit
+        && script.len() > limit
+    {
         return Err(UserDataError::TooLarge {
             size: script.len(),
-            limit: USER_DATA_LIMIT,
+            limit,
         });
     }
     Ok(script)
 }
 
-/// The agent config inside user data made by [`user_data`] (tests, tools):
-/// the one word after `printf '%s\n'` on the line that writes the config.
-pub fn agent_config_of(user_data: &str) -> Option<AgentConfig> {
+/// The agent config (JSON) inside user data made by [`user_data`] (tests,
+/// tools): the one word after `printf '%s\n'` on the line that writes it.
+pub fn agent_config_of(user_data: &str) -> Option<String> {
     let line = user_data
         .lines()
         .find(|l| l.ends_with("> /var/lib/motorpool/agent-config.json"))?;
     let word = line
         .strip_prefix("printf '%s\\n' '")?
         .strip_suffix("' > /var/lib/motorpool/agent-config.json")?;
-    serde_json::from_str(&word.replace(r"'\''", "'")).ok()
+    Some(word.replace(r"'\''", "'"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::node::ClusterBoot;
+    use crate::agent::AgentConfig;
     use crate::bootstrap::{BootSpec, MountSpec, NamedFile};
+    use crate::words::ClusterBoot;
 
     const HOSTILE: &str = "it's $(touch PWNED) `touch PWNED` ; touch PWNED\n\"x\" ${HOME} \\";
 
     fn hostile_spec() -> BootSpec {
         BootSpec {
             runtime: HOSTILE.into(),
+            engine: HOSTILE.into(),
             pip: vec![HOSTILE.into(), "-r /etc/passwd".into()],
             requirements: vec![],
             init_scripts: vec![NamedFile {
@@ -140,75 +117,104 @@ mod tests {
         }
     }
 
-    #[test]
-    fn user_data_with_hostile_values_stays_safe_and_small() {
-        let settings = CloudNodes {
-            runtime_url: format!("https://example.com/{HOSTILE}"),
-            runtime_sha256: "'; touch PWNED; '".into(),
-            provider: SelfProvider::Aws {
-                region: Some(HOSTILE.into()),
-                endpoint: Some(HOSTILE.into()),
-            },
-        };
-        let config = AgentConfig {
-            credential: HOSTILE.into(),
-            project: HOSTILE.into(),
-            provider: Some(settings.provider.clone()),
-            cluster: Some(ClusterBoot {
-                cluster: HOSTILE.into(),
-                credential: HOSTILE.into(),
-                spec: hostile_spec(),
-            }),
-            ..AgentConfig::default()
-        };
-        let script = user_data(&Templates::new(), &settings, &config).expect("renders");
-        assert!(script.len() <= USER_DATA_LIMIT, "{} bytes", script.len());
-        // The config comes back out of the script intact: it was one shell word.
-        let back = agent_config_of(&script).expect("the config is in the script");
-        assert_eq!(back.credential, HOSTILE);
-        assert_eq!(back.cluster.map(|c| c.spec), Some(hostile_spec()));
-        // `sh -n` parses it; and every hostile value sits inside single quotes:
-        // outside them, no `$(`, backtick or `;` from a value remains.
-        let parsed = std::process::Command::new("sh")
-            .arg("-n")
-            .arg("-c")
-            .arg(&script)
-            .output()
-            .expect("sh");
-        assert!(
-            parsed.status.success(),
-            "{}",
-            String::from_utf8_lossy(&parsed.stderr)
-        );
-        let mut outside = String::new();
-        let mut quoted = false;
-        let mut chars = script.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\'' => quoted = !quoted,
-                // `\'` outside quotes is a literal quote (from `'\''`).
-                '\\' if !quoted => {
-                    chars.next();
-                }
-                _ if !quoted => outside.push(c),
-                _ => {}
+    /// A minimal user-data template in the shape every provider's follows.
+    const PLAIN_TEMPLATE: &str = "#!/bin/sh\nset -eu\ncurl -fsSL -o /opt/motorpool/motorpool -- {{ runtime_url }}\nprintf '%s  %s\\n' {{ runtime_sha256 }} /opt/motorpool/motorpool | sha256sum -c -\nprintf '%s\\n' {{ agent_config }} > /var/lib/motorpool/agent-config.json\nexec /opt/motorpool/motorpool agent --listen 0.0.0.0:{{ port }}\n";
+
+    /// Every registered provider's user-data template (and the plain one).
+    fn templates() -> Vec<(&'static str, &'static str, Option<usize>)> {
+        let mut all = vec![("plain", PLAIN_TEMPLATE, Some(16 * 1024))];
+        for p in crate::registry::Registry::builtin().providers() {
+            if let Some(template) = p.user_data_template() {
+                all.push((p.kind(), template, p.capabilities().user_data_limit));
             }
         }
-        assert!(!outside.contains("PWNED"), "unquoted value in:\n{outside}");
+        all
     }
 
     #[test]
-    fn user_data_over_the_ec2_limit_is_refused_with_a_clear_message() {
+    fn user_data_with_hostile_values_stays_safe_and_small() {
+        for (kind, template, limit) in templates() {
+            let settings = CloudNodes {
+                runtime_url: format!("https://example.com/{HOSTILE}"),
+                runtime_sha256: "'; touch PWNED; '".into(),
+                provider: NodeProvider {
+                    kind: HOSTILE.into(),
+                    settings: serde_json::json!({ "region": HOSTILE, "endpoint": HOSTILE }),
+                },
+                template,
+                user_data_limit: limit,
+            };
+            let config = AgentConfig {
+                credential: HOSTILE.into(),
+                project: HOSTILE.into(),
+                provider: Some(settings.provider.clone()),
+                cluster: Some(ClusterBoot {
+                    cluster: HOSTILE.into(),
+                    credential: HOSTILE.into(),
+                    spec: hostile_spec(),
+                }),
+                ..AgentConfig::default()
+            };
+            let json = serde_json::to_string(&config).expect("encode");
+            let script = user_data(&Templates::new(), &settings, &json).expect("renders");
+            if let Some(limit) = limit {
+                assert!(script.len() <= limit, "{kind}: {} bytes", script.len());
+            }
+            // The config comes back out of the script intact: it was one shell word.
+            let back = agent_config_of(&script)
+                .and_then(|c| AgentConfig::from_json(&c))
+                .expect("the config is in the script");
+            assert_eq!(back.credential, HOSTILE, "{kind}");
+            assert_eq!(back.cluster.map(|c| c.spec), Some(hostile_spec()), "{kind}");
+            // `sh -n` parses it; and every hostile value sits inside single quotes:
+            // outside them, no `$(`, backtick or `;` from a value remains.
+            let parsed = std::process::Command::new("sh")
+                .arg("-n")
+                .arg("-c")
+                .arg(&script)
+                .output()
+                .expect("sh");
+            assert!(
+                parsed.status.success(),
+                "{kind}: {}",
+                String::from_utf8_lossy(&parsed.stderr)
+            );
+            let mut outside = String::new();
+            let mut quoted = false;
+            let mut chars = script.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\'' => quoted = !quoted,
+                    // `\'` outside quotes is a literal quote (from `'\''`).
+                    '\\' if !quoted => {
+                        chars.next();
+                    }
+                    _ if !quoted => outside.push(c),
+                    _ => {}
+                }
+            }
+            assert!(
+                !outside.contains("PWNED"),
+                "{kind}: unquoted value in:\n{outside}"
+            );
+        }
+    }
+
+    #[test]
+    fn user_data_over_the_providers_limit_is_refused_with_a_clear_message() {
+        const LIMIT: usize = 16 * 1024;
         let settings = CloudNodes {
             runtime_url: "https://example.com/motorpool".into(),
             runtime_sha256: "0".repeat(64),
-            provider: SelfProvider::Aws {
-                region: None,
-                endpoint: None,
+            provider: NodeProvider {
+                kind: "plain".into(),
+                settings: serde_json::Value::Null,
             },
+            template: PLAIN_TEMPLATE,
+            user_data_limit: Some(LIMIT),
         };
         let mut spec = hostile_spec();
-        spec.init_scripts[0].content = "x".repeat(USER_DATA_LIMIT);
+        spec.init_scripts[0].content = "x".repeat(LIMIT);
         let config = AgentConfig {
             credential: "c".into(),
             cluster: Some(ClusterBoot {
@@ -218,19 +224,12 @@ mod tests {
             }),
             ..AgentConfig::default()
         };
-        let err = user_data(&Templates::new(), &settings, &config).expect_err("too large");
+        let json = serde_json::to_string(&config).expect("encode");
+        let err = user_data(&Templates::new(), &settings, &json).expect_err("too large");
         assert!(
-            err.to_string().contains("over EC2's limit of 16384 bytes"),
+            err.to_string()
+                .contains("over the provider's limit of 16384 bytes"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn runtime_settings_are_checked() {
-        assert!(check_runtime_url("https://example.com/motorpool").is_ok());
-        assert!(check_runtime_url("ftp://example.com/motorpool").is_err());
-        assert!(check_runtime_url("https://example.com/a b").is_err());
-        assert!(check_sha256(&"ab".repeat(32)).is_ok());
-        assert!(check_sha256("abc").is_err());
     }
 }

@@ -1,29 +1,35 @@
-//! Running a cluster's startup steps over its nodes' agents, in order, and
-//! tagging each node with the last step it finished (`motorpool-step`).
+//! Starting a cluster from the engine's side.
 //!
-//! Where the engine can reach the agents (the local provider), it drives
-//! each step through the agent's `RunStep`/`StartRuntime` calls. Where it
-//! cannot (clouds, where nodes bootstrap themselves from their user data),
-//! it waits for the nodes' own step tags to reach `ready`. Either way a
-//! failed step names the node, the step and the end of its stderr.
+//! Where the engine can reach the agents (providers whose nodes are
+//! [`NodeStartup::EngineDriven`]), it runs the startup saga
+//! ([`super::saga`]) over them: [`AgentNodes`] carries each step out through
+//! the agents' `RunStep`/`StartRuntime` calls and tags each node with the
+//! last step it finished (`motorpool-step`). Where it cannot (nodes that
+//! start themselves from their user data), it waits for the nodes' own step
+//! tags to reach `ready`. Either way a failed step names the node, the step
+//! and the end of its stderr.
+//!
+//! [`NodeStartup::EngineDriven`]: motorpool_provider::NodeStartup::EngineDriven
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use futures_util::future::join_all;
 use motorpool_provider::{Instance, InstanceState, Retag, TagFilter, tags};
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
+use super::saga::{self, Formation, SagaInput, StartupError, StartupNodes};
 use super::steps::{self, StepContext};
 use super::template::Templates;
 use super::{BootSpec, Step};
-use crate::agent::AgentClient;
-use crate::agent::proto::{self, RunStepRequest};
 use crate::auth::{AttachCredential, Credential};
-use crate::plan::Role;
+use crate::proto::agent::agent_client::AgentClient;
+use crate::proto::agent::{self as proto, RunStepRequest};
 use crate::providers::ProviderClient;
+use crate::words::Role;
 
 /// What startup needs besides the plan.
 pub struct BootContext {
@@ -38,6 +44,8 @@ pub struct BootContext {
     /// registered (on a cloud: from running to every node tagged ready).
     pub ready_timeout: Duration,
     pub home: PathBuf,
+    /// How a node reaches its own provider (written into its agent config).
+    pub node_provider: crate::words::NodeProvider,
     /// Cloud nodes, which start themselves from their user data; None on
     /// the local provider and the simulator.
     pub cloud: Option<super::cloud::CloudNodes>,
@@ -54,17 +62,7 @@ struct Node {
     agent: Agent,
 }
 
-/// How long each step took (the slowest node's time).
-#[derive(Debug, Clone, Default)]
-pub struct StartupReport {
-    pub steps: Vec<(Step, Duration)>,
-}
-
-impl StartupReport {
-    pub fn total(&self) -> Duration {
-        self.steps.iter().map(|(_, d)| *d).sum()
-    }
-}
+pub use super::saga::StartupReport;
 
 /// Connect to an agent with the project's agent credential (over TLS,
 /// verified against the credential's project CA, where [`crate::tls::required`]).
@@ -159,25 +157,129 @@ async fn everywhere(nodes: &[Node], request: &RunStepRequest) -> Result<Duration
     Ok(slowest)
 }
 
-async fn record(nodes: &[Node], step: Step, took: Duration) -> Result<(), String> {
-    everywhere(nodes, &steps::recorded(step, took.as_millis() as u64))
-        .await
-        .map(|_| ())
+/// A cluster's nodes, driven from here through their agents.
+pub struct AgentNodes<'a> {
+    client: &'a ProviderClient,
+    nodes: Vec<Node>,
+    ids: Vec<String>,
+    driver: usize,
 }
 
-async fn tag_step(client: &ProviderClient, ids: &[String], step: Step) -> Result<(), String> {
-    let mut set = BTreeMap::new();
-    set.insert(tags::STEP.to_string(), step.name().to_string());
-    client
-        .retag(
-            ids,
-            &Retag {
-                set,
-                remove: vec![],
-            },
-        )
-        .await
-        .map_err(|e| format!("cannot tag the nodes' step: {e}"))
+impl AgentNodes<'_> {
+    fn workers(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| n.role == Role::Worker)
+    }
+}
+
+#[async_trait]
+impl StartupNodes for AgentNodes<'_> {
+    async fn record(&self, step: Step, took: Duration) -> Result<(), StartupError> {
+        everywhere(&self.nodes, &steps::recorded(step, took.as_millis() as u64))
+            .await
+            .map(|_| ())
+            .map_err(|e| StartupError::at(step, e))
+    }
+
+    async fn run_script(
+        &self,
+        step: Step,
+        request: RunStepRequest,
+    ) -> Result<Duration, StartupError> {
+        everywhere(&self.nodes, &request)
+            .await
+            .map_err(|e| StartupError::at(step, e))
+    }
+
+    async fn form(&self, formation: &Formation) -> Result<(), StartupError> {
+        let failed = |e: String| StartupError::at(Step::Formation, e);
+        let driver = &self.nodes[self.driver];
+        let driver_address = driver
+            .agent
+            .clone()
+            .start_runtime(formation.start_request(None))
+            .await
+            .map_err(|e| {
+                failed(format!(
+                    "the driver on node {} did not start: {}",
+                    driver.id,
+                    e.message()
+                ))
+            })?
+            .into_inner()
+            .address;
+        let started = join_all(self.workers().map(|n| {
+            let mut agent = n.agent.clone();
+            let request = formation.start_request(Some(&driver_address));
+            async move {
+                agent.start_runtime(request).await.map_err(|e| {
+                    format!(
+                        "the executor on node {} did not start: {}",
+                        n.id,
+                        e.message()
+                    )
+                })
+            }
+        }))
+        .await;
+        for s in started {
+            s.map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    async fn registered_workers(&self) -> Result<Option<usize>, StartupError> {
+        let driver = &self.nodes[self.driver];
+        let status = driver
+            .agent
+            .clone()
+            .driver_status(proto::DriverStatusRequest {})
+            .await
+            .map_err(|e| {
+                StartupError::at(
+                    Step::Ready,
+                    format!(
+                        "the driver on node {} does not answer: {}",
+                        driver.id,
+                        e.message()
+                    ),
+                )
+            })?
+            .into_inner();
+        Ok(Some(status.executors.len()))
+    }
+
+    async fn finished(
+        &self,
+        step: Step,
+        _took: Duration,
+        boot_hash: Option<&str>,
+    ) -> Result<(), StartupError> {
+        let mut set = BTreeMap::new();
+        set.insert(tags::STEP.to_string(), step.name().to_string());
+        if let Some(hash) = boot_hash {
+            set.insert(tags::BOOT.to_string(), hash.to_string());
+        }
+        self.client
+            .retag(
+                &self.ids,
+                &Retag {
+                    set,
+                    remove: vec![],
+                },
+            )
+            .await
+            .map_err(|e| StartupError::at(step, format!("cannot tag the nodes' step: {e}")))
+    }
+
+    async fn stop_roles(&self) {
+        let stops = self.nodes.iter().map(|n| {
+            let mut agent = n.agent.clone();
+            async move {
+                let _ = agent.stop_runtime(proto::StopRuntimeRequest {}).await;
+            }
+        });
+        join_all(stops).await;
+    }
 }
 
 /// Start a cluster whose instances are allocated and running.
@@ -191,179 +293,55 @@ pub async fn start_cluster(
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> Result<StartupReport, String> {
     let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
-    if instances.iter().any(|i| i.address.is_none()) {
+    if !client.capabilities().nodes_are_reachable() {
         return wait_for_ready_tags(ctx, client, cluster, &ids).await;
     }
-    let mut report = StartupReport::default();
     let mut nodes = Vec::new();
     for i in instances {
-        let role = match i.tag(tags::ROLE) {
-            Some("driver") => Role::Driver,
+        let role = match i.tag(tags::ROLE).and_then(Role::parse) {
+            Some(Role::Driver) => Role::Driver,
             _ => Role::Worker,
         };
-        let address = i.address.as_deref().unwrap_or_default();
+        let Some(address) = i.address.as_deref() else {
+            return Err(format!(
+                "node {} has no address: the {} provider reported none",
+                i.id,
+                client.kind()
+            ));
+        };
         nodes.push(Node {
             id: i.id.clone(),
             role,
             agent: connect(address, &ctx.agent_credential).await?,
         });
     }
-    let Some(driver_index) = nodes.iter().position(|n| n.role == Role::Driver) else {
+    let Some(driver) = nodes.iter().position(|n| n.role == Role::Driver) else {
         return Err(format!("cluster {cluster} has no driver node"));
     };
-
-    // 1, 2: done by apply; recorded on the nodes so status shows all seven.
-    record(&nodes, Step::Request, Duration::ZERO).await?;
-    record(&nodes, Step::Allocate, allocate).await?;
-    report.steps.push((Step::Request, Duration::ZERO));
-    report.steps.push((Step::Allocate, allocate));
-    tag_step(client, &ids, Step::Allocate).await?;
-
-    // 3. os & runtime setup (skipped on warm pool instances: same key, already done).
-    let t = Instant::now();
-    let runtime = steps::runtime(&ctx.templates, &ctx.steps, spec).map_err(|e| e.to_string())?;
-    everywhere(&nodes, &runtime).await?;
-    report.steps.push((Step::Runtime, t.elapsed()));
-    tag_step(client, &ids, Step::Runtime).await?;
-    progress(format!(
-        "{cluster}: os & runtime setup done ({:.1}s)",
-        t.elapsed().as_secs_f64()
-    ));
-
-    // 4. formation: the driver, then every executor registers with it.
-    let t = Instant::now();
-    let credential = crate::auth::cluster_credential(&ctx.project_secret, &ctx.project, cluster);
-    let driver = &nodes[driver_index];
-    let driver_address = driver
-        .agent
-        .clone()
-        .start_runtime(proto::StartRuntimeRequest {
-            role: "driver".into(),
+    let agent_nodes = AgentNodes {
+        client,
+        nodes,
+        ids,
+        driver,
+    };
+    let input = SagaInput {
+        templates: &ctx.templates,
+        steps: &ctx.steps,
+        spec,
+        formation: Formation {
             cluster: cluster.to_string(),
-            cluster_credential: credential.expose().to_string(),
-            driver_address: String::new(),
-            cores: 0,
+            credential: crate::auth::cluster_credential(&ctx.project_secret, &ctx.project, cluster)
+                .expose()
+                .to_string(),
+            engine: spec.engine.clone(),
             autotermination_minutes: spec.autotermination_minutes.unwrap_or(0),
-        })
+        },
+        allocate,
+        progress,
+    };
+    saga::run(&agent_nodes, &input)
         .await
-        .map_err(|e| {
-            format!(
-                "the driver on node {} did not start: {}",
-                driver.id,
-                e.message()
-            )
-        })?
-        .into_inner()
-        .address;
-    let workers: Vec<&Node> = nodes.iter().filter(|n| n.role == Role::Worker).collect();
-    let started = join_all(workers.iter().map(|n| {
-        let mut agent = n.agent.clone();
-        let request = proto::StartRuntimeRequest {
-            role: "executor".into(),
-            cluster: cluster.to_string(),
-            cluster_credential: credential.expose().to_string(),
-            driver_address: driver_address.clone(),
-            cores: 0,
-            autotermination_minutes: 0,
-        };
-        async move {
-            agent.start_runtime(request).await.map_err(|e| {
-                format!(
-                    "the executor on node {} did not start: {}",
-                    n.id,
-                    e.message()
-                )
-            })
-        }
-    }))
-    .await;
-    for s in started {
-        s?;
-    }
-    let formation = t.elapsed();
-    record(&nodes, Step::Formation, formation).await?;
-    report.steps.push((Step::Formation, formation));
-    tag_step(client, &ids, Step::Formation).await?;
-
-    // 5. libraries, then the init scripts in order.
-    let t = Instant::now();
-    if let Some(libraries) =
-        steps::libraries(&ctx.templates, &ctx.steps, spec).map_err(|e| e.to_string())?
-    {
-        everywhere(&nodes, &libraries).await?;
-    }
-    for script in
-        steps::init_scripts(&ctx.templates, &ctx.steps, spec).map_err(|e| e.to_string())?
-    {
-        let name = script.step.clone();
-        everywhere(&nodes, &script).await?;
-        progress(format!("{cluster}: {name} done"));
-    }
-    let libraries = t.elapsed();
-    record(&nodes, Step::Libraries, libraries).await?;
-    report.steps.push((Step::Libraries, libraries));
-    tag_step(client, &ids, Step::Libraries).await?;
-
-    // 6. security & access: mounts (the credential has guarded the runtime since formation).
-    let t = Instant::now();
-    match steps::mounts(&ctx.templates, &ctx.steps, spec).map_err(|e| e.to_string())? {
-        Some(mounts) => {
-            everywhere(&nodes, &mounts).await?;
-        }
-        None => record(&nodes, Step::Security, Duration::ZERO).await?,
-    }
-    report.steps.push((Step::Security, t.elapsed()));
-    tag_step(client, &ids, Step::Security).await?;
-
-    // 7. ready: every executor registered with the driver.
-    let t = Instant::now();
-    let deadline = t + ctx.ready_timeout;
-    let mut delay = Duration::from_millis(5);
-    loop {
-        let status = driver
-            .agent
-            .clone()
-            .driver_status(proto::DriverStatusRequest {})
-            .await
-            .map_err(|e| {
-                format!(
-                    "the driver on node {} does not answer: {}",
-                    driver.id,
-                    e.message()
-                )
-            })?
-            .into_inner();
-        if status.executors.len() >= workers.len() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "only {} of {} executors registered with the driver within {}s",
-                status.executors.len(),
-                workers.len(),
-                ctx.ready_timeout.as_secs()
-            ));
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(200));
-    }
-    let ready = t.elapsed();
-    record(&nodes, Step::Ready, ready).await?;
-    report.steps.push((Step::Ready, ready));
-    let mut set = BTreeMap::new();
-    set.insert(tags::STEP.to_string(), Step::Ready.name().to_string());
-    set.insert(tags::BOOT.to_string(), spec.hash());
-    client
-        .retag(
-            &ids,
-            &Retag {
-                set,
-                remove: vec![],
-            },
-        )
-        .await
-        .map_err(|e| format!("cannot tag the nodes ready: {e}"))?;
-    Ok(report)
+        .map_err(|e| e.to_string())
 }
 
 /// Clouds: the nodes start themselves; wait until every one tags itself ready.
@@ -411,14 +389,14 @@ async fn wait_for_ready_tags(
         if !failed.is_empty() {
             return Err(format!(
                 "startup failed on {}: {}; the node's agent log says why",
-                crate::plan::plural(failed.len() as u32, "node"),
+                crate::words::plural(failed.len() as u32, "node"),
                 failed.join(", ")
             ));
         }
         if Instant::now() >= deadline {
             return Err(format!(
                 "{} never reported ready within {}s: {}",
-                crate::plan::plural(waiting.len() as u32, "node"),
+                crate::words::plural(waiting.len() as u32, "node"),
                 ctx.ready_timeout.as_secs(),
                 waiting.join(", ")
             ));

@@ -5,11 +5,10 @@
 use std::collections::HashMap;
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::template::Templates;
 use super::{BootSpec, Step};
-use crate::agent::proto::RunStepRequest;
+use crate::proto::agent::RunStepRequest;
 
 /// Where things are on the node's machine.
 #[derive(Debug, Clone)]
@@ -41,18 +40,7 @@ pub fn step_timeout_seconds(ctx: &StepContext, spec: &BootSpec) -> u32 {
     }
 }
 
-/// The first 12 hex digits of a SHA-256 over `parts`.
-pub fn short_hash(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        h.update([0]);
-    }
-    h.finalize()[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use crate::words::short_hash;
 
 fn request(step: &str, script: String, key: String, timeout_seconds: u32) -> RunStepRequest {
     RunStepRequest {
@@ -181,7 +169,7 @@ fn mount_context(source: &str, target: &str, read_only: bool) -> serde_json::Val
             return json!({ "scheme": scheme, "bucket": bucket, "prefix": prefix, "source": source, "target": target, "read_only": read_only });
         }
     }
-    json!({ "scheme": "local", "source": source, "target": target, "read_only": read_only, "prefix": "", "bucket": "" })
+    json!({ "scheme": "path", "source": source, "target": target, "read_only": read_only, "prefix": "", "bucket": "" })
 }
 
 /// 6. security & access: the mounts (None when there are none).

@@ -29,7 +29,6 @@ const TEMPLATES: &[(&str, &str)] = &[
         "steps/mounts.sh",
         include_str!("../../templates/steps/mounts.sh"),
     ),
-    ("user-data.sh", include_str!("../../templates/user-data.sh")),
 ];
 
 const SHELL: AutoEscape = AutoEscape::Custom("shell");
@@ -100,6 +99,13 @@ impl Templates {
         self.env
             .get_template(name)?
             .render(Value::from_serialize(&context))
+    }
+
+    /// Render a template that is not built in (a provider's user data),
+    /// with the same shell quoting.
+    pub fn render_source(&self, source: &str, context: impl Serialize) -> Result<String, Error> {
+        self.env
+            .render_named_str("user-data", source, Value::from_serialize(&context))
     }
 }
 
@@ -183,7 +189,7 @@ mod tests {
             let script = t
                 .render(
                     "steps/mounts.sh",
-                    json!({ "mounts": [{ "scheme": "local", "source": value, "target": format!("/mnt/{value}") }] }),
+                    json!({ "mounts": [{ "scheme": "path", "source": value, "target": format!("/mnt/{value}") }] }),
                 )
                 .expect("render");
             run_sh(&script, dir.path());

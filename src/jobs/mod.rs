@@ -10,9 +10,9 @@
 //!    out, or the user presses Ctrl-C. If `motorpool run` itself is killed,
 //!    `plan` removes the cluster once it expires.
 //! 2. **Run.** The driver's address from the driver node's agent, the
-//!    cluster's credential from the project secret, then
-//!    [`crate::runtime::client::run_job`] (bundle, upload, submit, follow,
-//!    download the outputs).
+//!    cluster's credential from the project secret, then the cluster's
+//!    engine ([`crate::engines::EnginePlugin::run_job`]: for the bundled
+//!    runtime, bundle, upload, submit, follow, download the outputs).
 //! 3. **Record.** The run's summary and task logs are kept under
 //!    `$MOTORPOOL_HOME/projects/<project>/runs/<job>/<run-id>/`, so
 //!    `motorpool logs JOB` works after a job cluster is gone.
@@ -33,9 +33,10 @@ use serde::{Deserialize, Serialize};
 use crate::apply::ApplyOptions;
 use crate::auth::{self, Credential};
 use crate::engine::{Project, plan_against, unix_now};
+use crate::engines::{self, DriverAccess, EnginePlugin};
 use crate::observe::{Observed, ResourceKind};
 use crate::plan::{PlanMode, render};
-use crate::runtime::client::{self, JobSubmission};
+use crate::runtime::client::JobSubmission;
 use crate::runtime::{Progress, RunSummary};
 use crate::spec::{Job, LoadedSpec};
 
@@ -97,6 +98,8 @@ fn last_stdout<'a>(logs: &'a [LogFile], task: &str) -> Option<&'a str> {
 struct Target {
     name: String,
     job_cluster: bool,
+    /// What the cluster runs.
+    engine: &'static dyn EnginePlugin,
 }
 
 /// Run `request.job` and wait for it to end.
@@ -107,7 +110,7 @@ struct Target {
 pub async fn run(
     request: RunRequest<'_>,
     on_line: &(dyn Fn(&str) + Sync),
-    on_progress: impl FnMut(&Progress),
+    on_progress: impl FnMut(&Progress) + Send,
 ) -> Result<RunReport> {
     let spec = &request.loaded.spec;
     let job = spec.jobs.get(request.job).with_context(|| {
@@ -127,10 +130,16 @@ pub async fn run(
         (Some(name), _) => Target {
             name: name.clone(),
             job_cluster: false,
+            engine: engines::engine(
+                spec.clusters
+                    .get(name)
+                    .map_or(engines::DEFAULT_ENGINE, |c| c.engine_kind()),
+            )?,
         },
-        (None, Some(_)) => Target {
+        (None, Some(c)) => Target {
             name: job_cluster_name(request.job),
             job_cluster: true,
+            engine: engines::engine(c.engine_kind())?,
         },
         (None, None) => bail!(
             "job `{}` names neither `cluster` nor `new_cluster`",
@@ -167,7 +176,7 @@ pub async fn run(
                 r = run_on_cluster(&project, &request, job, &target, on_progress) => r,
                 _ = interrupt.recv() => {
                     on_line("interrupted: cancelling the run");
-                    cancel_active_runs(&project, request.job, &target.name).await;
+                    cancel_active_runs(&project, request.job, &target).await;
                     Err(anyhow::anyhow!("interrupted (Ctrl-C): the run of job `{}` was cancelled", request.job))
                 }
             }
@@ -443,21 +452,31 @@ pub fn data_paths(loaded: &LoadedSpec) -> Vec<String> {
         .collect()
 }
 
+/// How this machine reaches the cluster's driver: its address (from the
+/// driver node's agent) and the cluster's credential.
+async fn driver_access(project: &Project, cluster: &str) -> Result<DriverAccess> {
+    Ok(DriverAccess {
+        address: driver_address(project, cluster).await?,
+        credential: cluster_credential(project, cluster)?,
+    })
+}
+
 async fn run_on_cluster(
     project: &Project,
     request: &RunRequest<'_>,
     job: &Job,
     target: &Target,
-    on_progress: impl FnMut(&Progress),
+    mut on_progress: impl FnMut(&Progress) + Send,
 ) -> Result<(RunSummary, PathBuf, Vec<LogFile>)> {
     let spec = &request.loaded.spec;
-    let address = driver_address(project, &target.name).await?;
-    let credential = cluster_credential(project, &target.name)?;
+    let driver = driver_access(project, &target.name).await?;
     if let (Some(max), false) = (job.max_concurrent_runs, target.job_cluster) {
-        let going = client::list_runs(&address, &credential, Some(request.job))
+        let going = target
+            .engine
+            .runs(&driver, Some(request.job))
             .await?
             .iter()
-            .filter(|r| r.state == "staging" || r.state == "running")
+            .filter(|r| r.is_active())
             .count();
         if going as u32 >= max {
             bail!(
@@ -476,55 +495,39 @@ async fn run_on_cluster(
             .map(|c| c.env.clone())
             .unwrap_or_default(),
     };
-    let summary = client::run_job(
-        &address,
-        &credential,
-        JobSubmission {
-            name: request.job.to_string(),
-            job: job.clone(),
-            base_dir: request.loaded.base_dir.clone(),
-            env,
-            exclude: data_paths(request.loaded),
-        },
-        on_progress,
-    )
-    .await?;
-    let logs = client::fetch_logs(&address, &credential, Some(&summary.run_id), None, None)
+    let summary = target
+        .engine
+        .run_job(
+            &driver,
+            JobSubmission {
+                name: request.job.to_string(),
+                job: job.clone(),
+                base_dir: request.loaded.base_dir.clone(),
+                env,
+                exclude: data_paths(request.loaded),
+            },
+            &mut on_progress,
+        )
+        .await?;
+    let logs = target
+        .engine
+        .logs(&driver, &summary.run_id)
         .await
-        .ok();
-    let logs: Vec<LogFile> = logs
-        .map(|l| {
-            l.files
-                .into_iter()
-                .map(|f| LogFile {
-                    task: f.task,
-                    name: f.name,
-                    text: f.text,
-                    truncated: f.truncated,
-                })
-                .collect()
-        })
         .unwrap_or_default();
     let record = save_record(project, &target.name, &summary, &logs)?;
     Ok((summary, record, logs))
 }
 
 /// Best effort, on Ctrl-C: cancel this job's runs that are still going.
-async fn cancel_active_runs(project: &Project, job: &str, cluster: &str) {
-    let Ok(address) = driver_address(project, cluster).await else {
+async fn cancel_active_runs(project: &Project, job: &str, target: &Target) {
+    let Ok(driver) = driver_access(project, &target.name).await else {
         return;
     };
-    let Ok(credential) = cluster_credential(project, cluster) else {
+    let Ok(runs) = target.engine.runs(&driver, Some(job)).await else {
         return;
     };
-    let Ok(runs) = client::list_runs(&address, &credential, Some(job)).await else {
-        return;
-    };
-    for r in runs
-        .iter()
-        .filter(|r| r.state == "staging" || r.state == "running")
-    {
-        let _ = client::cancel_run(&address, &credential, &r.run_id).await;
+    for r in runs.iter().filter(|r| r.is_active()) {
+        let _ = target.engine.cancel_run(&driver, &r.run_id).await;
     }
 }
 
@@ -592,14 +595,7 @@ pub struct RunRecord {
     pub logs: Vec<LogFile>,
 }
 
-/// One task log file of a run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LogFile {
-    pub task: String,
-    pub name: String,
-    pub text: String,
-    pub truncated: bool,
-}
+pub use crate::engines::LogFile;
 
 fn runs_dir(project: &Project, job: &str) -> PathBuf {
     project.dir.join("runs").join(job)

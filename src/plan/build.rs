@@ -27,9 +27,9 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::{APPLY_TIME, Action, Change, FORMAT_VERSION, Op, Plan, Role, Summary, plural};
-use crate::bootstrap::{BootSpec, MountSpec, NamedFile, Step};
 use crate::observe::{Observed, ResourceKind, hex};
 use crate::spec::{Cluster, Library, Pool, Resources, Spec, WarmMode};
+use crate::words::{BootSpec, MountSpec, NamedFile, Step};
 
 /// A pool instance that has not tagged itself warm this long after launch has failed to warm up.
 const WARM_UP_LIMIT_SECS: u64 = 15 * 60;
@@ -320,6 +320,62 @@ fn parse_u32_tag(i: &Instance, key: &str) -> Option<u32> {
     i.tag(key).and_then(|v| v.parse().ok())
 }
 
+/// What the spec asks of one cluster (see `Planner::cluster_shape`).
+struct ClusterShape {
+    worker_source: Source,
+    driver_source: Source,
+    worker_type: String,
+    driver_type: String,
+    /// What the nodes run (the `motorpool-runtime` tag).
+    runtime: String,
+    /// The replace-forcing fields' hash (the `motorpool-spec` tag).
+    hash: String,
+    /// The worker count the last apply left (the `motorpool-size` tag).
+    recorded: Option<u32>,
+    desired_workers: u32,
+    /// Tags every instance of the cluster carries.
+    base: Tags,
+    boot: BootSpec,
+}
+
+/// The name in a change's address (`cluster.etl` -> `etl`).
+fn address_name(address: &str) -> &str {
+    address.split_once('.').map_or(address, |(_, name)| name)
+}
+
+/// Mend the size tag and the user's tags on the instances that stay.
+fn mend_cluster_tags(d: &mut Draft, shape: &ClusterShape, staying: &[&Instance]) {
+    let mut set = Tags::new();
+    let mut remove = BTreeSet::new();
+    if staying
+        .iter()
+        .any(|i| parse_u32_tag(i, tags::SIZE) != Some(shape.desired_workers))
+    {
+        set.insert(tags::SIZE.to_string(), shape.desired_workers.to_string());
+    }
+    let wanted = user_tags_of(&shape.base);
+    for i in staying {
+        let have = user_tags(i);
+        for (k, v) in &wanted {
+            if have.get(k) != Some(v) {
+                set.insert(k.clone(), v.clone());
+            }
+        }
+        remove.extend(have.into_keys().filter(|k| !wanted.contains_key(k)));
+    }
+    let user_changed = set.keys().any(|k| !k.starts_with("motorpool-")) || !remove.is_empty();
+    if user_changed {
+        d.reason("tags changed");
+    }
+    if !set.is_empty() || !remove.is_empty() {
+        d.op(Op::Retag {
+            ids: ids(staying),
+            set,
+            remove: remove.into_iter().collect(),
+        });
+    }
+}
+
 /// The largest `motorpool-size` tag among instances: what the last apply left.
 fn recorded_size(instances: &[&Instance]) -> Option<u32> {
     instances
@@ -387,6 +443,7 @@ fn pool_boot(
     let (pip, requirements) = libraries(input, address, libs)?;
     Ok(BootSpec {
         runtime: runtime.to_string(),
+        engine: String::new(),
         pip,
         requirements,
         init_scripts: vec![],
@@ -432,7 +489,11 @@ fn cluster_boot(
         })
         .collect();
     Ok(BootSpec {
-        runtime: c.runtime().to_string(),
+        runtime: c.runtime(),
+        engine: match c.engine_kind() {
+            crate::engines::DEFAULT_ENGINE => String::new(),
+            other => other.to_string(),
+        },
         pip,
         requirements,
         init_scripts,
@@ -844,7 +905,10 @@ impl<'a> Planner<'a> {
         d.terminate(&terminate);
     }
 
-    /// Rule 2: one cluster.
+    /// A cluster's change, in named stages: removal when the spec no
+    /// longer has it; else its shape from the spec, a restart when it had
+    /// stopped itself, then create, replace, or heal and resize, and last
+    /// the tags and the startup.
     fn plan_cluster(
         &mut self,
         name: &str,
@@ -852,7 +916,6 @@ impl<'a> Planner<'a> {
         members: &[Instance],
     ) -> Result<Change, PlanError> {
         let mut d = Draft::new(ResourceKind::Cluster, name);
-        let address = d.change.address.clone();
         let gone: Vec<&Instance> = members
             .iter()
             .filter(|i| i.state == InstanceState::Terminated)
@@ -861,34 +924,80 @@ impl<'a> Planner<'a> {
             .iter()
             .filter(|i| i.state != InstanceState::Terminated)
             .collect();
-
         let Some(c) = spec else {
-            if self.input.mode == PlanMode::RefreshOnly {
-                return Ok(d.finish());
-            }
-            if self.input.mode != PlanMode::Destroy
-                && let Some((job, left)) = job_cluster_in_use(&live, self.input.now)
-            {
-                // A job cluster belongs to its `motorpool run`, which removes it.
-                d.reason(format!(
-                    "job cluster of a run of `{job}`: its run removes it (or plan does, {} from now)",
-                    minutes(left)
-                ));
-                return Ok(d.finish());
-            }
-            d.action = Some(Action::Delete);
-            d.reason(if self.input.mode == PlanMode::Destroy {
-                "destroy".to_string()
-            } else {
-                "not in spec any more".to_string()
-            });
-            d.terminate(&gone);
-            self.release(&mut d, &live);
+            self.remove_cluster(&mut d, &live, &gone);
             return Ok(d.finish());
         };
+        let shape = self.cluster_shape(&d.change.address, c, &live)?;
+        d.change.nodes_after = 1 + shape.desired_workers;
+        d.change.hourly_cost_after = self.price(&shape.driver_type)
+            + shape.desired_workers as f64 * self.price(&shape.worker_type);
 
+        let Some(members_now) = self.restart_if_autoterminated(&mut d, name, c, &live) else {
+            return Ok(d.finish());
+        };
+        let live: Vec<&Instance> = members_now.iter().collect();
+        if live.is_empty() {
+            if self.input.mode == PlanMode::RefreshOnly && gone.is_empty() {
+                return Ok(d.finish()); // never applied: not drift
+            }
+            self.create_cluster(&mut d, &shape, &gone)?;
+            return Ok(d.finish());
+        }
+        let stale: Vec<&Instance> = live
+            .iter()
+            .copied()
+            .filter(|i| i.tag(tags::SPEC).is_some_and(|h| h != shape.hash))
+            .collect();
+        if !stale.is_empty() && self.input.mode != PlanMode::RefreshOnly {
+            self.replace_cluster(&mut d, &shape, &stale, &live, &gone)?;
+            return Ok(d.finish());
+        }
+        let staying = self.heal_and_resize(&mut d, &shape, &live, &gone)?;
+        if self.input.mode != PlanMode::RefreshOnly {
+            mend_cluster_tags(&mut d, &shape, &staying);
+        }
+        self.schedule_startup(&mut d, shape.boot, &staying);
+        Ok(d.finish())
+    }
+
+    /// The spec no longer has the cluster (or it is destroyed): its
+    /// instances go back to their pool or away; a job cluster is left to
+    /// its run.
+    fn remove_cluster(&mut self, d: &mut Draft, live: &[&Instance], gone: &[&Instance]) {
+        if self.input.mode == PlanMode::RefreshOnly {
+            return;
+        }
+        if self.input.mode != PlanMode::Destroy
+            && let Some((job, left)) = job_cluster_in_use(live, self.input.now)
+        {
+            // A job cluster belongs to its `motorpool run`, which removes it.
+            d.reason(format!(
+                "job cluster of a run of `{job}`: its run removes it (or plan does, {} from now)",
+                minutes(left)
+            ));
+            return;
+        }
+        d.action = Some(Action::Delete);
+        d.reason(if self.input.mode == PlanMode::Destroy {
+            "destroy".to_string()
+        } else {
+            "not in spec any more".to_string()
+        });
+        d.terminate(gone);
+        self.release(d, live);
+    }
+
+    /// What the spec asks of the cluster: where its nodes come from, their
+    /// types, what they run, how many workers, its tags and its startup.
+    fn cluster_shape(
+        &mut self,
+        address: &str,
+        c: &Cluster,
+        live: &[&Instance],
+    ) -> Result<ClusterShape, PlanError> {
         let worker_source = self.source_of(
-            &address,
+            address,
             c.pool.as_deref(),
             c.node_type.as_deref(),
             c.resources.as_ref(),
@@ -896,7 +1005,7 @@ impl<'a> Planner<'a> {
         let driver_source = match &c.driver {
             Some(dr) if dr.pool.is_some() || dr.node_type.is_some() || dr.resources.is_some() => {
                 self.source_of(
-                    &address,
+                    address,
                     dr.pool.as_deref(),
                     dr.node_type.as_deref(),
                     dr.resources.as_ref(),
@@ -906,7 +1015,7 @@ impl<'a> Planner<'a> {
         };
         let worker_type = self.node_type_of(&worker_source);
         let driver_type = self.node_type_of(&driver_source);
-        let runtime = c.runtime().to_string();
+        let runtime = c.runtime();
         let hash = spec_hash(&[
             "cluster",
             &worker_type,
@@ -915,10 +1024,12 @@ impl<'a> Planner<'a> {
             &runtime,
         ]);
 
-        let recorded = recorded_size(&live);
+        let recorded = recorded_size(live);
         let healthy_workers_now = live
             .iter()
-            .filter(|i| i.tag(tags::ROLE) == Some("worker") && i.node_type == worker_type)
+            .filter(|i| {
+                i.tag(tags::ROLE) == Some(Role::Worker.as_str()) && i.node_type == worker_type
+            })
             .count() as u32;
         let desired_workers = match (self.input.mode, &c.autoscale, c.workers) {
             (PlanMode::RefreshOnly, _, _) => recorded.unwrap_or(healthy_workers_now),
@@ -935,142 +1046,189 @@ impl<'a> Planner<'a> {
         }
         base.insert(tags::PROJECT.into(), self.input.spec.project.clone());
         base.insert(tags::KIND.into(), "cluster".into());
-        base.insert(tags::NAME.into(), name.to_string());
+        base.insert(tags::NAME.into(), address_name(address).to_string());
         base.insert(tags::SPEC.into(), hash.clone());
         base.insert(tags::RUNTIME.into(), runtime.clone());
         base.insert(tags::SIZE.into(), desired_workers.to_string());
+        let boot = cluster_boot(self.input, address, c, desired_workers)?;
+        Ok(ClusterShape {
+            worker_source,
+            driver_source,
+            worker_type,
+            driver_type,
+            runtime,
+            hash,
+            recorded,
+            desired_workers,
+            base,
+            boot,
+        })
+    }
 
-        d.change.nodes_after = 1 + desired_workers;
-        d.change.hourly_cost_after =
-            self.price(&driver_type) + desired_workers as f64 * self.price(&worker_type);
-        let boot = cluster_boot(self.input, &address, c, desired_workers)?;
-
-        // A cluster that stopped itself (autotermination) stays stopped until the user asks.
+    /// A cluster that stopped itself (autotermination) stays stopped until
+    /// the user asks (`None`: nothing more to plan); asked, its instances
+    /// start again, and the members as they will be are returned.
+    fn restart_if_autoterminated(
+        &mut self,
+        d: &mut Draft,
+        name: &str,
+        c: &Cluster,
+        live: &[&Instance],
+    ) -> Option<Vec<Instance>> {
         let mut members_now: Vec<Instance> = live.iter().map(|i| (*i).clone()).collect();
-        if live.iter().any(|i| i.tag(tags::AUTOTERMINATED).is_some()) {
-            if !self.input.start.contains(name) || self.input.mode == PlanMode::RefreshOnly {
-                d.reason(format!(
-                    "stopped itself after {} idle minutes (autotermination); `motorpool apply --start {name}` or `motorpool run` starts it again",
-                    c.autotermination_minutes.unwrap_or(0)
-                ));
-                return Ok(d.finish());
-            }
-            d.reason("starts again (it had stopped itself after idling)");
-            let stopped: Vec<&Instance> = live
-                .iter()
-                .copied()
-                .filter(|i| !i.state.is_live())
-                .collect();
-            d.op(Op::Start { ids: ids(&stopped) });
-            d.op(Op::Retag {
-                ids: ids(&live),
-                set: Tags::new(),
-                remove: vec![tags::AUTOTERMINATED.to_string()],
-            });
-            for m in members_now.iter_mut() {
-                m.state = InstanceState::Running;
-                m.tags.remove(tags::AUTOTERMINATED);
-            }
+        if !live.iter().any(|i| i.tag(tags::AUTOTERMINATED).is_some()) {
+            return Some(members_now);
         }
-        let live: Vec<&Instance> = members_now.iter().collect();
-
-        if live.is_empty() {
-            if self.input.mode == PlanMode::RefreshOnly && gone.is_empty() {
-                return Ok(d.finish()); // never applied: not drift
-            }
-            d.action = Some(Action::Create);
-            if gone.is_empty() {
-                d.reason("new in spec");
-            } else {
-                d.drift(format!(
-                    "all {} gone",
-                    plural(gone.len() as u32, "instance")
-                ));
-            }
-            d.terminate(&gone);
-            self.allocate(&mut d, Role::Driver, 1, &driver_source, &base)?;
-            self.allocate(&mut d, Role::Worker, desired_workers, &worker_source, &base)?;
-            d.op(Op::Bootstrap { spec: boot });
-            return Ok(d.finish());
+        if !self.input.start.contains(name) || self.input.mode == PlanMode::RefreshOnly {
+            d.reason(format!(
+                "stopped itself after {} idle minutes (autotermination); `motorpool apply --start {name}` or `motorpool run` starts it again",
+                c.autotermination_minutes.unwrap_or(0)
+            ));
+            return None;
         }
-
-        // Replace when a replace-forcing field changed.
-        let stale: Vec<&Instance> = live
+        d.reason("starts again (it had stopped itself after idling)");
+        let stopped: Vec<&Instance> = live
             .iter()
             .copied()
-            .filter(|i| i.tag(tags::SPEC).is_some_and(|h| h != hash))
+            .filter(|i| !i.state.is_live())
             .collect();
-        if !stale.is_empty() && self.input.mode != PlanMode::RefreshOnly {
-            d.action = Some(Action::Replace);
-            let mut fields = BTreeSet::new();
-            for i in &stale {
-                let expected = if i.tag(tags::ROLE) == Some("driver") {
-                    &driver_type
-                } else {
-                    &worker_type
-                };
-                if &i.node_type != expected {
-                    let which = if i.tag(tags::ROLE) == Some("driver") {
-                        "driver node_type"
-                    } else {
-                        "node_type"
-                    };
-                    fields.insert(format!(
-                        "{which} changed ({} -> {expected}) and forces replace",
-                        i.node_type
-                    ));
-                }
-                let rt = i.tag(tags::RUNTIME).unwrap_or("none");
-                if rt != runtime {
-                    fields.insert(format!(
-                        "runtime changed ({rt} -> {runtime}) and forces replace"
-                    ));
-                }
-                if i.image != self.input.default_image {
-                    fields.insert(format!(
-                        "image changed ({} -> {}) and forces replace",
-                        i.image, self.input.default_image
-                    ));
-                }
-            }
-            if fields.is_empty() {
-                fields.insert("replace-forcing fields changed".to_string());
-            }
-            for f in fields {
-                d.reason(f);
-            }
-            d.terminate(&gone);
-            // Replaced instances are built from the old spec: none goes back to a pool.
-            for i in &live {
-                if let Some(l) = i.tag(tags::POOL).and_then(|p| self.pools.get_mut(p)) {
-                    l.in_use = l.in_use.saturating_sub(1);
-                }
-            }
-            d.terminate(&live);
-            self.allocate(&mut d, Role::Driver, 1, &driver_source, &base)?;
-            self.allocate(&mut d, Role::Worker, desired_workers, &worker_source, &base)?;
-            d.op(Op::Bootstrap { spec: boot });
-            return Ok(d.finish());
+        d.op(Op::Start { ids: ids(&stopped) });
+        d.op(Op::Retag {
+            ids: ids(live),
+            set: Tags::new(),
+            remove: vec![tags::AUTOTERMINATED.to_string()],
+        });
+        for m in members_now.iter_mut() {
+            m.state = InstanceState::Running;
+            m.tags.remove(tags::AUTOTERMINATED);
         }
+        Some(members_now)
+    }
 
-        // Heal drift one for one, then follow the spec's size.
+    /// No live instance: make the cluster (again), then start it.
+    fn create_cluster(
+        &mut self,
+        d: &mut Draft,
+        shape: &ClusterShape,
+        gone: &[&Instance],
+    ) -> Result<(), PlanError> {
+        d.action = Some(Action::Create);
+        if gone.is_empty() {
+            d.reason("new in spec");
+        } else {
+            d.drift(format!(
+                "all {} gone",
+                plural(gone.len() as u32, "instance")
+            ));
+        }
+        d.terminate(gone);
+        self.allocate_and_start(d, shape)
+    }
+
+    /// The driver and the workers allocated, then the startup.
+    fn allocate_and_start(&mut self, d: &mut Draft, shape: &ClusterShape) -> Result<(), PlanError> {
+        self.allocate(d, Role::Driver, 1, &shape.driver_source, &shape.base)?;
+        self.allocate(
+            d,
+            Role::Worker,
+            shape.desired_workers,
+            &shape.worker_source,
+            &shape.base,
+        )?;
+        d.op(Op::Bootstrap {
+            spec: shape.boot.clone(),
+        });
+        Ok(())
+    }
+
+    /// A replace-forcing field changed: every instance goes (none back to a
+    /// pool: they were built from the old spec) and the cluster is made anew.
+    fn replace_cluster(
+        &mut self,
+        d: &mut Draft,
+        shape: &ClusterShape,
+        stale: &[&Instance],
+        live: &[&Instance],
+        gone: &[&Instance],
+    ) -> Result<(), PlanError> {
+        d.action = Some(Action::Replace);
+        let mut fields = BTreeSet::new();
+        for i in stale {
+            let is_driver = i.tag(tags::ROLE) == Some(Role::Driver.as_str());
+            let expected = if is_driver {
+                &shape.driver_type
+            } else {
+                &shape.worker_type
+            };
+            if &i.node_type != expected {
+                let which = if is_driver {
+                    "driver node_type"
+                } else {
+                    "node_type"
+                };
+                fields.insert(format!(
+                    "{which} changed ({} -> {expected}) and forces replace",
+                    i.node_type
+                ));
+            }
+            let rt = i.tag(tags::RUNTIME).unwrap_or("none");
+            if rt != shape.runtime {
+                fields.insert(format!(
+                    "runtime changed ({rt} -> {}) and forces replace",
+                    shape.runtime
+                ));
+            }
+            if i.image != self.input.default_image {
+                fields.insert(format!(
+                    "image changed ({} -> {}) and forces replace",
+                    i.image, self.input.default_image
+                ));
+            }
+        }
+        if fields.is_empty() {
+            fields.insert("replace-forcing fields changed".to_string());
+        }
+        for f in fields {
+            d.reason(f);
+        }
+        d.terminate(gone);
+        for i in live {
+            if let Some(l) = i.tag(tags::POOL).and_then(|p| self.pools.get_mut(p)) {
+                l.in_use = l.in_use.saturating_sub(1);
+            }
+        }
+        d.terminate(live);
+        self.allocate_and_start(d, shape)
+    }
+
+    /// Heal drift one for one (gone, retyped, stopped, tags removed), keep
+    /// one driver, then follow the spec's size. Returns the instances that
+    /// stay.
+    fn heal_and_resize<'i>(
+        &mut self,
+        d: &mut Draft,
+        shape: &ClusterShape,
+        live: &[&'i Instance],
+        gone: &[&Instance],
+    ) -> Result<Vec<&'i Instance>, PlanError> {
         let mut missing_driver = 0u32;
         let mut missing_workers = 0u32;
-        for i in &gone {
+        for i in gone {
             let role = i.tag(tags::ROLE).unwrap_or("node");
             d.drift(format!("{role} {} gone ({})", i.id, i.state));
         }
-        d.terminate(&gone);
+        d.terminate(gone);
         let mut drivers: Vec<&Instance> = Vec::new();
         let mut workers: Vec<&Instance> = Vec::new();
         let mut retyped: Vec<&Instance> = Vec::new();
-        for &i in &live {
+        let has_driver_tag = live
+            .iter()
+            .any(|o| o.tag(tags::ROLE) == Some(Role::Driver.as_str()));
+        for &i in live {
             let role = match i.tag(tags::ROLE).and_then(Role::parse) {
                 Some(r @ (Role::Driver | Role::Worker)) => r,
                 _ => {
-                    let r = if drivers.is_empty()
-                        && !live.iter().any(|o| o.tag(tags::ROLE) == Some("driver"))
-                    {
+                    let r = if drivers.is_empty() && !has_driver_tag {
                         Role::Driver
                     } else {
                         Role::Worker
@@ -1089,7 +1247,7 @@ impl<'a> Planner<'a> {
             if i.tag(tags::SPEC).is_none() {
                 d.drift(format!("tag {} removed from {}", tags::SPEC, i.id));
                 let mut set = Tags::new();
-                set.insert(tags::SPEC.into(), hash.clone());
+                set.insert(tags::SPEC.into(), shape.hash.clone());
                 d.op(Op::Retag {
                     ids: vec![i.id.clone()],
                     set,
@@ -1097,12 +1255,12 @@ impl<'a> Planner<'a> {
                 });
             }
             let expected = if role == Role::Driver {
-                &driver_type
+                &shape.driver_type
             } else {
-                &worker_type
+                &shape.worker_type
             };
             // Built from this spec (or its spec tag lost), yet another type: changed behind our back.
-            let from_this_spec = i.tag(tags::SPEC).is_none_or(|h| h == hash);
+            let from_this_spec = i.tag(tags::SPEC).is_none_or(|h| h == shape.hash);
             if &i.node_type != expected && from_this_spec {
                 d.drift(format!(
                     "{} {} retyped ({expected} -> {})",
@@ -1136,9 +1294,9 @@ impl<'a> Planner<'a> {
             }
             d.terminate(&retyped);
         }
-        for i in &gone {
-            match i.tag(tags::ROLE) {
-                Some("driver") => missing_driver += 1,
+        for i in gone {
+            match i.tag(tags::ROLE).and_then(Role::parse) {
+                Some(Role::Driver) => missing_driver += 1,
                 _ => missing_workers += 1,
             }
         }
@@ -1147,93 +1305,60 @@ impl<'a> Planner<'a> {
             drivers.sort_by_key(|i| (i.launched_at, i.id.clone()));
             let extra: Vec<&Instance> = drivers.split_off(1);
             d.reason(format!("{} extra drivers", extra.len()));
-            self.release(&mut d, &extra);
+            self.release(d, &extra);
         }
         if drivers.is_empty() {
             if missing_driver == 0 {
                 d.drift("driver missing");
             }
-            self.allocate(&mut d, Role::Driver, 1, &driver_source, &base)?;
+            self.allocate(d, Role::Driver, 1, &shape.driver_source, &shape.base)?;
         }
 
+        let desired = shape.desired_workers;
         let have = workers.len() as u32;
-        if let Some(s) = recorded {
+        if let Some(s) = shape.recorded {
             let accounted = have + missing_workers;
             if accounted < s {
                 d.drift(format!("{} missing", plural(s - accounted, "worker")));
             }
         }
-        if recorded.is_some_and(|s| s != desired_workers) {
+        if shape.recorded.is_some_and(|s| s != desired) {
             d.reason(format!(
-                "workers {} -> {desired_workers}",
-                recorded.unwrap_or(have)
+                "workers {} -> {desired}",
+                shape.recorded.unwrap_or(have)
             ));
-        } else if recorded.is_none() && have != desired_workers {
-            d.reason(format!("workers {have} -> {desired_workers}"));
+        } else if shape.recorded.is_none() && have != desired {
+            d.reason(format!("workers {have} -> {desired}"));
         }
-        if have < desired_workers {
+        if have < desired {
             self.allocate(
-                &mut d,
+                d,
                 Role::Worker,
-                desired_workers - have,
-                &worker_source,
-                &base,
+                desired - have,
+                &shape.worker_source,
+                &shape.base,
             )?;
-        } else if have > desired_workers {
+        } else if have > desired {
             workers.sort_by_key(|i| {
                 (
                     std::cmp::Reverse(i.launched_at),
                     std::cmp::Reverse(i.id.clone()),
                 )
             });
-            let extra: Vec<&Instance> =
-                workers.drain(..(have - desired_workers) as usize).collect();
-            self.release(&mut d, &extra);
+            let extra: Vec<&Instance> = workers.drain(..(have - desired) as usize).collect();
+            self.release(d, &extra);
         }
+        Ok(drivers.into_iter().chain(workers).collect())
+    }
 
-        // Mend the size tag and the user's tags on the instances that stay.
-        if self.input.mode != PlanMode::RefreshOnly {
-            let staying: Vec<&Instance> = drivers.iter().chain(workers.iter()).copied().collect();
-            let mut set = Tags::new();
-            let mut remove = BTreeSet::new();
-            if staying
-                .iter()
-                .any(|i| parse_u32_tag(i, tags::SIZE) != Some(desired_workers))
-            {
-                set.insert(tags::SIZE.to_string(), desired_workers.to_string());
-            }
-            let wanted = user_tags_of(&base);
-            for i in &staying {
-                let have = user_tags(i);
-                for (k, v) in &wanted {
-                    if have.get(k) != Some(v) {
-                        set.insert(k.clone(), v.clone());
-                    }
-                }
-                remove.extend(have.into_keys().filter(|k| !wanted.contains_key(k)));
-            }
-            let user_changed =
-                set.keys().any(|k| !k.starts_with("motorpool-")) || !remove.is_empty();
-            if user_changed {
-                d.reason("tags changed");
-            }
-            if !set.is_empty() || !remove.is_empty() {
-                d.op(Op::Retag {
-                    ids: ids(&staying),
-                    set,
-                    remove: remove.into_iter().collect(),
-                });
-            }
-        }
-
-        // Startup: for nodes added or started, nodes that never reached ready,
-        // or when what the nodes run changed.
+    /// Startup: for nodes added or started, nodes that never reached ready,
+    /// or when what the nodes run changed.
+    fn schedule_startup(&self, d: &mut Draft, boot: BootSpec, staying: &[&Instance]) {
         let joined = d.change.ops.iter().any(|o| match o {
             Op::Launch { .. } | Op::Start { .. } => true,
             Op::Retag { set, .. } => set.get(tags::KIND).is_some_and(|k| k == "cluster"),
             _ => false,
         });
-        let staying: Vec<&Instance> = drivers.iter().chain(workers.iter()).copied().collect();
         let unfinished: Vec<&Instance> = staying
             .iter()
             .copied()
@@ -1256,7 +1381,6 @@ impl<'a> Planner<'a> {
         if joined || (!refresh_only && (changed || !unfinished.is_empty())) {
             d.op(Op::Bootstrap { spec: boot });
         }
-        Ok(d.finish())
     }
 
     /// Rule 3: one pool, after every cluster has taken and given back.

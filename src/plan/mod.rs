@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 
 pub use build::{PlanError, PlanInput, PlanMode, build};
 
-use crate::bootstrap::BootSpec;
 use crate::observe::ResourceKind;
 use crate::spec::ProviderBlock;
+use crate::words::BootSpec;
 
 /// The version of the plan's JSON shape (`--output json` and saved plans).
 pub const FORMAT_VERSION: &str = "1";
@@ -50,33 +50,7 @@ impl Action {
     }
 }
 
-/// The part an instance plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Driver,
-    Worker,
-    Idle,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Driver => "driver",
-            Role::Worker => "worker",
-            Role::Idle => "idle",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "driver" => Some(Role::Driver),
-            "worker" => Some(Role::Worker),
-            "idle" => Some(Role::Idle),
-            _ => None,
-        }
-    }
-}
+pub use crate::words::Role;
 
 /// One provider operation. Ops of a change run in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,14 +123,7 @@ impl Op {
     }
 }
 
-/// `1 worker`, `3 workers`.
-pub fn plural(n: u32, word: &str) -> String {
-    if n == 1 {
-        format!("1 {word}")
-    } else {
-        format!("{n} {word}s")
-    }
-}
+pub use crate::words::plural;
 
 /// One resource's change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

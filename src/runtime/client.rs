@@ -382,3 +382,14 @@ pub async fn cancel_run(
         .into_inner()
         .cancelled)
 }
+
+/// How many runs the driver has going (staging or running).
+pub async fn active_run_count(driver_addr: &str, credential: &Credential) -> anyhow::Result<usize> {
+    let mut client = connect_driver(driver_addr, credential).await?;
+    let status = client
+        .cluster_status(proto::ClusterStatusRequest {})
+        .await
+        .map_err(|s| refused("cannot read the cluster's status", s))?
+        .into_inner();
+    Ok(status.active_runs.len())
+}

@@ -55,10 +55,7 @@ use crate::auth::{AttachCredential, Credential};
 pub use summary::{Progress, RunSummary, StageProgress, TaskOutcome, TaskSummary};
 
 /// The generated protobuf messages and tonic services of `motorpool.runtime.v1`.
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("motorpool.runtime.v1");
-}
+pub use crate::proto::runtime as proto;
 
 /// The most payload any one message carries; data moves in streams of these.
 pub const CHUNK: usize = 1 << 20;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use motorpool_provider::{NodeType, cheapest_fit};
+use motorpool_provider::{NodeType, ProviderPlugin, cheapest_fit};
 
 use super::diag::{Sink, Span};
 use super::model::*;
@@ -132,25 +132,48 @@ fn path_span(node: &Node, path: &[&str]) -> Span {
     n.span
 }
 
+/// `runtime_url` must be an http(s) URL without whitespace.
+pub fn check_runtime_url(url: &str) -> Result<(), String> {
+    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+        && url.len() > "https://".len()
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{url}` is not an https:// or http:// URL of the motorpool executable"
+        ))
+    }
+}
+
+/// `runtime_sha256` must be 64 hex digits.
+pub fn check_sha256(sha: &str) -> Result<(), String> {
+    if sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{sha}` is not a SHA-256 (64 hex digits, as `sha256sum` prints)"
+        ))
+    }
+}
+
 struct Checker<'a, 's> {
     parts: &'s Parts<'a>,
     sink: &'s mut Sink,
+    /// The spec's provider, when its kind is registered.
+    plugin: Option<&'static dyn ProviderPlugin>,
     catalog: Option<Vec<NodeType>>,
-    kind: &'static str,
 }
 
 pub(crate) fn check(parts: &Parts<'_>, sink: &mut Sink) {
-    let (catalog, kind) = match parts.provider_kind {
-        Some("local") => (Some(motorpool_local::catalog()), "local"),
-        Some("sim") => (Some(motorpool_sim::catalog()), "sim"),
-        Some("aws") => (Some(motorpool_aws::catalog()), "aws"),
-        _ => (None, "unknown"),
-    };
+    let plugin = parts
+        .provider_kind
+        .and_then(|kind| crate::registry::Registry::global().provider(kind));
     let mut c = Checker {
         parts,
         sink,
-        catalog,
-        kind,
+        plugin,
+        catalog: plugin.map(|p| p.catalog()),
     };
     c.project();
     c.provider();
@@ -170,9 +193,31 @@ pub(crate) fn check(parts: &Parts<'_>, sink: &mut Sink) {
     }
 }
 
+/// The span of the setting at `path` below `node` (keys of mappings,
+/// indices of sequences); the deepest node found when the path runs out.
+fn setting_span(node: &Node, path: &[String], on_key: bool) -> Span {
+    let mut n = node;
+    for (depth, k) in path.iter().enumerate() {
+        let next = match &n.kind {
+            Kind::Seq(items) => k.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ if depth + 1 == path.len() && on_key => return key_span(n, k),
+            _ => n.get(k),
+        };
+        match next {
+            Some(next) => n = next,
+            None => return n.span,
+        }
+    }
+    n.span
+}
+
 impl<'s> Checker<'_, 's> {
     fn error(&mut self, span: Span, msg: impl Into<String>) {
         self.sink.error(span, msg);
+    }
+
+    fn kind(&self) -> &'static str {
+        self.plugin.map_or("unknown", |p| p.kind())
     }
 
     fn name(&mut self, what: &str, entry: &Entry) {
@@ -192,131 +237,57 @@ impl<'s> Checker<'_, 's> {
     }
 
     /// Provider settings, checked on the tree so that they are checked even
-    /// when another provider setting has the wrong type.
+    /// when another provider setting has the wrong type: the shared ones
+    /// here, the provider's own by its crate.
     fn provider(&mut self) {
         let Some(node) = self.parts.provider_node else {
             return;
         };
-        let number = |key: &str| match node.get(key).map(|n| &n.kind) {
-            Some(Kind::Int(i, _)) => Some(*i as f64),
-            Some(Kind::Float(f, _)) if f.is_finite() => Some(*f),
-            _ => None,
-        };
-        if number("page_size") == Some(0.0) {
-            self.error(
-                value_span(node, "page_size"),
-                "`page_size` of the provider must be at least 1",
-            );
-        }
-        if self.kind == "aws" {
-            self.aws_provider(node);
-        }
-        if self.kind != "sim" {
+        let Some(plugin) = self.plugin else {
             return;
-        }
-        for key in ["throttle_rate", "error_rate"] {
-            if let Some(v) = number(key).filter(|v| !(0.0..=1.0).contains(v)) {
-                self.error(
-                    value_span(node, key),
-                    format!("`{key}` of the provider must be between 0 and 1, found {v}"),
-                );
-            }
-        }
-        if let Some(v) = number("boot_seconds").filter(|v| *v < 0.0) {
-            self.error(
-                value_span(node, "boot_seconds"),
-                format!("`boot_seconds` of the provider must not be negative, found {v}"),
-            );
-        }
-    }
-
-    /// The aws provider's settings that EC2 would refuse, with their positions.
-    fn aws_provider(&mut self, node: &Node) {
-        let int = |key: &str| match node.get(key).map(|n| &n.kind) {
-            Some(Kind::Int(i, _)) => Some(*i),
-            _ => None,
         };
-        if let Some(v) = int("page_size").filter(|v| *v != 0 && !(5..=1000).contains(v)) {
-            self.error(
-                value_span(node, "page_size"),
-                format!("`page_size` of the aws provider must be between 5 and 1000, found {v}"),
-            );
-        }
-        if let Some(v) = int("root_volume_gb").filter(|v| !(1..=16384).contains(v)) {
-            self.error(
-                value_span(node, "root_volume_gb"),
-                format!("`root_volume_gb` must be between 1 and 16384, found {v}"),
-            );
-        }
-        if let Some(image) = node.get("image").and_then(Node::as_str)
-            && let Err(problem) = motorpool_aws::check_image(image)
-        {
-            self.error(value_span(node, "image"), format!("`image`: {problem}"));
-        }
-        for (key, prefix) in [("subnet_ids", "subnet-"), ("security_group_ids", "sg-")] {
-            if let Some(Kind::Seq(items)) = node.get(key).map(|n| &n.kind) {
-                for item in items {
-                    if let Some(id) = item.as_str()
-                        && !motorpool_aws::is_resource_id(prefix, id)
-                    {
-                        self.error(
-                            item.span,
-                            format!(
-                                "`{id}` in `{key}` is not an id like {prefix}0123456789abcdef0"
-                            ),
-                        );
-                    }
+        self.shared_provider_settings(node, plugin.capabilities().needs_runtime_download());
+        let own = match super::to_json(node) {
+            serde_json::Value::Object(mut map) => {
+                map.remove("kind");
+                for key in SharedProviderSettings::KEYS {
+                    map.remove(key);
                 }
+                serde_json::Value::Object(map)
             }
-        }
-        if let Some(url) = node.get("endpoint_url").and_then(Node::as_str)
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            self.error(
-                value_span(node, "endpoint_url"),
-                format!("`endpoint_url` must be an http:// or https:// URL, found `{url}`"),
-            );
-        }
-        self.aws_runtime(node);
-        if let Some(tags) = node.get("tags").and_then(Node::entries) {
-            for e in tags {
-                if e.key.starts_with("motorpool-") || e.key.to_ascii_lowercase().starts_with("aws:")
-                {
-                    self.error(
-                        e.key_span,
-                        format!(
-                            "tag `{}`: keys starting with `motorpool-` or `aws:` are reserved",
-                            e.key
-                        ),
-                    );
-                }
-            }
+            _ => return,
+        };
+        for problem in plugin.check_settings(&own) {
+            let span = setting_span(node, &problem.path, problem.on_key);
+            self.error(span, problem.message);
         }
     }
 
-    /// What cloud nodes need to start themselves: the runtime's URL and
-    /// checksum (when the spec launches anything), and a sane ready timeout.
-    fn aws_runtime(&mut self, node: &Node) {
+    /// What nodes need that every provider shares: the runtime's URL and
+    /// checksum (where nodes download it, when the spec launches anything),
+    /// and a sane ready timeout.
+    fn shared_provider_settings(&mut self, node: &Node, downloads_runtime: bool) {
         let launches_nodes = !self.parts.pools.items.is_empty()
             || !self.parts.clusters.items.is_empty()
             || !self.parts.jobs.items.is_empty();
         let url = node.get("runtime_url").and_then(Node::as_str);
         let sha = node.get("runtime_sha256").and_then(Node::as_str);
-        if launches_nodes {
+        if launches_nodes && downloads_runtime {
             for (key, value) in [("runtime_url", url), ("runtime_sha256", sha)] {
                 if value.is_none() && node.get(key).is_none() {
                     self.error(
                         key_span(node, "kind"),
                         format!(
-                            "the aws provider needs `{key}`: EC2 nodes install the motorpool runtime \
-                             from `runtime_url` and check it against `runtime_sha256` before they start"
+                            "the {} provider needs `{key}`: its nodes install the motorpool runtime \
+                             from `runtime_url` and check it against `runtime_sha256` before they start",
+                            self.kind()
                         ),
                     );
                 }
             }
         }
         if let Some(url) = url
-            && let Err(problem) = crate::bootstrap::cloud::check_runtime_url(url)
+            && let Err(problem) = check_runtime_url(url)
         {
             self.error(
                 value_span(node, "runtime_url"),
@@ -324,7 +295,7 @@ impl<'s> Checker<'_, 's> {
             );
         }
         if let Some(sha) = sha
-            && let Err(problem) = crate::bootstrap::cloud::check_sha256(sha)
+            && let Err(problem) = check_sha256(sha)
         {
             self.error(
                 value_span(node, "runtime_sha256"),
@@ -344,6 +315,62 @@ impl<'s> Checker<'_, 's> {
         }
     }
 
+    /// The cluster's engine: registered, at a version it runs; `runtime`
+    /// only with the bundled runtime, and not twice.
+    fn engine(&mut self, c: &Cluster, node: &Node, what: &str) {
+        let registry = crate::registry::Registry::global();
+        let Some(engine) = &c.engine else {
+            return;
+        };
+        let engine_node = node.get("engine").unwrap_or(node);
+        let kind_span = match &engine_node.kind {
+            Kind::Map(_) => value_span(engine_node, "kind"),
+            _ => engine_node.span,
+        };
+        let Some(plugin) = registry.engine(engine.kind()) else {
+            let msg = unknown_name(
+                &format!("unknown engine `{}` in {what}", engine.kind()),
+                engine.kind(),
+                &registry.engine_kinds(),
+                "engines",
+                "no engines are registered",
+            );
+            self.error(kind_span, msg);
+            return;
+        };
+        if let Some(version) = engine.version()
+            && let Err(problem) = plugin.check_version(version)
+        {
+            self.error(
+                value_span(engine_node, "version"),
+                format!("engine version `{version}` in {what}: {problem}"),
+            );
+        }
+        if let Some(runtime) = &c.runtime {
+            let span = value_span(node, "runtime");
+            if plugin.kind() != DEFAULT_ENGINE {
+                self.error(
+                    span,
+                    format!(
+                        "`runtime` in {what} is the version of the motorpool engine, but the \
+                         cluster runs `{}`: write `engine: {{ kind: {}, version: \"{runtime}\" }}` \
+                         instead",
+                        plugin.kind(),
+                        plugin.kind()
+                    ),
+                );
+            } else if engine.version().is_some() {
+                self.error(
+                    span,
+                    format!(
+                        "{what} sets both `runtime` and `engine.version`; keep only \
+                         `engine: {{ kind: motorpool, version: \"{runtime}\" }}`"
+                    ),
+                );
+            }
+        }
+    }
+
     /// Reports a node type that is not in the catalog; true when it is known.
     fn node_type(&mut self, name: &str, span: Span, what: &str) -> bool {
         let Some(catalog) = &self.catalog else {
@@ -356,7 +383,7 @@ impl<'s> Checker<'_, 's> {
         let msg = unknown_name(
             &format!(
                 "unknown node type `{name}` in {what} for the {} provider",
-                self.kind
+                self.kind()
             ),
             name,
             &known,
@@ -408,7 +435,7 @@ impl<'s> Checker<'_, 's> {
                     key_span,
                     format!(
                         "no {} node type has {} cpus and {} GB of memory for {what}; node types: {}",
-                        self.kind,
+                        self.kind(),
                         r.cpus,
                         r.memory_gb,
                         sizes.join(", ")
@@ -607,6 +634,7 @@ impl<'s> Checker<'_, 's> {
         ];
         let mut pool: Option<&Pool> = None;
         self.startup_timeout(c.startup_timeout_minutes, node, what);
+        self.engine(c, node, what);
         if self.one_of(node, at, what, &source, false) {
             if let Some(name) = &c.pool {
                 let span = value_span(node, "pool");
@@ -841,15 +869,26 @@ impl<'s> Checker<'_, 's> {
             .enumerate()
             .map(|(i, (e, _))| (e.key.as_str(), i))
             .collect();
+        // The engine of the job's cluster checks the tasks it will be given.
+        let engine = match (&j.cluster, &j.new_cluster) {
+            (Some(name), _) => match parts.clusters.get(name) {
+                Lookup::Found(c) => Some(c.value.engine_kind()),
+                _ => None,
+            },
+            (None, Some(c)) => Some(c.engine_kind()),
+            (None, None) => None,
+        }
+        .and_then(|kind| crate::registry::Registry::global().engine(kind));
         let mut edges: Vec<Vec<(usize, Span)>> = vec![Vec::new(); tasks.len()];
         for (i, (e, t)) in tasks.iter().enumerate() {
             self.name("task", e);
-            self.task(
-                t,
-                &e.value,
-                e.key_span,
-                &format!("task `{}` of {what}", e.key),
-            );
+            let task_what = format!("task `{}` of {what}", e.key);
+            self.task(t, &e.value, e.key_span, &task_what);
+            if let Some(engine) = engine
+                && let Err(problem) = engine.check_task(t)
+            {
+                self.error(e.key_span, format!("{task_what}: {problem}"));
+            }
             let deps = e.value.get("depends_on");
             let spans: Vec<Span> = match deps.map(|d| &d.kind) {
                 Some(Kind::Seq(items)) => items.iter().map(|n| n.span).collect(),
@@ -1050,6 +1089,16 @@ fn find_cycles(edges: &[Vec<(usize, Span)>]) -> Vec<(Span, Vec<usize>)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn runtime_settings_are_checked() {
+        use super::{check_runtime_url, check_sha256};
+        assert!(check_runtime_url("https://example.com/motorpool").is_ok());
+        assert!(check_runtime_url("ftp://example.com/motorpool").is_err());
+        assert!(check_runtime_url("https://example.com/a b").is_err());
+        assert!(check_sha256(&"ab".repeat(32)).is_ok());
+        assert!(check_sha256("abc").is_err());
+    }
+
     use super::*;
 
     fn sp(i: u32) -> Span {

@@ -49,9 +49,6 @@ use yaml::{Entry, Kind, Node};
 /// The file a directory given as PATH must hold.
 pub const SPEC_FILE_NAME: &str = "motorpool.yaml";
 
-/// The provider kinds the spec accepts.
-pub const PROVIDER_KINDS: [&str; 3] = ["local", "sim", "aws"];
-
 /// Top-level keys starting with this are ignored: a place for YAML anchors
 /// (`x-defaults: &defaults {...}`, then `<<: *defaults`).
 pub const EXTENSION_PREFIX: &str = "x-";
@@ -221,11 +218,11 @@ fn run(
             _ => None,
         },
         provider_kind: match root.get("provider") {
-            None => Some(ProviderBlock::default().kind()),
+            None => Some(DEFAULT_PROVIDER),
             Some(p) => p
                 .get("kind")
                 .and_then(Node::as_str)
-                .filter(|k| PROVIDER_KINDS.contains(k)),
+                .filter(|k| crate::registry::Registry::global().provider(k).is_some()),
         },
         provider_node: root.get("provider"),
         pools: section(&root, &json, "pools", &broken, &broken_top, sink),
@@ -286,7 +283,7 @@ fn section<'a, T: Deserialize<'a>>(
 }
 
 /// The tree as JSON (after the shape check, so every value fits its type).
-fn to_json(node: &Node) -> Value {
+pub(crate) fn to_json(node: &Node) -> Value {
     match &node.kind {
         Kind::Null | Kind::Invalid => Value::Null,
         Kind::Bool(b, _) => Value::Bool(*b),

@@ -43,120 +43,132 @@ pub struct Spec {
     pub jobs: BTreeMap<String, Job>,
 }
 
+/// The provider a spec gets when it names none: every node a local process.
+pub const DEFAULT_PROVIDER: &str = motorpool_local::plugin::KIND;
+
+/// The engine a cluster gets when it names none: the bundled runtime.
+pub const DEFAULT_ENGINE: &str = "motorpool";
+
 /// The provider and its own settings, selected by `kind`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum ProviderBlock {
-    /// Every instance is a real `motorpool agent` process on this machine.
-    Local(LocalSettings),
-    /// A simulated cloud: records in a file, with latency, throttling and errors.
-    Sim(SimSettings),
-    /// Amazon EC2: credentials and region from the standard AWS chain.
-    Aws(AwsSettings),
+///
+/// The engine reads only `kind` and the settings every provider shares
+/// ([`SharedProviderSettings`]); the rest belongs to the provider's crate,
+/// which brings its JSON Schema and its checks (see
+/// [`motorpool_provider::ProviderPlugin`]) and reads it at connect time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderBlock {
+    /// A kind registered in [`crate::registry::Registry`].
+    pub kind: String,
+    /// What every provider understands.
+    pub shared: SharedProviderSettings,
+    /// The provider's own settings, as its crate reads them.
+    pub settings: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for ProviderBlock {
     fn default() -> Self {
-        ProviderBlock::Local(LocalSettings::default())
-    }
-}
-
-impl ProviderBlock {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ProviderBlock::Local(_) => "local",
-            ProviderBlock::Sim(_) => "sim",
-            ProviderBlock::Aws(_) => "aws",
+        ProviderBlock {
+            kind: DEFAULT_PROVIDER.to_string(),
+            shared: SharedProviderSettings::default(),
+            settings: serde_json::Map::new(),
         }
     }
 }
 
-/// Settings of the local provider.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LocalSettings {
-    /// Instances listed per page (default 100).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub page_size: Option<u32>,
+impl ProviderBlock {
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The provider's own settings as one JSON object.
+    pub fn settings_value(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.settings.clone())
+    }
 }
 
-/// Settings of the simulated cloud.
+/// Settings every provider shares, next to `kind` in the provider block.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct SimSettings {
-    /// Latency of every API call, in milliseconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency_ms: Option<u64>,
-    /// Fraction (0..1) of calls refused as throttled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub throttle_rate: Option<f64>,
-    /// Fraction (0..1) of calls failing with a server error (some after the change was made).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_rate: Option<f64>,
-    /// Most live (pending or running) instances at once; launches beyond fail with a capacity error.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capacity: Option<u32>,
-    /// Instances listed per page (default 1000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub page_size: Option<u32>,
-    /// Seconds from launch until an instance reports running (a simulated VM boot).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot_seconds: Option<f64>,
-}
-
-/// Settings of the AWS provider (EC2). Credentials always come from the
-/// standard AWS chain (environment, profile, instance role), never from the spec.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AwsSettings {
-    /// The region, e.g. `us-east-1`; default: `AWS_REGION` or the AWS profile's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub region: Option<String>,
-    /// An AMI id (`ami-...`) or an SSM parameter name (`/aws/service/...`,
-    /// resolved by EC2 at launch); default: the latest Amazon Linux 2023 (x86_64).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    /// Subnets to launch into: launches are spread over them, and a subnet
-    /// without capacity fails over to the next. Default: the default VPC's choice.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub subnet_ids: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub security_group_ids: Vec<String>,
-    /// An instance profile name or ARN, for the instances' own AWS access.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iam_instance_profile: Option<String>,
-    /// An EC2 key pair for SSH.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_name: Option<String>,
-    /// Launch spot instances, falling back to on-demand when spot has no capacity.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub spot: bool,
-    /// Root volume size in GiB (gp3); default: the image's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub root_volume_gb: Option<u32>,
-    /// Extra tags on every instance and volume.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub tags: BTreeMap<String, String>,
-    /// The EC2 endpoint (e.g. a local emulator); default: `AWS_ENDPOINT_URL_EC2`,
-    /// `AWS_ENDPOINT_URL`, else the region's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub endpoint_url: Option<String>,
-    /// Instances per DescribeInstances page, 5 to 1000 (default 500).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub page_size: Option<u32>,
+pub struct SharedProviderSettings {
     /// Where nodes download the motorpool runtime (the `motorpool` executable
     /// for the nodes' architecture) at boot: an https:// (or http://) URL.
-    /// Required when the spec has pools, clusters or jobs.
+    /// Required by providers whose nodes start themselves (clouds) when the
+    /// spec has pools, clusters or jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_url: Option<String>,
     /// The SHA-256 (64 hex digits) of the file at `runtime_url`: a node
     /// refuses a download that does not match. Required with `runtime_url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_sha256: Option<String>,
-    /// How long apply waits for new nodes to start themselves and report
-    /// `ready` (fractions allowed, e.g. 0.5); default 2.
+    /// How long apply waits for new nodes to start and report `ready`
+    /// (fractions allowed, e.g. 0.5); default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_timeout_minutes: Option<f64>,
+}
+
+impl SharedProviderSettings {
+    /// The keys of the provider block that are shared settings.
+    pub const KEYS: [&'static str; 3] = ["runtime_url", "runtime_sha256", "ready_timeout_minutes"];
+    /// The shared keys that only providers whose nodes download the runtime take.
+    pub const RUNTIME_KEYS: [&'static str; 2] = ["runtime_url", "runtime_sha256"];
+}
+
+impl Serialize for ProviderBlock {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serde_json::Map::new();
+        map.insert("kind".into(), serde_json::Value::String(self.kind.clone()));
+        if let Ok(serde_json::Value::Object(shared)) = serde_json::to_value(&self.shared) {
+            map.extend(shared);
+        }
+        map.extend(self.settings.clone());
+        map.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ProviderBlock {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let kind = match map.remove("kind") {
+            Some(serde_json::Value::String(kind)) => kind,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "`kind` must be a string, found {other}"
+                )));
+            }
+            None => return Err(D::Error::missing_field("kind")),
+        };
+        let mut shared = serde_json::Map::new();
+        for key in SharedProviderSettings::KEYS {
+            if let Some(v) = map.remove(key) {
+                shared.insert(key.to_string(), v);
+            }
+        }
+        let shared = SharedProviderSettings::deserialize(serde_json::Value::Object(shared))
+            .map_err(D::Error::custom)?;
+        Ok(ProviderBlock {
+            kind,
+            shared,
+            settings: map,
+        })
+    }
+}
+
+impl JsonSchema for ProviderBlock {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ProviderBlock".into()
+    }
+
+    /// A placeholder: the spec's schema replaces it with one branch per
+    /// registered provider (`crate::spec::schema::spec_schema`).
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "The provider and its own settings, selected by `kind`.",
+            "type": "object",
+            "required": ["kind"],
+            "properties": { "kind": { "type": "string" } }
+        })
+    }
 }
 
 /// A variable: its default, and what it is for.
@@ -337,7 +349,12 @@ pub struct Cluster {
     pub startup_timeout_minutes: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
-    /// The motorpool runtime version (default "1").
+    /// What the cluster runs: `motorpool` (the bundled runtime, the
+    /// default), or `{ kind: ..., version: ... }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineRef>,
+    /// The bundled runtime's version (default "1"); the same as
+    /// `engine: { kind: motorpool, version: ... }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
     /// Scripts run on every node, in order, after the libraries.
@@ -357,9 +374,64 @@ pub struct Cluster {
 /// The default runtime version.
 pub const DEFAULT_RUNTIME: &str = "1";
 
+/// The engine a cluster runs: `engine: motorpool`, or
+/// `engine: { kind: motorpool, version: "1" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum EngineRef {
+    /// A registered engine's kind, at its default version.
+    Kind(String),
+    /// An engine's kind and version.
+    Versioned(EngineVersion),
+}
+
+/// An engine and its version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EngineVersion {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+impl EngineRef {
+    pub fn kind(&self) -> &str {
+        match self {
+            EngineRef::Kind(kind) => kind,
+            EngineRef::Versioned(v) => &v.kind,
+        }
+    }
+
+    pub fn version(&self) -> Option<&str> {
+        match self {
+            EngineRef::Kind(_) => None,
+            EngineRef::Versioned(v) => v.version.as_deref(),
+        }
+    }
+}
+
 impl Cluster {
-    pub fn runtime(&self) -> &str {
-        self.runtime.as_deref().unwrap_or(DEFAULT_RUNTIME)
+    /// The engine the cluster runs (a registered kind).
+    pub fn engine_kind(&self) -> &str {
+        self.engine.as_ref().map_or(DEFAULT_ENGINE, EngineRef::kind)
+    }
+
+    /// What the cluster's nodes run, as one word: the bundled runtime's
+    /// version (`1`), else `<engine>` or `<engine>-<version>`. Recorded in
+    /// the `motorpool-runtime` tag; a change forces a replace.
+    pub fn runtime(&self) -> String {
+        let version = self.engine.as_ref().and_then(EngineRef::version);
+        let kind = self.engine_kind();
+        if kind == DEFAULT_ENGINE {
+            return version
+                .or(self.runtime.as_deref())
+                .unwrap_or(DEFAULT_RUNTIME)
+                .to_string();
+        }
+        match version {
+            Some(v) => format!("{kind}-{v}"),
+            None => kind.to_string(),
+        }
     }
 
     /// The number of workers the cluster should have when created: `workers`,

@@ -21,13 +21,82 @@ use super::yaml::{Kind, Node};
 /// The pattern a variable reference matches, as accepted by the editor schema.
 pub const VAR_REF_PATTERN: &str = r"^\$\{var\.[A-Za-z_][A-Za-z0-9_-]*\}$";
 
-/// The schema generated from [`Spec`] (draft 2020-12).
+/// The schema generated from [`Spec`] (draft 2020-12), with the provider
+/// block made of the registered providers' own schemas.
 pub fn spec_schema() -> &'static Value {
     static SCHEMA: OnceLock<Value> = OnceLock::new();
     SCHEMA.get_or_init(|| {
         let schema = schemars::schema_for!(Spec);
-        serde_json::to_value(&schema).unwrap_or(Value::Bool(true))
+        let mut schema = serde_json::to_value(&schema).unwrap_or(Value::Bool(true));
+        compose_provider_block(&mut schema, crate::registry::Registry::global());
+        schema
     })
+}
+
+/// Replaces the `ProviderBlock` placeholder with one branch per provider,
+/// selected by its `kind` (as schemars writes an internally tagged enum):
+/// the provider's own settings schema, plus `kind` and the shared settings
+/// that apply to it. A provider's own `$defs` join the spec's.
+fn compose_provider_block(schema: &mut Value, registry: &crate::registry::Registry) {
+    let shared = serde_json::to_value(schemars::schema_for!(super::model::SharedProviderSettings))
+        .ok()
+        .and_then(|s| s.get("properties").cloned())
+        .and_then(|p| p.as_object().cloned())
+        .unwrap_or_default();
+    let mut branches = Vec::new();
+    let mut more_defs = Map::new();
+    for plugin in registry.providers() {
+        let Value::Object(mut branch) = plugin.settings_schema() else {
+            continue;
+        };
+        if let Some(Value::Object(defs)) = branch.remove("$defs") {
+            more_defs.extend(defs);
+        }
+        branch.remove("$schema");
+        branch.remove("title");
+        branch.insert("type".into(), Value::String("object".into()));
+        branch.insert("additionalProperties".into(), Value::Bool(false));
+        branch.insert(
+            "description".into(),
+            Value::String(plugin.description().to_string()),
+        );
+        let properties = branch
+            .entry("properties")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(properties) = properties {
+            properties.insert(
+                "kind".into(),
+                serde_json::json!({ "type": "string", "const": plugin.kind() }),
+            );
+            let runtime = plugin.capabilities().needs_runtime_download();
+            for (key, property) in &shared {
+                let runtime_key =
+                    super::model::SharedProviderSettings::RUNTIME_KEYS.contains(&key.as_str());
+                if runtime || !runtime_key {
+                    properties.insert(key.clone(), property.clone());
+                }
+            }
+        }
+        let required = branch
+            .entry("required")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(required) = required {
+            required.insert(0, Value::String("kind".into()));
+        }
+        branches.push(Value::Object(branch));
+    }
+    if let Some(Value::Object(defs)) = schema.get_mut("$defs") {
+        for (name, def) in more_defs {
+            defs.entry(name).or_insert(def);
+        }
+        defs.insert(
+            "ProviderBlock".into(),
+            serde_json::json!({
+                "description": "The provider and its own settings, selected by `kind`.",
+                "oneOf": branches,
+            }),
+        );
+    }
 }
 
 /// The schema for editors (`specs/motorpool.schema.json`): the generated

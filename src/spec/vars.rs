@@ -69,7 +69,7 @@ fn merge_provider(root: &mut Node, provider: &Entry, overrides: &[Entry]) {
                 Kind::Map(vec![Entry {
                     key: "kind".to_string(),
                     key_span: span,
-                    value: Node::new(Kind::Str("local".to_string()), span),
+                    value: Node::new(Kind::Str(super::DEFAULT_PROVIDER.to_string()), span),
                 }]),
                 span,
             ),

@@ -1,6 +1,6 @@
 # 6. security & access: mounts.
 {% for m in mounts %}
-{% if m.scheme == "local" %}
+{% if m.scheme == "path" %}
 target="$MOTORPOOL_NODE_DIR/fs"{{ m.target }}
 mkdir -p -- "$(dirname -- "$target")"
 ln -sfn -- {{ m.source }} "$target"

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod lifecycle;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -14,6 +16,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     /// Extra environment for every command (e.g. `MOTORPOOL_TLS=always`).
     pub vars: Vec<(String, String)>,
+    /// The program run as `motorpool` (default: the crate's binary).
+    pub program: PathBuf,
 }
 
 /// A finished command's exit code and text.
@@ -64,7 +68,14 @@ impl Env {
                 .tempdir()
                 .expect("temp spec dir"),
             vars: Vec::new(),
+            program: PathBuf::from(binary()),
         }
+    }
+
+    /// Run `program` as motorpool (a test binary embedding the CLI).
+    pub fn with_program(mut self, program: impl Into<PathBuf>) -> Env {
+        self.program = program.into();
+        self
     }
 
     /// Every command of this environment runs with `name=value`.
@@ -84,7 +95,7 @@ impl Env {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(binary());
+        let mut c = Command::new(&self.program);
         c.args(args)
             .current_dir(self.dir.path())
             .env("MOTORPOOL_HOME", self.home())

@@ -2,8 +2,10 @@
 //!
 //! This crate owns the [`Provider`] trait, the types that cross it
 //! ([`Instance`], [`LaunchRequest`], [`Page`], [`NodeType`]), the tag names
-//! every provider stores on the instances it launches ([`tags`]), and the typed
-//! errors ([`ProviderError`]) the engine uses to decide what to retry.
+//! every provider stores on the instances it launches ([`tags`]), the typed
+//! errors ([`ProviderError`]) the engine uses to decide what to retry, and
+//! what a provider crate registers ([`plugin`]: its settings, capabilities
+//! and node-side bootstrap).
 //!
 //! It must not know about specs, plans or any cloud SDK: the engine depends on
 //! this crate, every provider crate depends on this crate, and nothing here
@@ -16,8 +18,13 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub mod catalog;
+pub mod plugin;
 
 pub use catalog::{NodeType, cheapest_fit};
+pub use plugin::{
+    Capabilities, ConnectEnv, NodeStartup, ProviderPlugin, SettingProblem, node_home_settings,
+    settings_from, with_home,
+};
 
 /// Tags (labels on GCP) as key -> value. Ordered so that hashes and renders are stable.
 pub type Tags = BTreeMap<String, String>;
@@ -25,6 +32,10 @@ pub type Tags = BTreeMap<String, String>;
 /// The tag names motorpool writes on every instance it creates.
 ///
 /// Observed state is found by these tags alone: there is no state file.
+/// These are *logical* tags: a provider stores them as its cloud allows
+/// (EC2 tags as they are; GCP labels cannot hold `.` or `:`, so a value that
+/// is no label goes to instance metadata) and lists them back decoded. The
+/// engine never assumes a value fits a cloud's rules as it is.
 pub mod tags {
     /// The project (spec tree) that owns the instance.
     pub const PROJECT: &str = "motorpool-project";
@@ -59,6 +70,11 @@ pub mod tags {
     /// outlived its run (the run was killed before it could remove it), so
     /// plan removes it. Until then plan leaves the cluster to its run.
     pub const EXPIRES: &str = "motorpool-expires";
+    /// On a self-started cluster's driver node: where its driver listens,
+    /// published for the workers (and the CLI) to find. A provider whose
+    /// tags cannot hold an address stores it where the cloud keeps such
+    /// values (GCP: instance metadata).
+    pub const DRIVER_ADDRESS: &str = "motorpool-driver-address";
 }
 
 /// The lifecycle state of an instance, as the provider reports it.
@@ -211,7 +227,8 @@ pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
 /// `client_token` and `terminate`/`retag`/`stop`/`start` safe to repeat.
 #[async_trait]
 pub trait Provider: Send + Sync {
-    /// `local`, `sim`, `aws`, ...
+    /// The provider's kind, as in the spec (for messages; the engine never
+    /// branches on it: it asks the plugin's [`Capabilities`]).
     fn kind(&self) -> &str;
 
     /// The node types this provider offers.
@@ -228,6 +245,23 @@ pub trait Provider: Send + Sync {
     /// One page of the instances whose tags match `filter` (terminated ones
     /// may be included while the provider still reports them).
     async fn list_page(&self, filter: &TagFilter, page_token: Option<String>) -> Result<Page>;
+
+    /// The instances among `ids` that exist, with their tags: how a node
+    /// reads its own record (was it drawn into a cluster?) at a cost that
+    /// does not grow with the project. The default lists every instance;
+    /// providers override it with a look-up by id.
+    async fn describe(&self, ids: &[String]) -> Result<Vec<Instance>> {
+        let mut found = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.list_page(&TagFilter::new(), token).await?;
+            found.extend(page.instances.into_iter().filter(|i| ids.contains(&i.id)));
+            match page.next_token {
+                Some(next) => token = Some(next),
+                None => return Ok(found),
+            }
+        }
+    }
 
     /// Launch a batch of instances, tagged at birth.
     async fn launch(&self, request: &LaunchRequest) -> Result<Vec<Instance>>;

@@ -52,6 +52,7 @@
 
 mod catalog;
 mod errors;
+pub mod plugin;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -75,6 +76,7 @@ use sha2::{Digest, Sha256};
 pub use aws_sdk_ec2;
 pub use aws_sdk_ec2::config::Credentials;
 pub use catalog::catalog;
+pub use plugin::{AwsPlugin, AwsSettings};
 
 use errors::{Ec2Error, from_sdk};
 
@@ -869,6 +871,21 @@ impl Provider for AwsProvider {
         Err(last.map(ProviderError::from).unwrap_or_else(|| {
             ProviderError::Internal("EC2 RunInstances: no launch was attempted".to_string())
         }))
+    }
+
+    /// `DescribeInstances` by instance id: one call for up to 200 ids.
+    async fn describe(&self, ids: &[String]) -> Result<Vec<Instance>> {
+        let mut found = Vec::new();
+        for chunk in ids.chunks(MAX_FILTER_VALUES) {
+            found.extend(
+                self.describe_all(vec![filter(
+                    "instance-id",
+                    chunk.iter().map(String::as_str),
+                )])
+                .await?,
+            );
+        }
+        Ok(found)
     }
 
     async fn terminate(&self, ids: &[String]) -> Result<()> {

@@ -37,7 +37,10 @@ use motorpool_provider::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod plugin;
 mod process;
+
+pub use plugin::{LocalPlugin, LocalSettings};
 
 use process::Liveness;
 
@@ -333,6 +336,21 @@ impl Provider for LocalProvider {
         let filter = filter.clone();
         self.blocking(move |inner| inner.list_page(&filter, page_token.as_deref()))
             .await
+    }
+
+    /// One record read per id: the cost does not grow with the instances.
+    async fn describe(&self, ids: &[String]) -> Result<Vec<Instance>> {
+        let ids = ids.to_vec();
+        self.blocking(move |inner| {
+            let mut found = Vec::new();
+            for id in ids.iter().filter(|id| valid_id(id)) {
+                if let Some(record) = inner.read_record(id)? {
+                    found.push(inner.observe(&record));
+                }
+            }
+            Ok(found)
+        })
+        .await
     }
 
     async fn launch(&self, request: &LaunchRequest) -> Result<Vec<Instance>> {

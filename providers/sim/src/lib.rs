@@ -38,7 +38,10 @@
 //!   [`ProviderError::NotFound`] (and change nothing) when any id is unknown, as
 //!   EC2 does. All are safe to repeat.
 
+pub mod plugin;
 mod store;
+
+pub use plugin::{SimPlugin, SimSettings};
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -469,6 +472,23 @@ impl Provider for SimProvider {
     /// rate: let the engine go fast so that benchmarks measure the engine.
     fn calls_per_second(&self) -> f64 {
         1000.0
+    }
+
+    /// A look-up by id in the account (as EC2's DescribeInstances by id).
+    async fn describe(&self, ids: &[String]) -> Result<Vec<Instance>> {
+        self.begin("describe", false).await?;
+        let state = self.store.snapshot().await?;
+        let now = store::now_ms();
+        let boot_ms = self.boot_ms();
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                state
+                    .instances
+                    .get(id.as_str())
+                    .map(|rec| to_instance(id, rec, now, boot_ms))
+            })
+            .collect())
     }
 
     async fn list_page(&self, filter: &TagFilter, page_token: Option<String>) -> Result<Page> {

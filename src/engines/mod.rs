@@ -1,0 +1,203 @@
+//! The engine seam: what a cluster runs.
+//!
+//! An engine decides what the driver and worker roles start at formation
+//! ([`EnginePlugin::start_role`], inside the node's agent), when the cluster
+//! is ready and when it is idle (both from the driver role's
+//! [`RoleStatus`]), and how a job is submitted, followed, listed and
+//! cancelled from the machine running the CLI. The bundled driver/executor
+//! runtime ([`bundled`]) is the first implementation; engines are registered
+//! in [`crate::registry::Registry`] like providers, and a cluster picks one
+//! with `engine:` in the spec.
+//!
+//! This module owns the trait and the engine-neutral types that cross it. It
+//! must not know how startup steps run (bootstrap, the agent) nor how a job
+//! cluster is made (jobs): it is handed an address and a credential.
+
+pub mod bundled;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Credential;
+use crate::runtime::client::JobSubmission;
+use crate::runtime::{Progress, RunSummary};
+
+pub use bundled::BundledRuntime;
+
+/// The engine a cluster gets when the spec names none.
+pub use crate::spec::DEFAULT_ENGINE;
+
+/// Why an engine could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the {role} did not start: {reason}")]
+    Start { role: &'static str, reason: String },
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("this motorpool knows no engine `{0}`")]
+    Unknown(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Which part of the cluster a node plays at formation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleStart {
+    /// The cluster's coordinator: takes jobs, knows its workers.
+    Driver,
+    /// A worker, joining the driver at this address.
+    Worker { driver_address: String },
+}
+
+impl RoleStart {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RoleStart::Driver => "driver",
+            RoleStart::Worker { .. } => "worker",
+        }
+    }
+}
+
+/// Where and how a role runs on its node (given by the agent).
+#[derive(Debug, Clone)]
+pub struct RoleContext {
+    /// The cluster's name.
+    pub cluster: String,
+    /// The cluster's credential: every call to the role must carry it.
+    pub credential: Credential,
+    /// A directory of the role's own on the node.
+    pub dir: PathBuf,
+    /// Where to listen: the agent's IP, port 0.
+    pub listen: SocketAddr,
+    /// The node's certificate, beyond loopback.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// Cores a worker offers (0: all of the machine's).
+    pub cores: u32,
+    /// The length of a minute (tests shorten it).
+    pub minute: Duration,
+}
+
+/// What the driver role says about its cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoleStatus {
+    /// The workers registered with the driver: the cluster is ready once
+    /// every worker the spec asks for is here.
+    pub workers: Vec<String>,
+    /// Jobs running now: the cluster is idle (autotermination) while none is.
+    pub running_jobs: u32,
+}
+
+/// A role running on a node, until it is shut down.
+#[async_trait]
+pub trait RunningRole: Send + Sync {
+    /// Where it listens (the driver: where workers and clients reach it).
+    fn address(&self) -> String;
+
+    /// The driver's view of the cluster; an error on a worker.
+    async fn status(&self) -> Result<RoleStatus, EngineError>;
+
+    /// Stop it and everything it started (a second call does nothing).
+    async fn shutdown(&self);
+}
+
+/// How the CLI reaches a cluster's driver.
+#[derive(Debug, Clone)]
+pub struct DriverAccess {
+    pub address: String,
+    /// The cluster's credential (with the project CA, beyond loopback).
+    pub credential: Credential,
+}
+
+/// One run as the driver lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunBrief {
+    pub run_id: String,
+    pub job: String,
+    /// `staging`, `running`, `succeeded`, `failed`, `cancelled`.
+    pub state: String,
+}
+
+impl RunBrief {
+    /// Still going: counts toward `max_concurrent_runs`.
+    pub fn is_active(&self) -> bool {
+        self.state == "staging" || self.state == "running"
+    }
+}
+
+/// One task log file of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogFile {
+    pub task: String,
+    pub name: String,
+    pub text: String,
+    pub truncated: bool,
+}
+
+/// What a cluster runs, as registered in [`crate::registry::Registry`].
+#[async_trait]
+pub trait EnginePlugin: Send + Sync {
+    /// The `engine:` of a cluster in the spec (`motorpool`, ...).
+    fn kind(&self) -> &'static str;
+
+    fn description(&self) -> &'static str;
+
+    /// Whether `version` (from `engine: { kind, version }`) is one this
+    /// engine can run; Err says what a version looks like.
+    fn check_version(&self, version: &str) -> Result<(), String> {
+        let _ = version;
+        Ok(())
+    }
+
+    /// Whether a job's task is of a form this engine runs; Err says why not.
+    fn check_task(&self, task: &crate::spec::Task) -> Result<(), String> {
+        let _ = task;
+        Ok(())
+    }
+
+    /// Start this node's role at formation, inside the node's agent.
+    async fn start_role(
+        &self,
+        role: RoleStart,
+        context: RoleContext,
+    ) -> Result<Arc<dyn RunningRole>, EngineError>;
+
+    /// Submit `submission` to the cluster's driver and follow it to its
+    /// end. A job that fails is `Ok` with `ok: false`; `Err` means the run
+    /// could not be carried out.
+    async fn run_job(
+        &self,
+        driver: &DriverAccess,
+        submission: JobSubmission,
+        on_progress: &mut (dyn for<'p> FnMut(&'p Progress) + Send),
+    ) -> Result<RunSummary, EngineError>;
+
+    /// The runs the driver knows, newest first (only `job`'s when given).
+    async fn runs(
+        &self,
+        driver: &DriverAccess,
+        job: Option<&str>,
+    ) -> Result<Vec<RunBrief>, EngineError>;
+
+    /// Stop a run; false when it had already ended.
+    async fn cancel_run(&self, driver: &DriverAccess, run_id: &str) -> Result<bool, EngineError>;
+
+    /// The task logs of a run.
+    async fn logs(&self, driver: &DriverAccess, run_id: &str) -> Result<Vec<LogFile>, EngineError>;
+}
+
+/// The registered engine of this kind.
+pub fn engine(kind: &str) -> Result<&'static dyn EnginePlugin, EngineError> {
+    crate::registry::Registry::global()
+        .engine(kind)
+        .ok_or_else(|| EngineError::Unknown(kind.to_string()))
+}
+
+/// The engines compiled into this binary.
+pub(crate) fn builtin() -> Vec<Arc<dyn EnginePlugin>> {
+    vec![Arc::new(BundledRuntime)]
+}

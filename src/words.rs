@@ -1,0 +1,231 @@
+//! The words every part of motorpool shares: a node's [`Role`], the seven
+//! startup [`Step`]s, and the [`BootSpec`] a cluster's or a pool's nodes
+//! start from (plan data, carried from the planner to apply, the agent and
+//! the nodes).
+//!
+//! A leaf: this module imports nothing else of the crate, so the planner,
+//! apply, bootstrap, the agent and the engines can all depend on it without
+//! depending on each other.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The part an instance plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Driver,
+    Worker,
+    Idle,
+}
+
+impl Role {
+    /// The value of the `motorpool-role` tag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Driver => "driver",
+            Role::Worker => "worker",
+            Role::Idle => "idle",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "driver" => Some(Role::Driver),
+            "worker" => Some(Role::Worker),
+            "idle" => Some(Role::Idle),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `1 worker`, `3 workers`.
+pub fn plural(n: u32, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+/// The first 12 hex digits of a SHA-256 over `parts`.
+pub fn short_hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The seven steps, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Step {
+    Request,
+    Allocate,
+    Runtime,
+    Formation,
+    Libraries,
+    Security,
+    Ready,
+}
+
+pub const STEPS: [Step; 7] = [
+    Step::Request,
+    Step::Allocate,
+    Step::Runtime,
+    Step::Formation,
+    Step::Libraries,
+    Step::Security,
+    Step::Ready,
+];
+
+impl Step {
+    /// The name in tags (`motorpool-step`) and state files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Request => "request",
+            Step::Allocate => "allocate",
+            Step::Runtime => "runtime",
+            Step::Formation => "formation",
+            Step::Libraries => "libraries",
+            Step::Security => "security",
+            Step::Ready => "ready",
+        }
+    }
+
+    /// How status shows it.
+    pub fn title(self) -> &'static str {
+        match self {
+            Step::Request => "request",
+            Step::Allocate => "allocate",
+            Step::Runtime => "os & runtime setup",
+            Step::Formation => "formation",
+            Step::Libraries => "libraries",
+            Step::Security => "security & access",
+            Step::Ready => "ready",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Step> {
+        STEPS.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// A file shipped to nodes with a step (an init script, a requirements file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedFile {
+    pub name: String,
+    pub content: String,
+}
+
+/// A mount, with its source resolved (an absolute local path, or a URL).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub source: String,
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Everything a pool's or a cluster's nodes need to start: plan data, so a
+/// saved plan starts exactly what was reviewed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootSpec {
+    /// What the nodes run, as recorded in the `motorpool-runtime` tag.
+    pub runtime: String,
+    /// The cluster's engine; empty: the bundled runtime.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub engine: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pip: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<NamedFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_scripts: Vec<NamedFile>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountSpec>,
+    /// Clusters: stop after this many minutes without a job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autotermination_minutes: Option<u32>,
+    /// Clusters: how many executors must register before the cluster is ready.
+    #[serde(default)]
+    pub workers: u32,
+    /// Most minutes one step may take on a node (None: the engine's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout_minutes: Option<u32>,
+}
+
+impl BootSpec {
+    /// A hash of what the nodes run (not how many there are): stored in the
+    /// `motorpool-boot` tag, so a change of libraries, scripts, env or mounts
+    /// shows in the plan.
+    pub fn hash(&self) -> String {
+        let mut copy = self.clone();
+        copy.workers = 0;
+        copy.autotermination_minutes = None;
+        copy.startup_timeout_minutes = None;
+        let text = serde_json::to_string(&copy).unwrap_or_default();
+        short_hash(&[&text])
+    }
+}
+
+/// How the node reaches its own provider: the provider's kind and what its
+/// plugin's `node_settings` told the node (never the CLI's credentials: a
+/// cloud node uses its own instance identity).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeProvider {
+    pub kind: String,
+    #[serde(default)]
+    pub settings: serde_json::Value,
+}
+
+/// A cluster's startup as a cloud node runs it on itself: the cluster, its
+/// credential (which guards its driver and executors) and what to run. The
+/// node learns its role (driver or worker) from its own `motorpool-role` tag.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterBoot {
+    pub cluster: String,
+    pub credential: String,
+    pub spec: BootSpec,
+}
+
+impl std::fmt::Debug for ClusterBoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBoot")
+            .field("cluster", &self.cluster)
+            .field("credential", &"<redacted>")
+            .field("spec", &self.spec)
+            .finish()
+    }
+}
+
+/// A step the node runs on itself at start (pool warm-up), as rendered by the engine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WarmStep {
+    pub step: String,
+    pub script: String,
+    pub key: String,
+    #[serde(default)]
+    pub timeout_seconds: u32,
+}
+
+/// The name a cluster's startup is stored under at its provider
+/// (`Provider::put_cluster_boot`), for pool instances drawn into it.
+pub fn cluster_boot_name(project: &str, cluster: &str) -> String {
+    format!("{project}-{cluster}")
+}
