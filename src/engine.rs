@@ -453,7 +453,7 @@ pub async fn cluster_logs(
     }
     nodes.sort_by_key(|i| {
         (
-            i.tag(motorpool_provider::tags::ROLE) != Some("driver"),
+            i.tag(motorpool_provider::tags::ROLE) != Some(crate::words::Role::Driver.as_str()),
             i.id.clone(),
         )
     });
@@ -468,9 +468,7 @@ pub async fn cluster_logs(
             );
             continue;
         };
-        let mut agent = crate::bootstrap::run::connect(address, credential)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let mut agent = crate::bootstrap::run::connect(address, credential).await?;
         let state = agent
             .get_state(crate::agent::proto::GetStateRequest {})
             .await

@@ -436,7 +436,7 @@ clusters:
             .expect("other CA");
         let untrusting = auth::derive(&secret, "agent/tls").with_trust(other.trust().always(true));
         let refused = match motorpool::bootstrap::run::connect(&address, &untrusting).await {
-            Err(e) => e,
+            Err(e) => e.to_string(),
             Ok(mut a) => a
                 .get_state(GetStateRequest {})
                 .await

@@ -445,7 +445,7 @@ impl Node {
                     let mut set = BTreeMap::new();
                     set.insert(tags::KIND.to_string(), "pool".to_string());
                     set.insert(tags::NAME.to_string(), pool.to_string());
-                    set.insert(tags::ROLE.to_string(), "idle".to_string());
+                    set.insert(tags::ROLE.to_string(), Role::Idle.as_str().to_string());
                     set.insert(tags::SPEC.to_string(), pool_spec.to_string());
                     set.insert(tags::IDLE_SINCE.to_string(), now.clone());
                     set.insert(

@@ -685,7 +685,8 @@ impl Runner {
                     allocate,
                     &|line| self.progress.line(&line),
                 )
-                .await?;
+                .await
+                .map_err(|e| e.to_string())?;
                 self.progress.line(&format!(
                     "{}: ready, {} ({:.2}s of startup steps)",
                     change.address,

@@ -64,20 +64,30 @@ struct Node {
 
 pub use super::saga::StartupReport;
 
+/// Why an agent could not be reached.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentUnreachable {
+    #[error("cannot connect to the agent at {address}: {reason}")]
+    Endpoint { address: String, reason: String },
+    #[error("cannot reach the agent at {address}: {reason}")]
+    Connect { address: String, reason: String },
+}
+
 /// Connect to an agent with the project's agent credential (over TLS,
 /// verified against the credential's project CA, where [`crate::tls::required`]).
-pub async fn connect(address: &str, credential: &Credential) -> Result<Agent, String> {
+pub async fn connect(address: &str, credential: &Credential) -> Result<Agent, AgentUnreachable> {
     let channel = crate::tls::endpoint(address, credential.trust())
-        .map_err(|e| format!("cannot connect to the agent at {address}: {e}"))?
+        .map_err(|e| AgentUnreachable::Endpoint {
+            address: address.to_string(),
+            reason: e.to_string(),
+        })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| {
-            format!(
-                "cannot reach the agent at {address}: {}",
-                crate::tls::error_chain(&e)
-            )
+        .map_err(|e| AgentUnreachable::Connect {
+            address: address.to_string(),
+            reason: crate::tls::error_chain(&e),
         })?;
     Ok(AgentClient::with_interceptor(
         channel,
@@ -85,15 +95,27 @@ pub async fn connect(address: &str, credential: &Credential) -> Result<Agent, St
     ))
 }
 
-/// Run one step request on a node to its end; Err names the node and the stderr tail.
-async fn run_step(node: &Node, request: RunStepRequest) -> Result<Duration, String> {
+/// Run one step request (of startup step `of`) on a node to its end; Err
+/// names the node and the stderr tail.
+async fn run_step(
+    node: &Node,
+    of: Step,
+    request: RunStepRequest,
+) -> Result<Duration, StartupError> {
+    let failed = |message: String| StartupError::at(of, message);
     let step = request.step.clone();
     let timeout = request.timeout_seconds;
     let mut agent = node.agent.clone();
     let mut stream = agent
         .run_step(request)
         .await
-        .map_err(|e| format!("node {} refused step {step}: {}", node.id, e.message()))?
+        .map_err(|e| {
+            failed(format!(
+                "node {} refused step {step}: {}",
+                node.id,
+                e.message()
+            ))
+        })?
         .into_inner();
     loop {
         match stream.message().await {
@@ -104,35 +126,35 @@ async fn run_step(node: &Node, request: RunStepRequest) -> Result<Duration, Stri
                     return Ok(Duration::from_millis(f.duration_ms));
                 }
                 if f.timed_out {
-                    return Err(format!(
+                    return Err(failed(format!(
                         "step {step} timed out on node {} after {}: killed (raise `startup_timeout_minutes` if it needs longer)",
                         node.id,
                         seconds_text(timeout)
-                    ));
+                    )));
                 }
                 let tail = if f.stderr_tail.is_empty() {
                     String::new()
                 } else {
                     format!(":\n{}", f.stderr_tail)
                 };
-                return Err(format!(
+                return Err(failed(format!(
                     "step {step} failed on node {} (exit {}){tail}",
                     node.id, f.exit_code
-                ));
+                )));
             }
             Ok(Some(_)) => {}
             Ok(None) => {
-                return Err(format!(
+                return Err(failed(format!(
                     "node {} ended step {step} without a result",
                     node.id
-                ));
+                )));
             }
             Err(e) => {
-                return Err(format!(
+                return Err(failed(format!(
                     "node {} lost step {step}: {}",
                     node.id,
                     e.message()
-                ));
+                )));
             }
         }
     }
@@ -148,8 +170,12 @@ fn seconds_text(s: u32) -> String {
 }
 
 /// Run the same step on every node at once; the slowest node's time.
-async fn everywhere(nodes: &[Node], request: &RunStepRequest) -> Result<Duration, String> {
-    let results = join_all(nodes.iter().map(|n| run_step(n, request.clone()))).await;
+async fn everywhere(
+    nodes: &[Node],
+    of: Step,
+    request: &RunStepRequest,
+) -> Result<Duration, StartupError> {
+    let results = join_all(nodes.iter().map(|n| run_step(n, of, request.clone()))).await;
     let mut slowest = Duration::ZERO;
     for r in results {
         slowest = slowest.max(r?);
@@ -174,10 +200,13 @@ impl AgentNodes<'_> {
 #[async_trait]
 impl StartupNodes for AgentNodes<'_> {
     async fn record(&self, step: Step, took: Duration) -> Result<(), StartupError> {
-        everywhere(&self.nodes, &steps::recorded(step, took.as_millis() as u64))
-            .await
-            .map(|_| ())
-            .map_err(|e| StartupError::at(step, e))
+        everywhere(
+            &self.nodes,
+            step,
+            &steps::recorded(step, took.as_millis() as u64),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn run_script(
@@ -185,9 +214,7 @@ impl StartupNodes for AgentNodes<'_> {
         step: Step,
         request: RunStepRequest,
     ) -> Result<Duration, StartupError> {
-        everywhere(&self.nodes, &request)
-            .await
-            .map_err(|e| StartupError::at(step, e))
+        everywhere(&self.nodes, step, &request).await
     }
 
     async fn form(&self, formation: &Formation) -> Result<(), StartupError> {
@@ -291,7 +318,7 @@ pub async fn start_cluster(
     instances: &[Instance],
     allocate: Duration,
     progress: &(dyn Fn(String) + Send + Sync),
-) -> Result<StartupReport, String> {
+) -> Result<StartupReport, StartupError> {
     let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
     if !client.capabilities().nodes_are_reachable() {
         return wait_for_ready_tags(ctx, client, cluster, &ids).await;
@@ -303,20 +330,29 @@ pub async fn start_cluster(
             _ => Role::Worker,
         };
         let Some(address) = i.address.as_deref() else {
-            return Err(format!(
-                "node {} has no address: the {} provider reported none",
-                i.id,
-                client.kind()
+            return Err(StartupError::at(
+                Step::Allocate,
+                format!(
+                    "node {} has no address: the {} provider reported none",
+                    i.id,
+                    client.kind()
+                ),
             ));
         };
+        let agent = connect(address, &ctx.agent_credential)
+            .await
+            .map_err(|e| StartupError::at(Step::Allocate, e.to_string()))?;
         nodes.push(Node {
             id: i.id.clone(),
             role,
-            agent: connect(address, &ctx.agent_credential).await?,
+            agent,
         });
     }
     let Some(driver) = nodes.iter().position(|n| n.role == Role::Driver) else {
-        return Err(format!("cluster {cluster} has no driver node"));
+        return Err(StartupError::at(
+            Step::Allocate,
+            format!("cluster {cluster} has no driver node"),
+        ));
     };
     let agent_nodes = AgentNodes {
         client,
@@ -339,9 +375,7 @@ pub async fn start_cluster(
         allocate,
         progress,
     };
-    saga::run(&agent_nodes, &input)
-        .await
-        .map_err(|e| e.to_string())
+    saga::run(&agent_nodes, &input).await
 }
 
 /// Clouds: the nodes start themselves; wait until every one tags itself ready.
@@ -350,14 +384,17 @@ async fn wait_for_ready_tags(
     client: &ProviderClient,
     cluster: &str,
     ids: &[String],
-) -> Result<StartupReport, String> {
+) -> Result<StartupReport, StartupError> {
     let mut filter = TagFilter::new();
     filter.insert(tags::PROJECT.into(), ctx.project.clone());
     filter.insert(tags::NAME.into(), cluster.to_string());
     let t = Instant::now();
     let deadline = t + ctx.ready_timeout;
     loop {
-        let listed = client.list_all(&filter).await.map_err(|e| e.to_string())?;
+        let listed = client
+            .list_all(&filter)
+            .await
+            .map_err(|e| StartupError::at(Step::Ready, e.to_string()))?;
         let steps: BTreeMap<&str, (Option<&str>, InstanceState)> = listed
             .iter()
             .map(|i| (i.id.as_str(), (i.tag(tags::STEP), i.state)))
@@ -387,18 +424,24 @@ async fn wait_for_ready_tags(
             })
             .collect();
         if !failed.is_empty() {
-            return Err(format!(
-                "startup failed on {}: {}; the node's agent log says why",
-                crate::words::plural(failed.len() as u32, "node"),
-                failed.join(", ")
+            return Err(StartupError::at(
+                Step::Ready,
+                format!(
+                    "startup failed on {}: {}; the node's agent log says why",
+                    crate::words::plural(failed.len() as u32, "node"),
+                    failed.join(", ")
+                ),
             ));
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "{} never reported ready within {}s: {}",
-                crate::words::plural(waiting.len() as u32, "node"),
-                ctx.ready_timeout.as_secs(),
-                waiting.join(", ")
+            return Err(StartupError::at(
+                Step::Ready,
+                format!(
+                    "{} never reported ready within {}s: {}",
+                    crate::words::plural(waiting.len() as u32, "node"),
+                    ctx.ready_timeout.as_secs(),
+                    waiting.join(", ")
+                ),
             ));
         }
         let left = deadline.saturating_duration_since(Instant::now());

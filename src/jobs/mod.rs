@@ -396,7 +396,9 @@ async fn retag_cluster(
 fn driver_of<'a>(nodes: &'a [Instance], cluster: &str) -> Result<&'a Instance> {
     nodes
         .iter()
-        .find(|i| i.state.is_live() && i.tag(tags::ROLE) == Some("driver"))
+        .find(|i| {
+            i.state.is_live() && i.tag(tags::ROLE) == Some(crate::words::Role::Driver.as_str())
+        })
         .with_context(|| format!("cluster `{cluster}` has no running driver node"))
 }
 
@@ -410,9 +412,7 @@ async fn driver_address(project: &Project, cluster: &str) -> Result<String> {
             driver.id
         )
     })?;
-    let mut agent = crate::bootstrap::run::connect(address, &project.agent_credential()?)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let mut agent = crate::bootstrap::run::connect(address, &project.agent_credential()?).await?;
     let state = agent
         .get_state(crate::agent::proto::GetStateRequest {})
         .await
