@@ -157,7 +157,7 @@ impl Project {
         let env = providers::connect_env(&self.home)?;
         Ok(NodeProvider {
             kind: plugin.kind().to_string(),
-            settings: plugin.node_settings(&self.provider.settings_value(), &env),
+            settings: plugin.node_settings(&self.provider.settings_value(), &env)?,
         })
     }
 

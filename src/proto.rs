@@ -15,3 +15,11 @@ pub mod runtime {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("motorpool.runtime.v1");
 }
+
+/// The role words of the agent's wire (`StartRuntimeRequest.role`,
+/// `NodeState.runtime_role`): the bundled runtime's names, kept for every
+/// engine so that older agents keep understanding newer CLIs.
+pub mod roles {
+    pub const DRIVER: &str = "driver";
+    pub const EXECUTOR: &str = "executor";
+}

@@ -306,6 +306,9 @@ mod tests {
             }
             Ok(Page::default())
         }
+        async fn describe(&self, _: &[String]) -> Result<Vec<Instance>, ProviderError> {
+            Ok(vec![])
+        }
         async fn launch(&self, _: &LaunchRequest) -> Result<Vec<Instance>, ProviderError> {
             Ok(vec![])
         }

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use motorpool_provider::ProviderPlugin;
 
-use crate::engines::EnginePlugin;
+use crate::engines::{BundledRuntime, EngineError, EnginePlugin};
 
 /// The providers and engines this process knows.
 #[derive(Clone)]
@@ -35,7 +35,7 @@ impl Registry {
         ];
         Registry {
             providers,
-            engines: crate::engines::builtin(),
+            engines: vec![Arc::new(BundledRuntime)],
         }
     }
 
@@ -85,6 +85,12 @@ impl Registry {
             .iter()
             .find(|e| e.kind() == kind)
             .map(|e| e.as_ref())
+    }
+
+    /// The registered engine of this kind, or an error naming it.
+    pub fn engine_or_error(&self, kind: &str) -> Result<&dyn EnginePlugin, EngineError> {
+        self.engine(kind)
+            .ok_or_else(|| EngineError::Unknown(kind.to_string()))
     }
 
     pub fn engines(&self) -> impl Iterator<Item = &dyn EnginePlugin> {

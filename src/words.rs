@@ -188,10 +188,38 @@ impl BootSpec {
 /// plugin's `node_settings` told the node (never the CLI's credentials: a
 /// cloud node uses its own instance identity).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "NodeProviderOnDisk")]
 pub struct NodeProvider {
     pub kind: String,
     #[serde(default)]
     pub settings: serde_json::Value,
+}
+
+/// A node's provider as agent configs hold it: `{kind, settings}`, or as
+/// agents of an earlier motorpool wrote it, the settings next to `kind`
+/// (`{"kind": "local", "home": ...}`, `{"kind": "aws", "region": ...}`),
+/// which a restarted node must still read.
+#[derive(Deserialize)]
+struct NodeProviderOnDisk {
+    kind: String,
+    #[serde(default)]
+    settings: Option<serde_json::Value>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl From<NodeProviderOnDisk> for NodeProvider {
+    fn from(d: NodeProviderOnDisk) -> Self {
+        let settings = match d.settings {
+            Some(settings) => settings,
+            None if d.rest.is_empty() => serde_json::Value::Null,
+            None => serde_json::Value::Object(d.rest),
+        };
+        NodeProvider {
+            kind: d.kind,
+            settings,
+        }
+    }
 }
 
 /// A cluster's startup as a cloud node runs it on itself: the cluster, its
@@ -202,6 +230,10 @@ pub struct ClusterBoot {
     pub cluster: String,
     pub credential: String,
     pub spec: BootSpec,
+    /// How long the driver may take to see every worker registered
+    /// (the provider's `ready_timeout_minutes`); 0: the default, 2 minutes.
+    #[serde(default)]
+    pub ready_timeout_seconds: u64,
 }
 
 impl std::fmt::Debug for ClusterBoot {
@@ -210,6 +242,7 @@ impl std::fmt::Debug for ClusterBoot {
             .field("cluster", &self.cluster)
             .field("credential", &"<redacted>")
             .field("spec", &self.spec)
+            .field("ready_timeout_seconds", &self.ready_timeout_seconds)
             .finish()
     }
 }
@@ -228,4 +261,29 @@ pub struct WarmStep {
 /// (`Provider::put_cluster_boot`), for pool instances drawn into it.
 pub fn cluster_boot_name(project: &str, cluster: &str) -> String {
     format!("{project}-{cluster}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_provider_reads_its_own_shape_and_the_earlier_flat_one() {
+        let now: NodeProvider =
+            serde_json::from_str(r#"{"kind":"sim","settings":{"home":"/h","settings":null}}"#)
+                .expect("current shape");
+        assert_eq!(now.settings["home"], "/h");
+        let back = serde_json::to_string(&now).expect("encode");
+        assert_eq!(
+            serde_json::from_str::<NodeProvider>(&back).expect("again"),
+            now
+        );
+        let earlier: NodeProvider = serde_json::from_str(
+            r#"{"kind":"aws","region":"eu-west-1","endpoint":"http://127.0.0.1:5000"}"#,
+        )
+        .expect("earlier shape");
+        assert_eq!(earlier.kind, "aws");
+        assert_eq!(earlier.settings["region"], "eu-west-1");
+        assert_eq!(earlier.settings["endpoint"], "http://127.0.0.1:5000");
+    }
 }

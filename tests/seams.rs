@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use motorpool::engines::{
-    DriverAccess, EngineError, EnginePlugin, LogFile, RoleContext, RoleStart, RoleStatus, RunBrief,
-    RunningRole,
+    DriverAccess, EngineError, EnginePlugin, LogFile, RoleContext, RoleStart, RunBrief, RunningRole,
 };
 use motorpool::registry::Registry;
 use motorpool::runtime::client::JobSubmission;
@@ -136,6 +135,15 @@ impl Provider for TestCloud {
                     .collect(),
                 next_token: (end < matching.len()).then(|| end.to_string()),
             })
+        })
+    }
+
+    async fn describe(&self, ids: &[String]) -> ProviderResult<Vec<Instance>> {
+        self.with_file(|file| {
+            Ok(ids
+                .iter()
+                .filter_map(|id| file.instances.get(id).cloned())
+                .collect())
         })
     }
 
@@ -377,12 +385,13 @@ impl RunningRole for RelayRole {
         self.address.clone()
     }
 
-    async fn status(&self) -> Result<RoleStatus, EngineError> {
+    async fn workers(&self) -> Result<Vec<String>, EngineError> {
         let state = self.state.lock().await;
-        Ok(RoleStatus {
-            workers: state.workers.iter().map(|(id, _)| id.clone()).collect(),
-            running_jobs: state.running,
-        })
+        Ok(state.workers.iter().map(|(id, _)| id.clone()).collect())
+    }
+
+    async fn running_jobs(&self) -> Result<u32, EngineError> {
+        Ok(self.state.lock().await.running)
     }
 
     async fn shutdown(&self) {

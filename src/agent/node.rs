@@ -102,6 +102,9 @@ pub fn node_step_context(dir: &std::path::Path) -> anyhow::Result<StepContext> {
 /// How often a cloud pool instance looks whether it was drawn into a cluster.
 pub const POOL_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long the driver waits for its workers when the boot document does not say.
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// How long a self-starting node waits for what other nodes do (the driver's
 /// address, executors registering) before it reports the step failed.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -231,10 +234,8 @@ impl Node {
     ) {
         if let Err(e) = self.run_saga(runner, runtime, dir, boot).await {
             eprintln!(
-                "motorpool agent {}: startup of cluster {} failed at {}: {e:#}",
-                self.instance_id,
-                boot.cluster,
-                e.step.name()
+                "motorpool agent {}: startup of cluster {} failed at {e}",
+                self.instance_id, boot.cluster,
             );
             if let Err(e) = self
                 .report_step(&format!("failed:{}", e.step.name()), &[])
@@ -278,6 +279,10 @@ impl Node {
                 autotermination_minutes: boot.spec.autotermination_minutes.unwrap_or(0),
             },
             allocate: Duration::ZERO,
+            ready_timeout: match boot.ready_timeout_seconds {
+                0 => DEFAULT_READY_TIMEOUT,
+                seconds => Duration::from_secs(seconds),
+            },
             progress: &|line| eprintln!("motorpool agent: {line}"),
         };
         saga::run(&nodes, &input).await.map(|_| ())
@@ -516,7 +521,8 @@ impl StartupNodes for SelfStart<'_> {
         Ok(t.elapsed())
     }
 
-    async fn form(&self, formation: &saga::Formation) -> Result<(), saga::StartupError> {
+    /// A node starting itself forms its own part anew.
+    async fn form(&self, formation: &saga::Formation) -> Result<bool, saga::StartupError> {
         let failed = |e: String| saga::StartupError::at(Step::Formation, e);
         let request = if self.is_driver {
             formation.start_request(None)
@@ -537,7 +543,7 @@ impl StartupNodes for SelfStart<'_> {
         if self.is_driver {
             *self.published.lock().await = Some(address);
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn registered_workers(&self) -> Result<Option<usize>, saga::StartupError> {

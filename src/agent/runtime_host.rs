@@ -19,6 +19,7 @@ use super::proto;
 use super::steps::StepRunner;
 use crate::auth::Credential;
 use crate::engines::{self, RoleContext, RoleStart, RunningRole};
+use crate::proto::roles;
 use crate::words::Role;
 
 /// What the agent hosts right now.
@@ -49,8 +50,8 @@ pub struct RuntimeHost {
 /// runtime's words: `driver`, `executor`).
 fn requested_role(request: &proto::StartRuntimeRequest) -> Result<RoleStart, Status> {
     match request.role.as_str() {
-        "driver" => Ok(RoleStart::Driver),
-        "executor" | "worker" => {
+        roles::DRIVER => Ok(RoleStart::Driver),
+        roles::EXECUTOR | "worker" => {
             if request.driver_address.is_empty() {
                 return Err(Status::invalid_argument(
                     "an executor needs the driver's address",
@@ -108,8 +109,9 @@ impl RuntimeHost {
         } else {
             request.engine.as_str()
         };
-        let engine =
-            engines::engine(engine_kind).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let engine = crate::registry::Registry::global()
+            .engine_or_error(engine_kind)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut credential = Credential::new(request.cluster_credential.clone());
         if let Some(trust) = &self.tls.trust {
             credential = credential.with_trust(trust.clone());
@@ -173,9 +175,9 @@ impl RuntimeHost {
             watch,
         });
         let wire_role = if role_word == Role::Driver {
-            "driver"
+            roles::DRIVER
         } else {
-            "executor"
+            roles::EXECUTOR
         };
         self.steps.set_runtime(wire_role, &joined).await;
         Ok(address)
@@ -198,8 +200,8 @@ impl RuntimeHost {
             );
             loop {
                 tokio::time::sleep(tick).await;
-                match driver.status().await {
-                    Ok(status) if status.running_jobs == 0 => {
+                match driver.running_jobs().await {
+                    Ok(0) => {
                         if idle_since.elapsed() >= limit {
                             eprintln!(
                                 "motorpool agent: cluster {cluster} idle for {minutes} minutes: stopping it"
@@ -219,14 +221,17 @@ impl RuntimeHost {
     pub async fn driver_status(&self) -> Result<proto::DriverStatusResponse, Status> {
         match &*self.hosted.lock().await {
             Some(h) if h.role == Role::Driver => {
-                let status = h
+                let workers = h
                     .running
-                    .status()
+                    .workers()
                     .await
                     .map_err(|e| Status::unavailable(e.to_string()))?;
+                // Readiness needs only the workers: a busy driver's run
+                // count is not a reason to fail it.
+                let running_jobs = h.running.running_jobs().await.unwrap_or(0);
                 Ok(proto::DriverStatusResponse {
-                    executors: status.workers,
-                    running_jobs: status.running_jobs,
+                    executors: workers,
+                    running_jobs,
                 })
             }
             _ => Err(Status::failed_precondition("this node hosts no driver")),

@@ -588,6 +588,7 @@ impl Runner {
                 .expose()
                 .to_string(),
                 spec: spec.clone(),
+                ready_timeout_seconds: boot.ready_timeout.as_secs(),
             }),
             _ => None,
         })

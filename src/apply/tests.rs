@@ -47,6 +47,9 @@ impl Provider for Recorder {
     async fn list_page(&self, _: &TagFilter, _: Option<String>) -> Result<Page, ProviderError> {
         Ok(Page::default())
     }
+    async fn describe(&self, _: &[String]) -> Result<Vec<Instance>, ProviderError> {
+        Ok(Vec::new())
+    }
     async fn launch(&self, r: &LaunchRequest) -> Result<Vec<Instance>, ProviderError> {
         self.enter().await;
         if self.fail_type.as_deref() == Some(r.node_type.as_str()) {

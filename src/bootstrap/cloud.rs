@@ -1,8 +1,9 @@
 //! What a cloud node is told at launch, so that it starts itself.
 //!
 //! The engine cannot reach a cloud node (its address is private), so
-//! everything the node needs travels in its user data: `templates/user-data.sh`,
-//! a cloud-init shell script that installs the motorpool runtime from
+//! everything the node needs travels in its user data: the provider's
+//! user-data template (EC2: `providers/aws/templates/user-data.sh`, a
+//! cloud-init shell script) that installs the motorpool runtime from
 //! `runtime_url` (refused unless its SHA-256 is `runtime_sha256`), writes the
 //! agent's config (JSON, mode 0600) and starts the agent under systemd. The
 //! agent config carries a pool instance's warm-up, or a directly launched
@@ -10,8 +11,8 @@
 //! renders the step scripts itself and reports each step it finishes in its
 //! own `motorpool-step` tag, which apply waits on.
 //!
-//! This module owns the settings ([`CloudNodes`]), their checks (shared with
-//! the spec validator), and rendering the user data within EC2's 16 KB.
+//! This module owns the settings ([`CloudNodes`]) and rendering the user
+//! data within the provider's limit (EC2: 16 KiB).
 
 use serde_json::json;
 
@@ -152,6 +153,7 @@ mod tests {
                     cluster: HOSTILE.into(),
                     credential: HOSTILE.into(),
                     spec: hostile_spec(),
+                    ready_timeout_seconds: 120,
                 }),
                 ..AgentConfig::default()
             };
@@ -221,6 +223,7 @@ mod tests {
                 cluster: "etl".into(),
                 credential: "k".into(),
                 spec,
+                ready_timeout_seconds: 120,
             }),
             ..AgentConfig::default()
         };

@@ -28,6 +28,7 @@ use super::{BootSpec, Step};
 use crate::auth::{AttachCredential, Credential};
 use crate::proto::agent::agent_client::AgentClient;
 use crate::proto::agent::{self as proto, RunStepRequest};
+use crate::proto::roles;
 use crate::providers::ProviderClient;
 use crate::words::Role;
 
@@ -40,8 +41,9 @@ pub struct BootContext {
     pub agent_credential: Credential,
     pub steps: StepContext,
     pub templates: Templates,
-    /// How long a cluster may take from formation to every executor
-    /// registered (on a cloud: from running to every node tagged ready).
+    /// How long the driver may take to see every worker registered (the
+    /// saga's ready step); on a cloud also how long apply waits for every
+    /// node to tag itself ready.
     pub ready_timeout: Duration,
     pub home: PathBuf,
     /// How a node reaches its own provider (written into its agent config).
@@ -217,9 +219,18 @@ impl StartupNodes for AgentNodes<'_> {
         everywhere(&self.nodes, step, &request).await
     }
 
-    async fn form(&self, formation: &Formation) -> Result<(), StartupError> {
+    async fn form(&self, formation: &Formation) -> Result<bool, StartupError> {
         let failed = |e: String| StartupError::at(Step::Formation, e);
         let driver = &self.nodes[self.driver];
+        // Running already (the cluster grows, heals or re-starts): then a
+        // later failure must not stop it.
+        let was_running = driver
+            .agent
+            .clone()
+            .get_state(proto::GetStateRequest {})
+            .await
+            .map(|s| s.into_inner())
+            .is_ok_and(|s| s.runtime_role == roles::DRIVER && !s.driver_address.is_empty());
         let driver_address = driver
             .agent
             .clone()
@@ -248,10 +259,13 @@ impl StartupNodes for AgentNodes<'_> {
             }
         }))
         .await;
-        for s in started {
-            s.map_err(failed)?;
+        if let Some(e) = started.into_iter().find_map(Result::err) {
+            if !was_running {
+                self.stop_roles().await;
+            }
+            return Err(failed(e));
         }
-        Ok(())
+        Ok(!was_running)
     }
 
     async fn registered_workers(&self) -> Result<Option<usize>, StartupError> {
@@ -373,6 +387,7 @@ pub async fn start_cluster(
             autotermination_minutes: spec.autotermination_minutes.unwrap_or(0),
         },
         allocate,
+        ready_timeout: ctx.ready_timeout,
         progress,
     };
     saga::run(&agent_nodes, &input).await

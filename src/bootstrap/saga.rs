@@ -98,7 +98,7 @@ pub const SAGA: [Declared; 7] = [
 
 /// Why a step failed: the step, and what the nodes said.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
+#[error("{}: {message}", step.title())]
 pub struct StartupError {
     pub step: Step,
     pub message: String,
@@ -132,9 +132,9 @@ impl Formation {
     ) -> crate::proto::agent::StartRuntimeRequest {
         crate::proto::agent::StartRuntimeRequest {
             role: if driver_address.is_none() {
-                "driver"
+                crate::proto::roles::DRIVER
             } else {
-                "executor"
+                crate::proto::roles::EXECUTOR
             }
             .into(),
             cluster: self.cluster.clone(),
@@ -169,7 +169,11 @@ pub trait StartupNodes: Send + Sync {
     ) -> Result<Duration, StartupError>;
 
     /// Start the engine's roles: the driver, then workers joining it.
-    async fn form(&self, formation: &Formation) -> Result<(), StartupError>;
+    /// Returns whether the driver started now (false: it was running
+    /// already, e.g. a running cluster that grows or heals). When a worker
+    /// fails to start, a driver started now is stopped again before the
+    /// error: a half-formed cluster never takes jobs.
+    async fn form(&self, formation: &Formation) -> Result<bool, StartupError>;
 
     /// The workers the driver reports registered; `None` where no driver
     /// is in scope (a worker node starting itself has nothing to wait for).
@@ -197,6 +201,10 @@ pub struct SagaInput<'a> {
     pub formation: Formation,
     /// How long allocation took (apply's part).
     pub allocate: Duration,
+    /// How long the driver may take to see every worker registered (the
+    /// provider's `ready_timeout_minutes`): the ready rule, the same
+    /// wherever the saga runs.
+    pub ready_timeout: Duration,
     pub progress: &'a (dyn Fn(String) + Send + Sync),
 }
 
@@ -213,21 +221,27 @@ impl StartupReport {
 }
 
 /// Run the saga on `nodes`: every step in order; on a failure, the undos
-/// of the finished steps in reverse, then the error.
+/// of the finished steps in reverse, then the error. Formation is undone
+/// only when this run formed the cluster: a running cluster whose
+/// re-start fails (a new node's library, say) keeps running its jobs.
 pub async fn run(
     nodes: &dyn StartupNodes,
     input: &SagaInput<'_>,
 ) -> Result<StartupReport, StartupError> {
     let mut report = StartupReport::default();
+    let mut formed_now = false;
     for (index, declared) in SAGA.iter().enumerate() {
         let t = Instant::now();
-        if let Err(e) = perform(nodes, input, declared).await {
-            for done in SAGA[..index].iter().rev() {
-                if done.undo == Undo::StopRoles {
-                    nodes.stop_roles().await;
+        match perform(nodes, input, declared).await {
+            Ok(formed) => formed_now |= formed,
+            Err(e) => {
+                for done in SAGA[..index].iter().rev() {
+                    if done.undo == Undo::StopRoles && formed_now {
+                        nodes.stop_roles().await;
+                    }
                 }
+                return Err(e);
             }
-            return Err(e);
         }
         let took = match declared.step {
             Step::Request => Duration::ZERO,
@@ -239,20 +253,12 @@ pub async fn run(
     Ok(report)
 }
 
-/// Most time one step may take on a node.
-fn step_timeout(input: &SagaInput<'_>) -> Duration {
-    let minutes = input
-        .spec
-        .startup_timeout_minutes
-        .unwrap_or(steps::DEFAULT_STEP_TIMEOUT_MINUTES);
-    input.steps.minute * minutes
-}
-
+/// Carry one step out; true when it formed the cluster anew.
 async fn perform(
     nodes: &dyn StartupNodes,
     input: &SagaInput<'_>,
     declared: &Declared,
-) -> Result<(), StartupError> {
+) -> Result<bool, StartupError> {
     let step = declared.step;
     let render = |e: minijinja::Error| StartupError::at(step, format!("cannot render: {e}"));
     let t = Instant::now();
@@ -264,10 +270,10 @@ async fn perform(
                 Duration::ZERO
             };
             nodes.record(step, took).await?;
-            if step == Step::Request {
-                return Ok(());
+            if step != Step::Request {
+                nodes.finished(step, took, None).await?;
             }
-            nodes.finished(step, took, None).await
+            Ok(false)
         }
         Action::Runtime => {
             let request =
@@ -278,12 +284,14 @@ async fn perform(
                 input.formation.cluster,
                 t.elapsed().as_secs_f64()
             ));
-            nodes.finished(step, t.elapsed(), None).await
+            nodes.finished(step, t.elapsed(), None).await?;
+            Ok(false)
         }
         Action::Formation => {
-            nodes.form(&input.formation).await?;
+            let formed = nodes.form(&input.formation).await?;
             nodes.record(step, t.elapsed()).await?;
-            nodes.finished(step, t.elapsed(), None).await
+            nodes.finished(step, t.elapsed(), None).await?;
+            Ok(formed)
         }
         Action::Libraries => {
             if let Some(request) =
@@ -299,7 +307,8 @@ async fn perform(
                 (input.progress)(format!("{}: {name} done", input.formation.cluster));
             }
             nodes.record(step, t.elapsed()).await?;
-            nodes.finished(step, t.elapsed(), None).await
+            nodes.finished(step, t.elapsed(), None).await?;
+            Ok(false)
         }
         Action::Security => {
             match steps::mounts(input.templates, input.steps, input.spec).map_err(render)? {
@@ -308,33 +317,38 @@ async fn perform(
                 }
                 None => nodes.record(step, Duration::ZERO).await?,
             }
-            nodes.finished(step, t.elapsed(), None).await
+            nodes.finished(step, t.elapsed(), None).await?;
+            Ok(false)
         }
         Action::Ready => {
             let want = input.spec.workers as usize;
-            let deadline = t + step_timeout(input);
+            let deadline = t + input.ready_timeout;
             let mut delay = Duration::from_millis(5);
             loop {
-                match nodes.registered_workers().await? {
-                    None => break,
-                    Some(have) if have >= want => break,
-                    Some(have) if Instant::now() >= deadline => {
+                // A failed look is "not yet" until the deadline: the driver
+                // may be busy starting.
+                match nodes.registered_workers().await {
+                    Ok(None) => break,
+                    Ok(Some(have)) if have >= want => break,
+                    Ok(Some(have)) if Instant::now() >= deadline => {
                         return Err(StartupError::at(
                             step,
                             format!(
                                 "only {have} of {want} workers registered with the driver within {}s",
-                                step_timeout(input).as_secs()
+                                input.ready_timeout.as_secs()
                             ),
                         ));
                     }
-                    Some(_) => {}
+                    Err(e) if Instant::now() >= deadline => return Err(e),
+                    Ok(Some(_)) | Err(_) => {}
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(500));
             }
             nodes.record(step, t.elapsed()).await?;
             let hash = input.spec.hash();
-            nodes.finished(step, t.elapsed(), Some(&hash)).await
+            nodes.finished(step, t.elapsed(), Some(&hash)).await?;
+            Ok(false)
         }
     }
 }

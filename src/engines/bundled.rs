@@ -10,8 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use super::{
-    DriverAccess, EngineError, EnginePlugin, LogFile, RoleContext, RoleStart, RoleStatus, RunBrief,
-    RunningRole,
+    DriverAccess, EngineError, EnginePlugin, LogFile, RoleContext, RoleStart, RunBrief, RunningRole,
 };
 use crate::auth::Credential;
 use crate::runtime::client::{self, JobSubmission};
@@ -41,27 +40,23 @@ impl RunningRole for Driver {
         self.address.clone()
     }
 
-    async fn status(&self) -> Result<RoleStatus, EngineError> {
+    async fn workers(&self) -> Result<Vec<String>, EngineError> {
         let executors = match &*self.handle.lock().await {
             Some(handle) => handle.executors().await,
             None => return Err(EngineError::Unreachable("the driver stopped".into())),
         };
-        let workers = executors
+        Ok(executors
             .map_err(|e| EngineError::Unreachable(format!("{e:#}")))?
             .into_iter()
             .map(|e| e.executor_id)
-            .collect();
-        let access = DriverAccess {
-            address: self.address(),
-            credential: self.credential.clone(),
-        };
-        let running_jobs = client::active_run_count(&access.address, &access.credential)
+            .collect())
+    }
+
+    async fn running_jobs(&self) -> Result<u32, EngineError> {
+        let running = client::active_run_count(&self.address, &self.credential)
             .await
             .map_err(|e| EngineError::Unreachable(format!("{e:#}")))?;
-        Ok(RoleStatus {
-            workers,
-            running_jobs: running_jobs as u32,
-        })
+        Ok(running as u32)
     }
 
     async fn shutdown(&self) {
@@ -77,7 +72,13 @@ impl RunningRole for Executor {
         self.address.clone()
     }
 
-    async fn status(&self) -> Result<RoleStatus, EngineError> {
+    async fn workers(&self) -> Result<Vec<String>, EngineError> {
+        Err(EngineError::Unreachable(
+            "an executor knows no cluster status: ask the driver".into(),
+        ))
+    }
+
+    async fn running_jobs(&self) -> Result<u32, EngineError> {
         Err(EngineError::Unreachable(
             "an executor knows no cluster status: ask the driver".into(),
         ))

@@ -2,12 +2,13 @@
 //!
 //! An engine decides what the driver and worker roles start at formation
 //! ([`EnginePlugin::start_role`], inside the node's agent), when the cluster
-//! is ready and when it is idle (both from the driver role's
-//! [`RoleStatus`]), and how a job is submitted, followed, listed and
+//! is ready and when it is idle (the driver role's [`RunningRole::workers`]
+//! and [`RunningRole::running_jobs`]), and how a job is submitted, followed, listed and
 //! cancelled from the machine running the CLI. The bundled driver/executor
 //! runtime ([`bundled`]) is the first implementation; engines are registered
-//! in [`crate::registry::Registry`] like providers, and a cluster picks one
-//! with `engine:` in the spec.
+//! in [`crate::registry::Registry`] like providers (which knows this module,
+//! not the other way round), and a cluster picks one with `engine:` in the
+//! spec.
 //!
 //! This module owns the trait and the engine-neutral types that cross it. It
 //! must not know how startup steps run (bootstrap, the agent) nor how a job
@@ -82,24 +83,19 @@ pub struct RoleContext {
     pub minute: Duration,
 }
 
-/// What the driver role says about its cluster.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RoleStatus {
-    /// The workers registered with the driver: the cluster is ready once
-    /// every worker the spec asks for is here.
-    pub workers: Vec<String>,
-    /// Jobs running now: the cluster is idle (autotermination) while none is.
-    pub running_jobs: u32,
-}
-
 /// A role running on a node, until it is shut down.
 #[async_trait]
 pub trait RunningRole: Send + Sync {
     /// Where it listens (the driver: where workers and clients reach it).
     fn address(&self) -> String;
 
-    /// The driver's view of the cluster; an error on a worker.
-    async fn status(&self) -> Result<RoleStatus, EngineError>;
+    /// The workers registered with the driver: the cluster is ready once
+    /// every worker the spec asks for is here. An error on a worker.
+    async fn workers(&self) -> Result<Vec<String>, EngineError>;
+
+    /// Jobs running on the driver now: the cluster is idle
+    /// (autotermination) while none is. An error on a worker.
+    async fn running_jobs(&self) -> Result<u32, EngineError>;
 
     /// Stop it and everything it started (a second call does nothing).
     async fn shutdown(&self);
@@ -188,16 +184,4 @@ pub trait EnginePlugin: Send + Sync {
 
     /// The task logs of a run.
     async fn logs(&self, driver: &DriverAccess, run_id: &str) -> Result<Vec<LogFile>, EngineError>;
-}
-
-/// The registered engine of this kind.
-pub fn engine(kind: &str) -> Result<&'static dyn EnginePlugin, EngineError> {
-    crate::registry::Registry::global()
-        .engine(kind)
-        .ok_or_else(|| EngineError::Unknown(kind.to_string()))
-}
-
-/// The engines compiled into this binary.
-pub(crate) fn builtin() -> Vec<Arc<dyn EnginePlugin>> {
-    vec![Arc::new(BundledRuntime)]
 }

@@ -130,7 +130,7 @@ pub async fn run(
         (Some(name), _) => Target {
             name: name.clone(),
             job_cluster: false,
-            engine: engines::engine(
+            engine: crate::registry::Registry::global().engine_or_error(
                 spec.clusters
                     .get(name)
                     .map_or(engines::DEFAULT_ENGINE, |c| c.engine_kind()),
@@ -139,7 +139,7 @@ pub async fn run(
         (None, Some(c)) => Target {
             name: job_cluster_name(request.job),
             job_cluster: true,
-            engine: engines::engine(c.engine_kind())?,
+            engine: crate::registry::Registry::global().engine_or_error(c.engine_kind())?,
         },
         (None, None) => bail!(
             "job `{}` names neither `cluster` nor `new_cluster`",
@@ -424,7 +424,7 @@ async fn driver_address(project: &Project, cluster: &str) -> Result<String> {
             )
         })?
         .into_inner();
-    if state.runtime_role != "driver" || state.driver_address.is_empty() {
+    if state.runtime_role != crate::proto::roles::DRIVER || state.driver_address.is_empty() {
         bail!(
             "cluster `{cluster}`'s driver node {} runs no driver; `motorpool apply` starts it",
             driver.id

@@ -220,6 +220,12 @@ impl<'s> Checker<'_, 's> {
         self.plugin.map_or("unknown", |p| p.kind())
     }
 
+    /// Whether the provider can stop and start instances (unknown: yes,
+    /// its kind is reported already).
+    fn can_stop(&self) -> bool {
+        self.plugin.is_none_or(|p| p.capabilities().stop_start)
+    }
+
     fn name(&mut self, what: &str, entry: &Entry) {
         if !is_valid_name(&entry.key) {
             let msg = format!("invalid {what} name `{}`: {}", entry.key, name_rule());
@@ -561,6 +567,15 @@ impl<'s> Checker<'_, 's> {
                 format!("`max_capacity` of {what} must be at least 1"),
             );
         }
+        if p.warm == WarmMode::Stopped && !self.can_stop() {
+            self.error(
+                value_span(node, "warm"),
+                format!(
+                    "`warm: stopped` in {what}: the {} provider cannot stop and start instances",
+                    self.kind()
+                ),
+            );
+        }
         self.count(
             p.max_capacity,
             value_span(node, "max_capacity"),
@@ -635,6 +650,16 @@ impl<'s> Checker<'_, 's> {
         let mut pool: Option<&Pool> = None;
         self.startup_timeout(c.startup_timeout_minutes, node, what);
         self.engine(c, node, what);
+        if c.autotermination_minutes.is_some() && !self.can_stop() {
+            self.error(
+                value_span(node, "autotermination_minutes"),
+                format!(
+                    "`autotermination_minutes` in {what}: the {} provider cannot stop instances, \
+                     and an idle cluster stops its driver",
+                    self.kind()
+                ),
+            );
+        }
         if self.one_of(node, at, what, &source, false) {
             if let Some(name) = &c.pool {
                 let span = value_span(node, "pool");

@@ -49,8 +49,29 @@ fn compose_provider_block(schema: &mut Value, registry: &crate::registry::Regist
         let Value::Object(mut branch) = plugin.settings_schema() else {
             continue;
         };
+        // The provider's own types, under names of its own (`aws_Tags`),
+        // so that two providers' `$defs` never take each other's place.
         if let Some(Value::Object(defs)) = branch.remove("$defs") {
-            more_defs.extend(defs);
+            let renamed: Vec<(String, String)> = defs
+                .keys()
+                .map(|name| (name.clone(), format!("{}_{name}", plugin.kind())))
+                .collect();
+            let mut defs = Value::Object(defs);
+            let mut body = Value::Object(std::mem::take(&mut branch));
+            for (old, new) in &renamed {
+                rename_ref(&mut defs, old, new);
+                rename_ref(&mut body, old, new);
+            }
+            if let Value::Object(body) = body {
+                branch = body;
+            }
+            if let Value::Object(defs) = defs {
+                for (old, new) in renamed {
+                    if let Some(def) = defs.get(&old) {
+                        more_defs.insert(new, def.clone());
+                    }
+                }
+            }
         }
         branch.remove("$schema");
         branch.remove("title");
@@ -86,9 +107,7 @@ fn compose_provider_block(schema: &mut Value, registry: &crate::registry::Regist
         branches.push(Value::Object(branch));
     }
     if let Some(Value::Object(defs)) = schema.get_mut("$defs") {
-        for (name, def) in more_defs {
-            defs.entry(name).or_insert(def);
-        }
+        defs.extend(more_defs);
         defs.insert(
             "ProviderBlock".into(),
             serde_json::json!({
@@ -125,6 +144,24 @@ pub fn editor_schema() -> Value {
         }
     }
     schema
+}
+
+/// Every `$ref` to `#/$defs/{old}` in `schema` made to point at `{new}`.
+fn rename_ref(schema: &mut Value, old: &str, new: &str) {
+    let target = format!("#/$defs/{old}");
+    match schema {
+        Value::Object(obj) => {
+            for (key, child) in obj.iter_mut() {
+                if key == "$ref" && child.as_str() == Some(target.as_str()) {
+                    *child = Value::String(format!("#/$defs/{new}"));
+                } else {
+                    rename_ref(child, old, new);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| rename_ref(i, old, new)),
+        _ => {}
+    }
 }
 
 fn allow_var_refs(schema: &mut Value) {

@@ -248,20 +248,9 @@ pub trait Provider: Send + Sync {
 
     /// The instances among `ids` that exist, with their tags: how a node
     /// reads its own record (was it drawn into a cluster?) at a cost that
-    /// does not grow with the project. The default lists every instance;
-    /// providers override it with a look-up by id.
-    async fn describe(&self, ids: &[String]) -> Result<Vec<Instance>> {
-        let mut found = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self.list_page(&TagFilter::new(), token).await?;
-            found.extend(page.instances.into_iter().filter(|i| ids.contains(&i.id)));
-            match page.next_token {
-                Some(next) => token = Some(next),
-                None => return Ok(found),
-            }
-        }
-    }
+    /// does not grow with the project. A look-up by id, never a list of the
+    /// account.
+    async fn describe(&self, ids: &[String]) -> Result<Vec<Instance>>;
 
     /// Launch a batch of instances, tagged at birth.
     async fn launch(&self, request: &LaunchRequest) -> Result<Vec<Instance>>;

@@ -130,9 +130,9 @@ pub trait ProviderPlugin: Send + Sync {
     /// it can call [`ProviderPlugin::connect_from_node`]: by default the
     /// settings themselves. A cloud keeps only what a node needs (region,
     /// endpoint) and leaves credentials to the node's own identity.
-    fn node_settings(&self, settings: &Value, env: &ConnectEnv) -> Value {
+    fn node_settings(&self, settings: &Value, env: &ConnectEnv) -> Result<Value> {
         let _ = env;
-        settings.clone()
+        Ok(settings.clone())
     }
 
     /// Connect from a node, with what [`ProviderPlugin::node_settings`] gave it
@@ -146,9 +146,11 @@ pub trait ProviderPlugin: Send + Sync {
     /// The node-side bootstrap of a [`NodeStartup::SelfStarting`] provider:
     /// a minijinja template of the user data (cloud-init, startup-script,
     /// custom data) that installs the runtime from `runtime_url` (checked
-    /// against `runtime_sha256`), writes `agent_config` where the agent reads
-    /// it and starts `motorpool agent` on `port` with the instance's own id.
-    /// Every value is shell-quoted by the renderer.
+    /// against `runtime_sha256`), writes `agent_config` with the line
+    /// `printf '%s\n' {{ agent_config }} > /var/lib/motorpool/agent-config.json`
+    /// (tools read the config back from that line) and starts
+    /// `motorpool agent` on `port` with the instance's own id. Every value is
+    /// shell-quoted by the renderer.
     fn user_data_template(&self) -> Option<&'static str> {
         None
     }
@@ -157,8 +159,8 @@ pub trait ProviderPlugin: Send + Sync {
 /// What a node of a provider that keeps its state under `$MOTORPOOL_HOME`
 /// (local, sim) is told: the home and the settings. Read back with
 /// [`node_home_settings`].
-pub fn with_home(settings: &Value, env: &ConnectEnv) -> Value {
-    serde_json::json!({ "home": env.home, "settings": settings })
+pub fn with_home(settings: &Value, env: &ConnectEnv) -> Result<Value> {
+    Ok(serde_json::json!({ "home": env.home, "settings": settings }))
 }
 
 /// The connect environment and settings of what [`with_home`] gave a node.

@@ -185,13 +185,13 @@ impl ProviderPlugin for AwsPlugin {
         Ok(Arc::new(AwsProvider::new(settings.config())?))
     }
 
-    fn node_settings(&self, value: &Value, _env: &ConnectEnv) -> Value {
-        let settings: AwsSettings = settings_from(KIND, value).unwrap_or_default();
+    fn node_settings(&self, value: &Value, _env: &ConnectEnv) -> Result<Value> {
+        let settings: AwsSettings = settings_from(KIND, value)?;
         serde_json::to_value(NodeSettings {
             region: settings.region,
             endpoint: settings.endpoint_url,
         })
-        .unwrap_or(Value::Null)
+        .map_err(|e| motorpool_provider::ProviderError::Internal(e.to_string()))
     }
 
     fn connect_from_node(&self, value: &Value, _env: &ConnectEnv) -> Result<Arc<dyn Provider>> {

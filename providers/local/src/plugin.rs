@@ -85,7 +85,7 @@ impl ProviderPlugin for LocalPlugin {
     }
 
     /// A local node reaches the provider under the same home as the CLI.
-    fn node_settings(&self, settings: &Value, env: &ConnectEnv) -> Value {
+    fn node_settings(&self, settings: &Value, env: &ConnectEnv) -> Result<Value> {
         with_home(settings, env)
     }
 

@@ -138,7 +138,7 @@ impl ProviderPlugin for SimPlugin {
     }
 
     /// A simulated node reaches the same account file as the CLI.
-    fn node_settings(&self, value: &Value, env: &ConnectEnv) -> Value {
+    fn node_settings(&self, value: &Value, env: &ConnectEnv) -> Result<Value> {
         with_home(value, env)
     }
 
