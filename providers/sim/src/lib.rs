@@ -292,7 +292,7 @@ impl SimProvider {
             let more = page.len() > SNAPSHOT_PAGE;
             for (n, rec) in page.into_iter().take(SNAPSHOT_PAGE) {
                 after = Some(n);
-                all.push(to_instance(&format_id(n), &rec, now, boot_ms));
+                all.push(into_instance(format_id(n), rec, now, boot_ms));
             }
             if !more {
                 return Ok(all);
@@ -438,6 +438,11 @@ fn check_capacity(tx: &Tx<'_>, more: u64, capacity: u32) -> Result<()> {
 
 /// An instance as the API reports it at `now` (Unix ms).
 fn to_instance(id: &str, rec: &Rec, now: u64, boot_ms: u64) -> Instance {
+    into_instance(id.to_string(), rec.clone(), now, boot_ms)
+}
+
+/// [`to_instance`] of a record read for the caller alone: moved, not copied.
+fn into_instance(id: String, rec: Rec, now: u64, boot_ms: u64) -> Instance {
     let state = if rec.stopped {
         InstanceState::Stopped
     } else if now < rec.boot_start_ms().saturating_add(boot_ms) {
@@ -446,11 +451,11 @@ fn to_instance(id: &str, rec: &Rec, now: u64, boot_ms: u64) -> Instance {
         InstanceState::Running
     };
     Instance {
-        id: id.to_string(),
-        node_type: rec.node_type.clone(),
-        image: rec.image.clone(),
+        id,
+        node_type: rec.node_type,
+        image: rec.image,
         state,
-        tags: rec.tags.clone(),
+        tags: rec.tags,
         address: None,
         pid: None,
         launched_at: rec.launched_ms / 1000,
@@ -507,7 +512,7 @@ impl Provider for SimProvider {
         let instances: Vec<Instance> = page
             .into_iter()
             .take(size)
-            .map(|(n, rec)| to_instance(&format_id(n), &rec, now, boot_ms))
+            .map(|(n, rec)| into_instance(format_id(n), rec, now, boot_ms))
             .collect();
         let next_token = if more {
             instances.last().map(|i| make_page_token(&i.id))
