@@ -335,37 +335,55 @@ fn node_status(i: &motorpool_provider::Instance, resource: String) -> NodeStatus
     }
 }
 
-/// Ask each node's agent (where the engine can reach it) for its recorded steps.
+/// Agents asked at once by [`add_steps`].
+const STEP_QUERIES_AT_ONCE: usize = 256;
+
+/// Ask each node's agent (where the engine can reach it) for its recorded
+/// steps, a bounded number at a time; nodes without an address cost nothing.
 pub async fn add_steps(status: &mut Status, credential: &Credential) {
-    let queries = status.nodes.iter().map(|n| async move {
-        let address = n.address.as_deref()?;
-        let connect = crate::bootstrap::run::connect(address, credential);
-        let mut agent = tokio::time::timeout(Duration::from_secs(2), connect)
-            .await
-            .ok()?
-            .ok()?;
-        let request = agent.get_state(crate::agent::proto::GetStateRequest {});
-        let state = tokio::time::timeout(Duration::from_secs(2), request)
-            .await
-            .ok()?
-            .ok()?
-            .into_inner();
-        Some(
-            state
-                .steps
-                .into_iter()
-                .map(|s| StepStatus {
-                    step: s.step,
-                    status: s.status,
-                    duration_ms: s.duration_ms,
-                })
-                .collect::<Vec<_>>(),
-        )
-    });
-    let found = futures_util::future::join_all(queries).await;
-    for (node, steps) in status.nodes.iter_mut().zip(found) {
-        node.steps = steps.unwrap_or_default();
+    use futures_util::StreamExt as _;
+    let reachable = status
+        .nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, n)| Some((index, n.address.clone()?)));
+    let queries = reachable
+        .map(|(index, address)| async move { (index, agent_steps(&address, credential).await) });
+    let found: Vec<(usize, Option<Vec<StepStatus>>)> = futures_util::stream::iter(queries)
+        .buffer_unordered(STEP_QUERIES_AT_ONCE)
+        .collect()
+        .await;
+    for (index, steps) in found {
+        if let Some(node) = status.nodes.get_mut(index) {
+            node.steps = steps.unwrap_or_default();
+        }
     }
+}
+
+/// The steps one node's agent recorded; `None` when it does not answer.
+async fn agent_steps(address: &str, credential: &Credential) -> Option<Vec<StepStatus>> {
+    let connect = crate::bootstrap::run::connect(address, credential);
+    let mut agent = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .ok()?
+        .ok()?;
+    let request = agent.get_state(crate::agent::proto::GetStateRequest {});
+    let state = tokio::time::timeout(Duration::from_secs(2), request)
+        .await
+        .ok()?
+        .ok()?
+        .into_inner();
+    Some(
+        state
+            .steps
+            .into_iter()
+            .map(|s| StepStatus {
+                step: s.step,
+                status: s.status,
+                duration_ms: s.duration_ms,
+            })
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// The seven startup steps of a cluster: the slowest node's time for each.
@@ -403,36 +421,34 @@ pub fn render_status(status: &Status) -> String {
         out.push_str("\nNo instances. Run `motorpool apply` to create what the spec describes.\n");
         return out;
     }
-    let mut current = "";
-    for n in &status.nodes {
-        if n.resource != current {
-            current = &n.resource;
-            let members: Vec<&NodeStatus> = status
-                .nodes
-                .iter()
-                .filter(|m| m.resource == n.resource)
-                .collect();
-            let _ = writeln!(
-                out,
-                "\n{current} ({})",
-                plan::plural(members.len() as u32, "node")
-            );
-            if current.starts_with("cluster.")
-                && let Some(line) = startup_line(&members)
-            {
+    // status_of lists each resource's nodes together: one block per run.
+    for members in status.nodes.chunk_by(|a, b| a.resource == b.resource) {
+        let Some(current) = members.first().map(|n| n.resource.as_str()) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "\n{current} ({})",
+            plan::plural(members.len() as u32, "node")
+        );
+        if current.starts_with("cluster.") {
+            let refs: Vec<&NodeStatus> = members.iter().collect();
+            if let Some(line) = startup_line(&refs) {
                 let _ = writeln!(out, "{line}");
             }
         }
-        let _ = writeln!(
-            out,
-            "  {:<16} {:<7} {:<11} {:<8} {:<21} {}",
-            n.id,
-            n.role,
-            n.state,
-            n.node_type,
-            n.address.as_deref().unwrap_or("-"),
-            n.pid.map(|p| format!("pid {p}")).unwrap_or_default()
-        );
+        for n in members {
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<7} {:<11} {:<8} {:<21} {}",
+                n.id,
+                n.role,
+                n.state,
+                n.node_type,
+                n.address.as_deref().unwrap_or("-"),
+                n.pid.map(|p| format!("pid {p}")).unwrap_or_default()
+            );
+        }
     }
     out
 }

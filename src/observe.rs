@@ -100,36 +100,57 @@ impl Observed {
     /// the tags motorpool decides by. A booting instance that becomes running,
     /// or a step tag that moves on, does not change it; anything else does.
     pub fn fingerprint(&self) -> String {
-        let mut rows: Vec<String> = self
-            .instances()
-            .map(|i| {
-                let liveness = match i.state {
-                    InstanceState::Pending | InstanceState::Running => "live",
-                    InstanceState::Stopping | InstanceState::Stopped => "stopped",
-                    InstanceState::Terminated => "gone",
-                };
-                let tag_text: Vec<String> = i
-                    .tags
-                    .iter()
-                    .filter(|(k, _)| k.as_str() != tags::STEP)
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                format!(
-                    "{}|{}|{}|{}",
-                    i.id,
-                    liveness,
-                    i.node_type,
-                    tag_text.join(",")
-                )
-            })
-            .collect();
-        rows.sort();
+        // The hash is over one row per instance, `id|liveness|type|tags`, in
+        // the order of the rows' text. Where two ids differ within the shorter
+        // one, that is the order of the ids; only when one id begins the
+        // other are the rows' texts needed. So: sort references, and hash each
+        // row as it is made rather than holding every row's text at once.
+        let mut all: Vec<&Instance> = self.instances().collect();
+        all.sort_unstable_by(|a, b| {
+            let common = a.id.len().min(b.id.len());
+            match a.id.as_bytes()[..common].cmp(&b.id.as_bytes()[..common]) {
+                std::cmp::Ordering::Equal => fingerprint_row(a).cmp(&fingerprint_row(b)),
+                order => order,
+            }
+        });
         let mut h = Sha256::new();
-        for r in rows {
-            h.update(r.as_bytes());
+        let mut row = String::new();
+        for i in all {
+            row.clear();
+            write_fingerprint_row(&mut row, i);
+            h.update(row.as_bytes());
             h.update(b"\n");
         }
         hex(&h.finalize()[..16])
+    }
+}
+
+/// One instance's row of [`Observed::fingerprint`].
+fn fingerprint_row(i: &Instance) -> String {
+    let mut row = String::new();
+    write_fingerprint_row(&mut row, i);
+    row
+}
+
+/// `id|liveness|type|k=v,k=v` (every tag but the step), appended to `row`.
+fn write_fingerprint_row(row: &mut String, i: &Instance) {
+    let liveness = match i.state {
+        InstanceState::Pending | InstanceState::Running => "live",
+        InstanceState::Stopping | InstanceState::Stopped => "stopped",
+        InstanceState::Terminated => "gone",
+    };
+    for part in [i.id.as_str(), "|", liveness, "|", i.node_type.as_str(), "|"] {
+        row.push_str(part);
+    }
+    let mut first = true;
+    for (k, v) in i.tags.iter().filter(|(k, _)| k.as_str() != tags::STEP) {
+        if !first {
+            row.push(',');
+        }
+        first = false;
+        row.push_str(k);
+        row.push('=');
+        row.push_str(v);
     }
 }
 
@@ -193,6 +214,35 @@ mod tests {
         assert_eq!(obs.members(ResourceKind::Pool, "general").len(), 1);
         assert_eq!(obs.orphans.len(), 1);
         assert_eq!(obs.instance_count(), 4);
+    }
+
+    #[test]
+    fn fingerprint_hashes_the_rows_in_the_order_of_their_text() {
+        let ids = [
+            "i-12",
+            "i-1",
+            "i-1|x",
+            "sim-00000002",
+            "i-1|",
+            "sim-00000001",
+            "a",
+        ];
+        let observed = Observed::from_instances(
+            "p",
+            ids.iter()
+                .enumerate()
+                .map(|(n, id)| inst(id, if n % 2 == 0 { "cluster" } else { "pool" }, "x"))
+                .collect(),
+        );
+        // The definition: every row's text, sorted, hashed line by line.
+        let mut rows: Vec<String> = observed.instances().map(fingerprint_row).collect();
+        rows.sort();
+        let mut h = Sha256::new();
+        for r in rows {
+            h.update(r.as_bytes());
+            h.update(b"\n");
+        }
+        assert_eq!(observed.fingerprint(), hex(&h.finalize()[..16]));
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! them once), then observes and plans as usual. That is how a killed apply
 //! converges with no duplicate even where a cloud's listing lags behind its
 //! launches.
+//!
+//! The journal is only ever appended to while an apply runs (one line per
+//! event, never a rewrite), and read back in one pass whose cost is linear
+//! in its length.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -65,7 +70,10 @@ pub fn path(project_dir: &Path) -> PathBuf {
 pub fn interrupted(project_dir: &Path) -> Option<Interrupted> {
     let file = File::open(path(project_dir)).ok()?;
     let mut state = Interrupted::default();
-    let mut started: Vec<((String, usize), Option<LaunchRequest>)> = Vec::new();
+    // Launches in the order they started; a finished op's slots become None.
+    let mut launches: Vec<Option<LaunchRequest>> = Vec::new();
+    // (address, op) -> its slots in `launches`, while the op is open.
+    let mut open: HashMap<(String, usize), Vec<usize>> = HashMap::new();
     let mut ended = false;
     let mut any = false;
     for line in BufReader::new(file).lines() {
@@ -81,22 +89,38 @@ pub fn interrupted(project_dir: &Path) -> Option<Interrupted> {
                 address,
                 op,
                 launch,
-            } => started.push(((address, op), launch)),
+            } => {
+                let slots = open.entry((address, op)).or_default();
+                if let Some(launch) = launch {
+                    slots.push(launches.len());
+                    launches.push(Some(launch));
+                }
+            }
             Event::OpDone { address, op } => {
                 state.finished_ops += 1;
-                started.retain(|(k, _)| k != &(address.clone(), op));
+                close(&mut open, &mut launches, address, op);
             }
-            Event::OpFailed { address, op, .. } => {
-                started.retain(|(k, _)| k != &(address.clone(), op))
-            }
+            Event::OpFailed { address, op, .. } => close(&mut open, &mut launches, address, op),
             Event::End { .. } => ended = true,
         }
     }
     if ended || !any {
         return None;
     }
-    state.launches = started.into_iter().filter_map(|(_, l)| l).collect();
+    state.launches = launches.into_iter().flatten().collect();
     Some(state)
+}
+
+/// An op ended: its launches need no replay.
+fn close(
+    open: &mut HashMap<(String, usize), Vec<usize>>,
+    launches: &mut [Option<LaunchRequest>],
+    address: String,
+    op: usize,
+) {
+    for slot in open.remove(&(address, op)).unwrap_or_default() {
+        launches[slot] = None;
+    }
 }
 
 impl Journal {

@@ -12,7 +12,7 @@ pub mod journal;
 pub mod lock;
 pub mod progress;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,7 +158,7 @@ pub async fn apply(
 ) -> Result<ApplyReport, std::io::Error> {
     let started = Instant::now();
     let stats_before = client.stats();
-    let changes: Vec<Change> = plan.actionable().cloned().collect();
+    let changes: Vec<Arc<Change>> = plan.actionable().cloned().map(Arc::new).collect();
     let total_ops: usize = changes.iter().map(|c| c.ops.len()).sum();
     let journal = Journal::begin(
         project_dir,
@@ -176,66 +176,29 @@ pub async fn apply(
         boot,
     });
 
-    let index: BTreeMap<&str, usize> = changes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.address.as_str(), i))
-        .collect();
-    let deps: Vec<Vec<usize>> = changes
-        .iter()
-        .map(|c| {
-            c.depends_on
-                .iter()
-                .filter_map(|a| index.get(a.as_str()).copied())
-                .collect()
-        })
-        .collect();
+    let mut dag = Dag::new(&changes);
     let mut outcomes: Vec<Option<(Outcome, f64)>> = vec![None; changes.len()];
-    let mut running = vec![false; changes.len()];
+    let mut task_change: HashMap<tokio::task::Id, usize> = HashMap::new();
     let mut tasks: JoinSet<(usize, Result<(), String>, f64)> = JoinSet::new();
-    // Which change each task runs, so a panic is blamed on its own change.
-    let mut task_change: std::collections::HashMap<tokio::task::Id, usize> = Default::default();
 
     loop {
-        // Start what is ready; skip what depends on a failure.
-        for i in 0..changes.len() {
-            if running[i] || outcomes[i].is_some() {
-                continue;
-            }
-            if let Some(&bad) = deps[i].iter().find(|&&d| {
-                matches!(
-                    outcomes[d],
-                    Some((Outcome::Failed { .. } | Outcome::Skipped { .. }, _))
-                )
-            }) {
-                let because = format!("depends on {}, which did not finish", changes[bad].address);
-                runner
-                    .progress
-                    .line(&format!("{}: skipped: {because}", changes[i].address));
-                outcomes[i] = Some((Outcome::Skipped { because }, 0.0));
-                continue;
-            }
-            if deps[i]
-                .iter()
-                .all(|&d| matches!(outcomes[d], Some((Outcome::Done, _))))
-            {
-                running[i] = true;
-                let runner = runner.clone();
-                let change = changes[i].clone();
-                let handle = tasks.spawn(async move {
-                    let t = Instant::now();
-                    let result = runner.run_change(&change).await;
-                    (i, result, t.elapsed().as_secs_f64())
-                });
-                task_change.insert(handle.id(), i);
-            }
+        // Start what is ready (each change once, when its last dependency finished).
+        while let Some(i) = dag.ready.pop_front() {
+            let runner = runner.clone();
+            let change = Arc::clone(&changes[i]);
+            let handle = tasks.spawn(async move {
+                let t = Instant::now();
+                let result = runner.run_change(&change).await;
+                (i, result, t.elapsed().as_secs_f64())
+            });
+            task_change.insert(handle.id(), i);
         }
-        let Some(joined) = tasks.join_next().await else {
+        let Some(joined) = tasks.join_next_with_id().await else {
             break;
         };
-        match joined {
-            Ok((i, result, secs)) => {
-                running[i] = false;
+        let (i, outcome, secs) = match joined {
+            Ok((id, (i, result, secs))) => {
+                task_change.remove(&id);
                 let outcome = match result {
                     Ok(()) => {
                         runner.progress.line(&format!(
@@ -252,19 +215,32 @@ pub async fn apply(
                         Outcome::Failed { error }
                     }
                 };
-                outcomes[i] = Some((outcome, secs));
+                (i, outcome, secs)
             }
             Err(join_error) => {
                 // A task panicked: that is a bug, but the others still finish.
-                if let Some(&i) = task_change.get(&join_error.id()) {
-                    running[i] = false;
-                    outcomes[i] = Some((
-                        Outcome::Failed {
-                            error: format!("internal error: {join_error}"),
-                        },
-                        0.0,
-                    ));
-                }
+                let Some(i) = task_change.remove(&join_error.id()) else {
+                    continue;
+                };
+                let error = format!("internal error: {join_error}");
+                (i, Outcome::Failed { error }, 0.0)
+            }
+        };
+        let done = outcome == Outcome::Done;
+        outcomes[i] = Some((outcome, secs));
+        if done {
+            dag.finished(i);
+        } else {
+            // Skip what depends on it, and what depends on those.
+            for (skipped, cause) in dag.abandon(i) {
+                let because = format!(
+                    "depends on {}, which did not finish",
+                    changes[cause].address
+                );
+                runner
+                    .progress
+                    .line(&format!("{}: skipped: {because}", changes[skipped].address));
+                outcomes[skipped] = Some((Outcome::Skipped { because }, 0.0));
             }
         }
     }
@@ -303,6 +279,77 @@ pub async fn apply(
         },
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The order changes may run in: each starts once every change it depends
+/// on finished; a change that did not finish takes its dependents with it.
+/// Every step costs what the changes it touches cost, never a scan of all.
+struct Dag {
+    /// Changes whose dependencies all finished, not yet started.
+    ready: VecDeque<usize>,
+    /// Per change: how many of its dependencies have not finished yet.
+    waiting_on: Vec<usize>,
+    /// Per change: the changes that depend on it.
+    dependents: Vec<Vec<usize>>,
+    /// Changes that can no longer start (skipped).
+    abandoned: Vec<bool>,
+}
+
+impl Dag {
+    fn new(changes: &[Arc<Change>]) -> Dag {
+        let index: HashMap<&str, usize> = changes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.address.as_str(), i))
+            .collect();
+        let mut waiting_on = vec![0; changes.len()];
+        let mut dependents = vec![Vec::new(); changes.len()];
+        for (i, c) in changes.iter().enumerate() {
+            let deps: HashSet<usize> = c
+                .depends_on
+                .iter()
+                .filter_map(|a| index.get(a.as_str()).copied())
+                .collect();
+            waiting_on[i] = deps.len();
+            for d in deps {
+                dependents[d].push(i);
+            }
+        }
+        let ready = (0..changes.len()).filter(|&i| waiting_on[i] == 0).collect();
+        Dag {
+            ready,
+            waiting_on,
+            dependents,
+            abandoned: vec![false; changes.len()],
+        }
+    }
+
+    /// Change `i` finished: its dependents waiting on nothing else are ready.
+    fn finished(&mut self, i: usize) {
+        for &j in &self.dependents[i] {
+            self.waiting_on[j] = self.waiting_on[j].saturating_sub(1);
+            if self.waiting_on[j] == 0 && !self.abandoned[j] {
+                self.ready.push_back(j);
+            }
+        }
+    }
+
+    /// Change `i` did not finish: every change that depends on it, directly
+    /// or not, as (skipped change, the dependency that did not finish).
+    fn abandon(&mut self, i: usize) -> Vec<(usize, usize)> {
+        let mut skipped = Vec::new();
+        let mut stack = vec![i];
+        while let Some(cause) = stack.pop() {
+            for &j in &self.dependents[cause] {
+                if !self.abandoned[j] {
+                    self.abandoned[j] = true;
+                    skipped.push((j, cause));
+                    stack.push(j);
+                }
+            }
+        }
+        skipped
+    }
 }
 
 /// Tag values stamped at apply time.
@@ -718,6 +765,7 @@ impl Runner {
         filter.insert(tags::NAME.into(), change.name.clone());
         let deadline = Instant::now() + self.options.ready_timeout;
         let mut delay = Duration::from_millis(100);
+        let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
         loop {
             let listed = self
                 .client
@@ -729,15 +777,17 @@ impl Runner {
                     .and_then(Step::parse)
                     .is_some_and(|s| s >= step)
             };
-            let waiting = ids
+            let done = listed
                 .iter()
-                .filter(|id| !listed.iter().any(|i| &i.id == *id && reached(i)))
+                .filter(|i| wanted.contains(i.id.as_str()) && reached(i))
                 .count();
+            let waiting = wanted.len().saturating_sub(done);
             if waiting == 0 {
                 return Ok(());
             }
             if let Some(failed) = listed.iter().find(|i| {
-                ids.contains(&i.id) && i.tag(tags::STEP).is_some_and(|s| s.starts_with("failed:"))
+                wanted.contains(i.id.as_str())
+                    && i.tag(tags::STEP).is_some_and(|s| s.starts_with("failed:"))
             }) {
                 return Err(format!(
                     "warm-up of {} failed; see its agent.log",

@@ -228,3 +228,57 @@ async fn one_failed_change_does_not_stop_the_independent_ones() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_failed_change_skips_what_depends_on_it_and_nothing_else() {
+    let mut plan = plan_for(&[
+        ("doomed", "scarce", 1),
+        ("child", "small", 1),
+        ("grandchild", "small", 1),
+        ("fine", "small", 1),
+        ("after-fine", "small", 1),
+    ]);
+    let depends = [
+        ("cluster.child", "cluster.doomed"),
+        ("cluster.grandchild", "cluster.child"),
+        ("cluster.after-fine", "cluster.fine"),
+    ];
+    for (change, on) in depends {
+        let c = plan
+            .changes
+            .iter_mut()
+            .find(|c| c.address == change)
+            .expect("change in the plan");
+        c.depends_on.push(on.to_string());
+    }
+    let provider = Arc::new(Recorder {
+        fail_type: Some("scarce".into()),
+        ..Recorder::default()
+    });
+    let report = run(&plan, provider.clone(), 4, 100).await;
+    let outcome = |address: &str| {
+        report
+            .results
+            .iter()
+            .find(|r| r.address == address)
+            .map(|r| r.outcome.clone())
+            .expect("a result for every change")
+    };
+    assert!(matches!(outcome("cluster.doomed"), Outcome::Failed { .. }));
+    assert_eq!(
+        outcome("cluster.child"),
+        Outcome::Skipped {
+            because: "depends on cluster.doomed, which did not finish".into()
+        }
+    );
+    assert_eq!(
+        outcome("cluster.grandchild"),
+        Outcome::Skipped {
+            because: "depends on cluster.child, which did not finish".into()
+        }
+    );
+    assert_eq!(outcome("cluster.fine"), Outcome::Done);
+    assert_eq!(outcome("cluster.after-fine"), Outcome::Done);
+    // Only the clusters that ran launched: fine and after-fine, 1+1 each.
+    assert_eq!(provider.launched.lock().expect("lock").len(), 4);
+}

@@ -1,85 +1,96 @@
-//! The simulated account's record set on disk: `$home/sim/state.json`.
+//! The simulated account's record set on disk: the SQLite database
+//! `$home/sim/state.db`, in WAL mode.
 //!
-//! One JSON document holds everything (instances by id, the id counter, client
-//! tokens). Writers serialize on an in-process async mutex plus a cross-process
-//! `flock` on `$home/sim/state.lock`, and replace the file atomically (temp file,
-//! fsync, rename, fsync of the directory), so a reader or a SIGKILL never sees a
-//! half-written file. Readers take no lock: they open the file and read that one
-//! inode to the end.
+//! This module owns the schema, the connections and the transactions. It
+//! knows nothing of the simulated API's rules (faults, capacity, idempotency):
+//! `lib.rs` decides those in jobs that run inside a transaction here. It must
+//! not hold the account in memory: every operation reads and writes only the
+//! rows it touches, so its cost does not grow with the number of instances.
 //!
-//! Parsing 10,000 records takes milliseconds, so the parsed state is cached and
-//! keyed by the file's identity (device, inode, size, mtime, ctime) plus its
-//! first bytes, which hold a generation counter bumped by every write: a list of
-//! ten pages parses the file at most once.
+//! Tables:
+//! - `instances`: one row per live or stopped instance, keyed by its number
+//!   (`sim-{n:08x}`), its tags as a JSON object (terminated ones are deleted);
+//! - `tags`: one row per tag, keyed by (key, value, instance): the index the
+//!   list filter walks, in instance order;
+//! - `tokens`: client token -> the launch it made;
+//! - `meta`: the format version, the next instance number, the live count.
 //!
-//! Concurrent mutations from many tasks are group-committed: whoever holds the
-//! writer mutex drains every queued mutation, applies them in order to one copy
-//! of the state and writes the file once.
+//! Safety across processes is SQLite's own locking: a write is one `BEGIN
+//! IMMEDIATE` transaction (one writer at a time; the others wait up to
+//! [`BUSY_TIMEOUT`]), readers never block the writer (WAL) and see only
+//! committed transactions. A writer killed half way leaves an uncommitted
+//! transaction that SQLite discards on the next open. Commits are not fsynced
+//! (`synchronous=NORMAL`): a killed process loses nothing it committed; a
+//! power cut may lose the last commits, which a simulated cloud can afford.
+//!
+//! Concurrent mutations from many tasks of one process are group-committed:
+//! whoever holds the writer mutex drains every queued mutation and runs them
+//! in one transaction, each in its own savepoint (a failed one changes nothing).
 
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::collections::BTreeSet;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use motorpool_provider::{Instance, ProviderError, Result, Tags};
-use serde::{Deserialize, Serialize};
+use motorpool_provider::{ProviderError, Result, TagFilter, Tags};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-/// The on-disk format version (`"v"`).
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// The schema version this code reads and writes (`meta.format`); version 1
+/// was the single JSON file `state.json`.
+pub(crate) const FORMAT_VERSION: i64 = 2;
 
-/// How many leading bytes of the file take part in the cache key: enough for
-/// `{"v":1,"gen":<u64>,` whatever the generation.
-const HEAD_LEN: usize = 48;
+/// How long a writer waits for another process's transaction to end.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The whole simulated account.
-///
-/// Field order matters: `v` and `gen` come first so that the file's first bytes
-/// identify the version of the content (see [`HEAD_LEN`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct State {
-    pub v: u32,
-    /// Bumped by every write.
-    #[serde(rename = "gen")]
-    pub generation: u64,
-    /// The next instance number; ids are `sim-{next:08x}`.
-    pub next: u64,
-    /// Live and stopped instances by id (terminated ones are removed).
-    pub instances: BTreeMap<String, Rec>,
-    /// Client token -> the launch it made.
-    pub tokens: BTreeMap<String, TokenRec>,
-}
+/// A filtered list walks the index of one of its tag pairs and checks the
+/// others per row. Which pair: the one with the fewest matches, counted up to
+/// this many rows each, so choosing costs a bounded number of index steps
+/// however large the account is.
+const PROBE_LIMIT: i64 = 128;
 
-impl Default for State {
-    fn default() -> Self {
-        State {
-            v: FORMAT_VERSION,
-            generation: 0,
-            next: 1,
-            instances: BTreeMap::new(),
-            tokens: BTreeMap::new(),
-        }
-    }
-}
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS instances (
+    n           INTEGER PRIMARY KEY,
+    node_type   TEXT NOT NULL,
+    image       TEXT NOT NULL,
+    stopped     INTEGER NOT NULL,
+    launched_ms INTEGER NOT NULL,
+    started_ms  INTEGER,
+    tags        TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tags (
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    n     INTEGER NOT NULL,
+    PRIMARY KEY (key, value, n)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tokens (
+    token       TEXT PRIMARY KEY,
+    first       INTEGER NOT NULL,
+    count       INTEGER NOT NULL,
+    node_type   TEXT NOT NULL,
+    image       TEXT NOT NULL,
+    launched_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+";
 
 /// One instance record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Rec {
-    #[serde(rename = "type")]
     pub node_type: String,
     pub image: String,
-    #[serde(default, skip_serializing_if = "is_false")]
     pub stopped: bool,
     pub tags: Tags,
     /// Unix milliseconds of the launch.
-    #[serde(rename = "at")]
     pub launched_ms: u64,
     /// Unix milliseconds of the last start after a stop (boot time counts from here).
-    #[serde(rename = "up", default, skip_serializing_if = "Option::is_none")]
     pub started_ms: Option<u64>,
 }
 
@@ -90,25 +101,19 @@ impl Rec {
     }
 }
 
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-
-/// What one client token launched: `count` consecutive ids from `first`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What one client token launched: `count` consecutive numbers from `first`.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct TokenRec {
     pub first: u64,
     pub count: u32,
-    #[serde(rename = "type")]
     pub node_type: String,
     pub image: String,
-    #[serde(rename = "at")]
     pub launched_ms: u64,
 }
 
 impl TokenRec {
-    pub fn ids(&self) -> impl Iterator<Item = String> + '_ {
-        (self.first..self.first + u64::from(self.count)).map(format_id)
+    pub fn numbers(&self) -> impl Iterator<Item = u64> + use<> {
+        self.first..self.first + u64::from(self.count)
     }
 }
 
@@ -117,18 +122,28 @@ pub(crate) fn format_id(n: u64) -> String {
     format!("sim-{n:08x}")
 }
 
+/// The number of an id this provider made (`None` for any other string).
+pub(crate) fn parse_id(id: &str) -> Option<u64> {
+    let hex = id.strip_prefix("sim-")?;
+    if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let n = u64::from_str_radix(hex, 16).ok()?;
+    (format_id(n) == id).then_some(n)
+}
+
 /// What a mutation returns to its caller.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    Instances(Vec<Instance>),
+    Instances(Vec<motorpool_provider::Instance>),
     Done,
     Found(bool),
 }
 
-/// A mutation: gets the state and the batch's clock (Unix ms), returns its
-/// outcome and whether it changed anything. On `Err` it must leave the state
-/// untouched (validate first, then change).
-pub(crate) type Job = Box<dyn FnOnce(&mut State, u64) -> Result<(Outcome, bool)> + Send>;
+/// A mutation: runs inside a transaction with the batch's clock (Unix ms),
+/// returns its outcome and whether it changed anything. On `Err` whatever it
+/// wrote is rolled back.
+pub(crate) type Job = Box<dyn FnOnce(&Tx<'_>, u64) -> Result<(Outcome, bool)> + Send>;
 
 struct Pending {
     id: u64,
@@ -148,33 +163,17 @@ impl Drop for Dequeue<'_> {
     }
 }
 
-/// What identifies one version of the state file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Version {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-    head: Vec<u8>,
-}
-
-struct Cached {
-    /// `None`: the file did not exist (a fresh account).
-    version: Option<Version>,
-    state: Arc<State>,
-}
-
 pub(crate) struct Store {
     dir: PathBuf,
-    state_path: PathBuf,
-    tmp_path: PathBuf,
-    lock_path: PathBuf,
-    cache: Mutex<Option<Cached>>,
+    db_path: PathBuf,
+    /// The connection transactions run on (opened on first use).
+    writer_conn: Mutex<Option<Connection>>,
+    /// The connection lists read on, so that they do not wait for commits.
+    reader_conn: Mutex<Option<Connection>>,
     queue: Mutex<Vec<Pending>>,
     writer: tokio::sync::Mutex<()>,
     next_job: AtomicU64,
-    /// State files written by this store.
+    /// Transactions committed by this store.
     writes: AtomicU64,
 }
 
@@ -182,20 +181,45 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn io_error(what: &str, path: &Path, e: std::io::Error) -> ProviderError {
-    ProviderError::Internal(format!("sim: cannot {what} {}: {e}", path.display()))
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// A database error as the provider reports it, naming the file.
+fn db_error(db: &Path, e: rusqlite::Error) -> ProviderError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => corrupt(db, &e),
+        _ => ProviderError::Internal(format!("sim: the state database {}: {e}", db.display())),
+    }
+}
+
+fn corrupt(db: &Path, e: &dyn std::fmt::Display) -> ProviderError {
+    ProviderError::Internal(format!(
+        "sim: the state database {} is corrupt ({e}); delete it (with its -wal and -shm \
+         files) to reset the simulated account",
+        db.display()
+    ))
 }
 
 impl Store {
-    /// A store for `dir` (`$home/sim`), creating the directory.
+    /// A store for `dir` (`$home/sim`), creating the directory. Opens the
+    /// database only on first use.
     pub fn open(dir: PathBuf) -> Result<Store> {
-        fs::create_dir_all(&dir).map_err(|e| io_error("create directory", &dir, e))?;
+        fs::create_dir_all(&dir).map_err(|e| {
+            ProviderError::Internal(format!(
+                "sim: cannot create directory {}: {e}",
+                dir.display()
+            ))
+        })?;
         Ok(Store {
-            state_path: dir.join("state.json"),
-            tmp_path: dir.join("state.json.tmp"),
-            lock_path: dir.join("state.lock"),
+            db_path: dir.join("state.db"),
             dir,
-            cache: Mutex::new(None),
+            writer_conn: Mutex::new(None),
+            reader_conn: Mutex::new(None),
             queue: Mutex::new(Vec::new()),
             writer: tokio::sync::Mutex::new(()),
             next_job: AtomicU64::new(0),
@@ -203,21 +227,55 @@ impl Store {
         })
     }
 
-    /// How many times this store wrote the state file.
+    /// How many transactions this store committed.
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
     }
 
-    /// The current state, shared; parses the file only when it changed.
-    pub async fn snapshot(self: &Arc<Self>) -> Result<Arc<State>> {
+    /// One page of the instances whose tags hold every pair of `filter`, in
+    /// number order, after `after`: at most `limit + 1` of them (the extra one
+    /// says there is a next page).
+    pub async fn list(
+        self: &Arc<Self>,
+        filter: &TagFilter,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Rec)>> {
         let store = Arc::clone(self);
-        tokio::task::spawn_blocking(move || store.load_shared())
-            .await
-            .map_err(|e| ProviderError::Internal(format!("sim: state reader failed: {e}")))?
+        let filter: Vec<(String, String)> =
+            filter.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&store.reader_conn);
+            let conn = store.connection(&mut guard)?;
+            list_page(conn, &store.db_path, &filter, after, limit)
+        })
+        .await
+        .map_err(|e| ProviderError::Internal(format!("sim: state reader failed: {e}")))?
     }
 
-    /// Apply `job` to the state and save it (group-committed with any other
-    /// mutations queued at the same time).
+    /// The instances numbered `numbers` that exist, read by key (a node's
+    /// look-up of its own record: never a scan).
+    pub async fn get_many(self: &Arc<Self>, numbers: BTreeSet<u64>) -> Result<Vec<(u64, Rec)>> {
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&store.reader_conn);
+            let conn = store.connection(&mut guard)?;
+            if !conn.is_autocommit() {
+                conn.execute_batch("ROLLBACK")
+                    .map_err(|e| db_error(&store.db_path, e))?;
+            }
+            Tx {
+                conn,
+                db: &store.db_path,
+            }
+            .get_many(&numbers)
+        })
+        .await
+        .map_err(|e| ProviderError::Internal(format!("sim: state reader failed: {e}")))?
+    }
+
+    /// Apply `job` in a transaction (group-committed with any other mutations
+    /// queued at the same time).
     pub async fn mutate(self: &Arc<Self>, job: Job) -> Result<Outcome> {
         let (reply, mut rx) = oneshot::channel();
         let id = self.next_job.fetch_add(1, Ordering::Relaxed);
@@ -276,182 +334,429 @@ impl Store {
         }
     }
 
-    /// Under the cross-process lock: load, apply every job in order, write once.
-    /// `Err` when the state could not be read or saved (no job took effect).
+    /// In one transaction: every job in its own savepoint, then commit (or
+    /// roll back when no job changed anything). `Err` when the transaction
+    /// itself failed (no job took effect).
     fn run(&self, jobs: Vec<Job>) -> Result<Vec<Result<Outcome>>> {
-        let lock_file = self.lock_exclusive()?;
-        let (version, mut state) = self.load_owned()?;
+        let mut guard = lock(&self.writer_conn);
+        let conn = self.connection(&mut guard)?;
+        let db = self.db_path.as_path();
+        let sql = |text: &str| conn.execute_batch(text).map_err(|e| db_error(db, e));
+        if !conn.is_autocommit() {
+            // A batch that died half way (a panicking job): forget its work.
+            sql("ROLLBACK")?;
+        }
+        sql("BEGIN IMMEDIATE")?;
+        let tx = Tx { conn, db };
         let now = now_ms();
         let mut changed = false;
-        let results: Vec<_> = jobs
-            .into_iter()
-            .map(|job| {
-                job(&mut state, now).map(|(outcome, c)| {
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let attempt = sql("SAVEPOINT job").and_then(|()| match job(&tx, now) {
+                Ok((outcome, c)) => sql("RELEASE job").map(|()| Ok((outcome, c))),
+                Err(e) => sql("ROLLBACK TO job; RELEASE job").map(|()| Err(e)),
+            });
+            match attempt {
+                Ok(Ok((outcome, c))) => {
                     changed |= c;
-                    outcome
-                })
-            })
-            .collect();
-        let version = if changed {
-            state.generation += 1;
-            match self.write(&state) {
-                Ok(v) => v,
+                    results.push(Ok(outcome));
+                }
+                Ok(Err(e)) => results.push(Err(e)),
                 Err(e) => {
-                    *lock(&self.cache) = None;
+                    let _ = sql("ROLLBACK");
                     return Err(e);
                 }
             }
+        }
+        if changed {
+            if let Err(e) = sql("COMMIT") {
+                let _ = sql("ROLLBACK");
+                return Err(e);
+            }
+            self.writes.fetch_add(1, Ordering::Relaxed);
         } else {
-            version
-        };
-        drop(lock_file);
-        *lock(&self.cache) = Some(Cached {
-            version,
-            state: Arc::new(state),
-        });
+            sql("ROLLBACK")?;
+        }
         Ok(results)
     }
 
-    /// Take the cross-process writer lock; released when the file is dropped.
-    fn lock_exclusive(&self) -> Result<File> {
-        fs::create_dir_all(&self.dir).map_err(|e| io_error("create directory", &self.dir, e))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.lock_path)
-            .map_err(|e| io_error("open", &self.lock_path, e))?;
-        loop {
-            // SAFETY: flock on a file descriptor we own for the duration of the call.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(file);
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != ErrorKind::Interrupted {
-                return Err(io_error("lock", &self.lock_path, e));
-            }
+    /// The connection in `slot`, opened (and the schema made) on first use.
+    fn connection<'a>(&self, slot: &'a mut Option<Connection>) -> Result<&'a Connection> {
+        if slot.is_none() {
+            *slot = Some(self.connect()?);
         }
+        slot.as_ref()
+            .ok_or_else(|| ProviderError::Internal("sim: no database connection".to_string()))
     }
 
-    /// Open the state file and identify its version (`None`: no file yet).
-    fn open_current(&self) -> Result<Option<(File, Version)>> {
-        let file = match File::open(&self.state_path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error("open", &self.state_path, e)),
-        };
-        let meta = file
-            .metadata()
-            .map_err(|e| io_error("stat", &self.state_path, e))?;
-        let mut head = vec![0u8; HEAD_LEN];
-        let mut got = 0;
-        while got < HEAD_LEN {
-            match file.read_at(&mut head[got..], got as u64) {
-                Ok(0) => break,
-                Ok(k) => got += k,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error("read", &self.state_path, e)),
-            }
-        }
-        head.truncate(got);
-        let version = Version {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-            head,
-        };
-        Ok(Some((file, version)))
-    }
-
-    fn parse(&self, file: Option<File>) -> Result<State> {
-        let Some(mut file) = file else {
-            return Ok(State::default());
-        };
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .map_err(|e| io_error("read", &self.state_path, e))?;
-        let state: State = serde_json::from_slice(&bytes).map_err(|e| {
+    fn connect(&self) -> Result<Connection> {
+        let db = self.db_path.as_path();
+        fs::create_dir_all(&self.dir).map_err(|e| {
             ProviderError::Internal(format!(
-                "sim: the state file {} is corrupt ({e}); \
-                 delete it to reset the simulated account",
-                self.state_path.display()
+                "sim: cannot create directory {}: {e}",
+                self.dir.display()
             ))
         })?;
-        if state.v != FORMAT_VERSION {
+        let conn = Connection::open_with_flags(
+            db,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| db_error(db, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| db_error(db, e))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| db_error(db, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
             return Err(ProviderError::Internal(format!(
-                "sim: the state file {} has format version {}, this motorpool reads version {}",
-                self.state_path.display(),
-                state.v,
-                FORMAT_VERSION
+                "sim: the state database {} cannot use write-ahead logging (journal mode {mode})",
+                db.display()
             )));
         }
-        Ok(state)
-    }
-
-    fn load_shared(&self) -> Result<Arc<State>> {
-        let current = self.open_current()?;
-        let version = current.as_ref().map(|(_, v)| v.clone());
-        let hit = lock(&self.cache)
-            .as_ref()
-            .filter(|c| c.version == version)
-            .map(|c| Arc::clone(&c.state));
-        if let Some(state) = hit {
-            return Ok(state);
+        conn.execute_batch("PRAGMA synchronous=NORMAL")
+            .map_err(|e| db_error(db, e))?;
+        // Make the schema once: a second process waits for the first's
+        // transaction, then finds the tables there.
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA}
+             INSERT OR IGNORE INTO meta (key, value) VALUES
+                 ('format', {FORMAT_VERSION}), ('next', 1), ('live', 0);
+             COMMIT;"
+        ))
+        .map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            db_error(db, e)
+        })?;
+        let format: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| db_error(db, e))?;
+        if format != FORMAT_VERSION {
+            return Err(ProviderError::Internal(format!(
+                "sim: the state database {} has format version {format}, this motorpool reads \
+                 version {FORMAT_VERSION}",
+                db.display()
+            )));
         }
-        let state = Arc::new(self.parse(current.map(|(f, _)| f))?);
-        *lock(&self.cache) = Some(Cached {
-            version,
-            state: Arc::clone(&state),
-        });
-        Ok(state)
-    }
-
-    /// The current state as an owned copy to change (taken from the cache
-    /// without copying when no reader holds it).
-    fn load_owned(&self) -> Result<(Option<Version>, State)> {
-        let current = self.open_current()?;
-        let version = current.as_ref().map(|(_, v)| v.clone());
-        let cached = lock(&self.cache).take();
-        if let Some(cached) = cached.filter(|c| c.version == version) {
-            let state = Arc::try_unwrap(cached.state).unwrap_or_else(|s| (*s).clone());
-            return Ok((version, state));
-        }
-        let state = self.parse(current.map(|(f, _)| f))?;
-        Ok((version, state))
-    }
-
-    /// Replace the state file atomically; returns the new file's version.
-    fn write(&self, state: &State) -> Result<Option<Version>> {
-        let bytes = serde_json::to_vec(state)
-            .map_err(|e| ProviderError::Internal(format!("sim: cannot encode the state: {e}")))?;
-        let mut tmp = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&self.tmp_path)
-            .map_err(|e| io_error("create", &self.tmp_path, e))?;
-        tmp.write_all(&bytes)
-            .and_then(|()| tmp.sync_data())
-            .map_err(|e| io_error("write", &self.tmp_path, e))?;
-        drop(tmp);
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        fs::rename(&self.tmp_path, &self.state_path)
-            .map_err(|e| io_error("replace", &self.state_path, e))?;
-        // Make the rename itself durable; some file systems refuse to fsync a
-        // directory, and the rename is already atomic for other processes.
-        if let Ok(dir) = File::open(&self.dir) {
-            let _ = dir.sync_all();
-        }
-        Ok(self.open_current()?.map(|(_, v)| v))
+        Ok(conn)
     }
 }
 
 fn lost_writer() -> ProviderError {
     ProviderError::Internal("sim: the state writer went away before answering".to_string())
+}
+
+/// The columns a [`Rec`] is read from, in [`read_rec`]'s order (after `n`).
+const REC_COLUMNS: &str = "i.node_type, i.image, i.stopped, i.launched_ms, i.started_ms, i.tags";
+
+/// A [`Rec`] from a row whose columns from `at` on are [`REC_COLUMNS`]; the
+/// tags stay JSON text, decoded by the caller (which knows the file's name).
+fn read_rec(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<(Rec, String)> {
+    let started: Option<i64> = row.get(at + 4)?;
+    Ok((
+        Rec {
+            node_type: row.get(at)?,
+            image: row.get(at + 1)?,
+            stopped: row.get::<_, i64>(at + 2)? != 0,
+            tags: Tags::new(),
+            launched_ms: to_u64(row.get(at + 3)?),
+            started_ms: started.map(to_u64),
+        },
+        row.get(at + 5)?,
+    ))
+}
+
+fn decode_tags(db: &Path, text: &str) -> Result<Tags> {
+    serde_json::from_str(text).map_err(|e| corrupt(db, &e))
+}
+
+fn encode_tags(tags: &Tags) -> Result<String> {
+    serde_json::to_string(tags)
+        .map_err(|e| ProviderError::Internal(format!("sim: cannot encode tags: {e}")))
+}
+
+fn list_page(
+    conn: &Connection,
+    db: &Path,
+    filter: &[(String, String)],
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<(u64, Rec)>> {
+    let after = after.map(to_i64).unwrap_or(0);
+    let take = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let err = |e| db_error(db, e);
+    if !conn.is_autocommit() {
+        conn.execute_batch("ROLLBACK").map_err(err)?;
+    }
+    // One read transaction: the probes and the page see the same commit.
+    conn.execute_batch("BEGIN").map_err(err)?;
+    let page = (|| {
+        let mut pairs: Vec<&(String, String)> = filter.iter().collect();
+        if pairs.len() > 1 {
+            let mut probe = conn
+                .prepare_cached(
+                    "SELECT count(*) FROM (SELECT 1 FROM tags \
+                     WHERE key = ?1 AND value = ?2 AND n > ?3 LIMIT ?4)",
+                )
+                .map_err(err)?;
+            let mut counted = Vec::with_capacity(pairs.len());
+            for (k, v) in &pairs {
+                let c: i64 = probe
+                    .query_row(params![k, v, after, PROBE_LIMIT], |r| r.get(0))
+                    .map_err(err)?;
+                counted.push(c);
+            }
+            let best = (0..pairs.len()).min_by_key(|&i| counted[i]).unwrap_or(0);
+            pairs.swap(0, best);
+        }
+        let sql = match pairs.split_first() {
+            None => format!(
+                "SELECT i.n, {REC_COLUMNS} FROM instances i WHERE i.n > ?1 ORDER BY i.n LIMIT ?2"
+            ),
+            Some((_, rest)) => {
+                let mut sql = format!(
+                    "SELECT i.n, {REC_COLUMNS} FROM tags t CROSS JOIN instances i ON i.n = t.n \
+                     WHERE t.key = ?3 AND t.value = ?4 AND t.n > ?1"
+                );
+                for j in 0..rest.len() {
+                    let (k, v) = (5 + 2 * j, 6 + 2 * j);
+                    sql.push_str(&format!(
+                        " AND EXISTS (SELECT 1 FROM tags x WHERE x.key = ?{k} AND x.value = ?{v} \
+                         AND x.n = t.n)"
+                    ));
+                }
+                sql.push_str(" ORDER BY t.n LIMIT ?2");
+                sql
+            }
+        };
+        let mut values: Vec<&dyn rusqlite::ToSql> = vec![&after, &take];
+        for (k, v) in &pairs {
+            values.push(k);
+            values.push(v);
+        }
+        let mut stmt = conn.prepare_cached(&sql).map_err(err)?;
+        let rows = stmt
+            .query_map(values.as_slice(), |row| {
+                let n: i64 = row.get(0)?;
+                read_rec(row, 1).map(|r| (to_u64(n), r))
+            })
+            .map_err(err)?;
+        let mut page = Vec::new();
+        for row in rows {
+            let (n, (mut rec, tags)) = row.map_err(err)?;
+            rec.tags = decode_tags(db, &tags)?;
+            page.push((n, rec));
+        }
+        Ok(page)
+    })();
+    let end = conn.execute_batch("COMMIT").map_err(err);
+    page.and_then(|page| end.map(|()| page))
+}
+
+/// The account inside one write transaction: what jobs read and change.
+pub(crate) struct Tx<'c> {
+    conn: &'c Connection,
+    db: &'c Path,
+}
+
+impl Tx<'_> {
+    fn err(&self, e: rusqlite::Error) -> ProviderError {
+        db_error(self.db, e)
+    }
+
+    fn exec(&self, sql: &str, values: &[&dyn rusqlite::ToSql]) -> Result<usize> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(values))
+            .map_err(|e| self.err(e))
+    }
+
+    fn meta(&self, key: &str) -> Result<u64> {
+        self.conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get::<_, i64>(0)))
+            .map(to_u64)
+            .map_err(|e| self.err(e))
+    }
+
+    fn add_live(&self, delta: i64) -> Result<()> {
+        if delta != 0 {
+            self.exec(
+                "UPDATE meta SET value = value + ?1 WHERE key = 'live'",
+                &[&delta],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The instance numbered `n`, if it exists.
+    pub fn get(&self, n: u64) -> Result<Option<Rec>> {
+        let found = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {REC_COLUMNS} FROM instances i WHERE i.n = ?1"
+            ))
+            .and_then(|mut s| s.query_row([to_i64(n)], |row| read_rec(row, 0)).optional())
+            .map_err(|e| self.err(e))?;
+        match found {
+            None => Ok(None),
+            Some((mut rec, tags)) => {
+                rec.tags = decode_tags(self.db, &tags)?;
+                Ok(Some(rec))
+            }
+        }
+    }
+
+    /// The instances of `numbers` that exist (each once, in number order).
+    pub fn get_many(&self, numbers: &BTreeSet<u64>) -> Result<Vec<(u64, Rec)>> {
+        let mut found = Vec::with_capacity(numbers.len());
+        for &n in numbers {
+            if let Some(rec) = self.get(n)? {
+                found.push((n, rec));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Add a new instance numbered `n`.
+    pub fn insert(&self, n: u64, rec: &Rec) -> Result<()> {
+        self.exec(
+            "INSERT INTO instances (n, node_type, image, stopped, launched_ms, started_ms, tags) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            &[
+                &to_i64(n),
+                &rec.node_type,
+                &rec.image,
+                &i64::from(rec.stopped),
+                &to_i64(rec.launched_ms),
+                &rec.started_ms.map(to_i64),
+                &encode_tags(&rec.tags)?,
+            ],
+        )?;
+        for (k, v) in &rec.tags {
+            self.insert_tag(n, k, v)?;
+        }
+        self.add_live(i64::from(!rec.stopped))
+    }
+
+    fn insert_tag(&self, n: u64, key: &str, value: &str) -> Result<()> {
+        self.exec(
+            "INSERT INTO tags (key, value, n) VALUES (?1, ?2, ?3)",
+            &[&key, &value, &to_i64(n)],
+        )
+        .map(drop)
+    }
+
+    fn delete_tag(&self, n: u64, key: &str, value: &str) -> Result<()> {
+        self.exec(
+            "DELETE FROM tags WHERE key = ?1 AND value = ?2 AND n = ?3",
+            &[&key, &value, &to_i64(n)],
+        )
+        .map(drop)
+    }
+
+    /// Delete the instance numbered `n`; `false` when there was none.
+    pub fn remove(&self, n: u64) -> Result<bool> {
+        let Some(rec) = self.get(n)? else {
+            return Ok(false);
+        };
+        self.exec("DELETE FROM instances WHERE n = ?1", &[&to_i64(n)])?;
+        for (k, v) in &rec.tags {
+            self.delete_tag(n, k, v)?;
+        }
+        self.add_live(-i64::from(!rec.stopped))?;
+        Ok(true)
+    }
+
+    /// Replace instance `n`'s record `before` (as read in this transaction) by `after`.
+    pub fn update(&self, n: u64, before: &Rec, after: &Rec) -> Result<()> {
+        if before == after {
+            return Ok(());
+        }
+        self.exec(
+            "UPDATE instances SET node_type = ?2, image = ?3, stopped = ?4, launched_ms = ?5, \
+             started_ms = ?6, tags = ?7 WHERE n = ?1",
+            &[
+                &to_i64(n),
+                &after.node_type,
+                &after.image,
+                &i64::from(after.stopped),
+                &to_i64(after.launched_ms),
+                &after.started_ms.map(to_i64),
+                &encode_tags(&after.tags)?,
+            ],
+        )?;
+        for (k, v) in &before.tags {
+            if after.tags.get(k) != Some(v) {
+                self.delete_tag(n, k, v)?;
+            }
+        }
+        for (k, v) in &after.tags {
+            if before.tags.get(k) != Some(v) {
+                self.insert_tag(n, k, v)?;
+            }
+        }
+        self.add_live(i64::from(!after.stopped) - i64::from(!before.stopped))
+    }
+
+    /// What the launch with client token `token` made, if there was one.
+    pub fn token(&self, token: &str) -> Result<Option<TokenRec>> {
+        self.conn
+            .prepare_cached(
+                "SELECT first, count, node_type, image, launched_ms FROM tokens WHERE token = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([token], |r| {
+                    Ok(TokenRec {
+                        first: to_u64(r.get(0)?),
+                        count: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                        node_type: r.get(2)?,
+                        image: r.get(3)?,
+                        launched_ms: to_u64(r.get(4)?),
+                    })
+                })
+                .optional()
+            })
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn insert_token(&self, token: &str, rec: &TokenRec) -> Result<()> {
+        self.exec(
+            "INSERT INTO tokens (token, first, count, node_type, image, launched_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            &[
+                &token,
+                &to_i64(rec.first),
+                &i64::from(rec.count),
+                &rec.node_type,
+                &rec.image,
+                &to_i64(rec.launched_ms),
+            ],
+        )
+        .map(drop)
+    }
+
+    /// The number the next launched instance gets.
+    pub fn next_number(&self) -> Result<u64> {
+        self.meta("next")
+    }
+
+    pub fn set_next_number(&self, next: u64) -> Result<()> {
+        self.exec(
+            "UPDATE meta SET value = ?1 WHERE key = 'next'",
+            &[&to_i64(next)],
+        )
+        .map(drop)
+    }
+
+    /// Instances neither stopped nor terminated.
+    pub fn live_count(&self) -> Result<u64> {
+        self.meta("live")
+    }
 }
 
 /// Unix milliseconds now.
@@ -460,4 +765,81 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+impl Store {
+    /// Check every invariant of the schema on a fresh connection: SQLite's
+    /// own integrity check, each instance's tag rows equal to its tags, the
+    /// live count, and the id counter above every id handed out.
+    pub fn check_consistency(&self) -> Result<()> {
+        let db = self.db_path.as_path();
+        let broken = |what: String| ProviderError::Internal(format!("sim: inconsistent: {what}"));
+        let conn = self.connect()?;
+        let err = |e| db_error(db, e);
+        let integrity: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(err)?;
+        if integrity != "ok" {
+            return Err(broken(integrity));
+        }
+        let mut from_rows: std::collections::BTreeMap<u64, Tags> = Default::default();
+        let mut stmt = conn
+            .prepare("SELECT n, key, value FROM tags")
+            .map_err(err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((to_u64(r.get(0)?), r.get::<_, String>(1)?, r.get(2)?))
+            })
+            .map_err(err)?;
+        for row in rows {
+            let (n, k, v) = row.map_err(err)?;
+            from_rows.entry(n).or_default().insert(k, v);
+        }
+        let mut stmt = conn
+            .prepare(&format!("SELECT i.n, {REC_COLUMNS} FROM instances i"))
+            .map_err(err)?;
+        let rows = stmt
+            .query_map([], |r| Ok((to_u64(r.get(0)?), read_rec(r, 1)?)))
+            .map_err(err)?;
+        let (mut live, mut max_n) = (0u64, 0u64);
+        for row in rows {
+            let (n, (rec, tags)) = row.map_err(err)?;
+            let tags = decode_tags(db, &tags)?;
+            let indexed = from_rows.remove(&n).unwrap_or_default();
+            if indexed != tags {
+                return Err(broken(format!(
+                    "{}: tags {tags:?}, tag rows {indexed:?}",
+                    format_id(n)
+                )));
+            }
+            live += u64::from(!rec.stopped);
+            max_n = max_n.max(n);
+        }
+        if let Some(n) = from_rows.keys().next() {
+            return Err(broken(format!("tag rows of a missing {}", format_id(*n))));
+        }
+        let meta = |key: &str| -> Result<u64> {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(to_u64)
+            .map_err(err)
+        };
+        if meta("live")? != live {
+            return Err(broken(format!("live count {} for {live}", meta("live")?)));
+        }
+        let last_token: i64 = conn
+            .query_row(
+                "SELECT coalesce(max(first + count), 1) FROM tokens",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let next = meta("next")?;
+        if next <= max_n || next < to_u64(last_token) {
+            return Err(broken(format!("next number {next} after {max_n}")));
+        }
+        Ok(())
+    }
 }

@@ -83,7 +83,7 @@ async fn defaults_and_basics() -> Result<()> {
     assert_eq!(p.kind(), "sim");
     assert_eq!(p.default_image(), "sim-image-1");
     assert_eq!(p.catalog(), catalog().as_slice());
-    assert_eq!(p.state_path(), h.path().join("sim").join("state.json"));
+    assert_eq!(p.state_path(), h.path().join("sim").join("state.db"));
 
     // A fresh account lists nothing, and does not need a state file for that.
     let page = p.list_page(&TagFilter::new(), None).await?;
@@ -569,56 +569,126 @@ async fn two_providers_on_one_home_serialize_and_see_each_other() -> Result<()> 
     Ok(())
 }
 
+fn io(e: std::io::Error) -> ProviderError {
+    ProviderError::Internal(e.to_string())
+}
+
 #[tokio::test]
-async fn a_corrupt_state_file_is_a_clear_error() -> Result<()> {
+async fn a_corrupt_state_database_is_a_clear_error() -> Result<()> {
     let h = home();
     let p = sim(h.path());
     p.launch(&request(3, "a", &[])).await?;
+    // The last connection's close folds the write-ahead log into the file.
+    drop(p);
     let path = state_path(h.path());
-    let bytes = std::fs::read(&path).map_err(|e| ProviderError::Internal(e.to_string()))?;
-    std::fs::write(&path, &bytes[..bytes.len() / 2])
-        .map_err(|e| ProviderError::Internal(e.to_string()))?;
+    let len = std::fs::metadata(&path).map_err(io)?.len() as usize;
+    assert!(len > 0);
+    let garbage = vec![b'x'; len];
+    std::fs::write(&path, &garbage).map_err(io)?;
 
-    for q in [sim(h.path()), p] {
-        let r = q.list_page(&TagFilter::new(), None).await;
-        match r {
-            Err(ProviderError::Internal(m)) => {
-                assert!(m.contains(&path.display().to_string()), "{m}");
-                assert!(m.contains("corrupt"), "{m}");
-            }
-            other => panic!("expected Internal, got {other:?}"),
+    let q = sim(h.path());
+    match q.list_page(&TagFilter::new(), None).await {
+        Err(ProviderError::Internal(m)) => {
+            assert!(m.contains(&path.display().to_string()), "{m}");
+            assert!(m.contains("corrupt"), "{m}");
         }
-        let r = q.launch(&request(1, "b", &[])).await;
-        assert!(matches!(r, Err(ProviderError::Internal(_))), "{r:?}");
+        other => panic!("expected Internal, got {other:?}"),
     }
+    let r = q.launch(&request(1, "b", &[])).await;
+    assert!(matches!(r, Err(ProviderError::Internal(_))), "{r:?}");
     // Nothing overwrote the broken file.
-    let after = std::fs::read(&path).map_err(|e| ProviderError::Internal(e.to_string()))?;
-    assert_eq!(after.len(), bytes.len() / 2);
+    assert_eq!(std::fs::read(&path).map_err(io)?, garbage);
 
-    for garbage in [
-        &b""[..],
-        b"not json",
-        b"{\"v\":99,\"gen\":0,\"next\":1,\"instances\":{},\"tokens\":{}}",
-    ] {
-        std::fs::write(&path, garbage).map_err(|e| ProviderError::Internal(e.to_string()))?;
-        let r = sim(h.path()).list_page(&TagFilter::new(), None).await;
-        assert!(matches!(r, Err(ProviderError::Internal(_))), "{r:?}");
+    std::fs::write(&path, b"not a database").map_err(io)?;
+    let r = sim(h.path()).list_page(&TagFilter::new(), None).await;
+    assert!(matches!(r, Err(ProviderError::Internal(_))), "{r:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_database_of_another_format_version_is_refused() -> Result<()> {
+    let h = home();
+    sim(h.path()).launch(&request(1, "a", &[])).await?;
+    let db = rusqlite::Connection::open(state_path(h.path()))
+        .map_err(|e| ProviderError::Internal(e.to_string()))?;
+    db.execute("UPDATE meta SET value = 99 WHERE key = 'format'", [])
+        .map_err(|e| ProviderError::Internal(e.to_string()))?;
+    drop(db);
+    match sim(h.path()).list_page(&TagFilter::new(), None).await {
+        Err(ProviderError::Internal(m)) => assert!(m.contains("format version 99"), "{m}"),
+        other => panic!("expected Internal, got {other:?}"),
     }
     Ok(())
 }
 
 #[tokio::test]
-async fn a_leftover_temp_file_from_a_killed_writer_is_harmless() -> Result<()> {
+async fn filters_of_several_pairs_page_through_exactly_their_instances() -> Result<()> {
+    let h = home();
+    let p = sim_with(h.path(), |c| c.page_size = 7);
+    // A common pair (project), a rarer one (team) and a rare one (name),
+    // interleaved in id order.
+    for round in 0..6 {
+        for (name, count) in [("big", 20), ("small", 3)] {
+            let team = if round % 2 == 0 { "data" } else { "ml" };
+            p.launch(&request(
+                count,
+                &format!("{name}-{round}"),
+                &[("motorpool-project", "p"), ("team", team), ("name", name)],
+            ))
+            .await?;
+        }
+    }
+    p.launch(&request(
+        5,
+        "other",
+        &[("motorpool-project", "q"), ("name", "small")],
+    ))
+    .await?;
+    let cases: [(&[(&str, &str)], usize); 4] = [
+        (&[("motorpool-project", "p"), ("name", "small")], 18),
+        (
+            &[("motorpool-project", "p"), ("team", "ml"), ("name", "big")],
+            60,
+        ),
+        (&[("name", "small"), ("team", "data")], 9),
+        (&[("motorpool-project", "q"), ("team", "data")], 0),
+    ];
+    for (pairs, want) in cases {
+        let filter = tags(pairs);
+        let (got, pages) = list_all(&p, &filter).await?;
+        assert_eq!(got.len(), want, "{pairs:?}");
+        assert_eq!(pages, want.div_ceil(7).max(1), "{pairs:?}");
+        assert!(
+            got.windows(2).all(|w| w[0].id < w[1].id),
+            "sorted, no repeats"
+        );
+        for i in &got {
+            for (k, v) in pairs {
+                assert_eq!(i.tag(k), Some(*v), "{} under {pairs:?}", i.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn ids_of_other_shapes_are_unknown() -> Result<()> {
     let h = home();
     let p = sim(h.path());
-    p.launch(&request(2, "a", &[])).await?;
-    let tmp = h.path().join("sim").join("state.json.tmp");
-    std::fs::write(&tmp, b"{\"v\":1,\"gen\":")
-        .map_err(|e| ProviderError::Internal(e.to_string()))?;
-    let q = sim(h.path());
-    assert_eq!(q.snapshot().await?.len(), 2);
-    q.launch(&request(1, "b", &[])).await?;
-    assert_eq!(sim(h.path()).snapshot().await?.len(), 3);
+    let got = p.launch(&request(1, "a", &[])).await?;
+    assert_eq!(got[0].id, "sim-00000001");
+    for id in [
+        "sim-1",
+        "sim-00000001 ",
+        "SIM-00000001",
+        "sim-0000000g",
+        "i-00000001",
+    ] {
+        let r = p.stop(&[id.to_string()]).await;
+        assert!(matches!(r, Err(ProviderError::NotFound(_))), "{id}: {r:?}");
+        p.terminate(&[id.to_string()]).await?;
+    }
+    assert_eq!(p.snapshot().await?.len(), 1);
     Ok(())
 }
 
@@ -678,7 +748,7 @@ async fn ten_thousand_instances_list_in_pages() -> Result<()> {
         .map(|m| m.len())
         .unwrap_or(0);
 
-    // A fresh provider: the first page parses the file, the others use the cache.
+    // A fresh provider: a cold connection.
     let fresh = sim(h.path());
     let started = Instant::now();
     let (all, pages) = list_all(&fresh, &tags(&[("motorpool-project", "bench")])).await?;
@@ -743,7 +813,9 @@ async fn a_launch_is_one_write_and_concurrent_mutations_share_writes() -> Result
 }
 
 /// Set by the cross-process tests when they run this test binary as a child:
-/// `HOME|TOKEN_PREFIX|LAUNCHES`.
+/// `HOME|TOKEN_PREFIX|ROUNDS|MODE`. Mode `launch`: launch one instance tagged
+/// `by=PREFIX` per round. Mode `retag`: per round, set `last=PREFIX-ROUND` on
+/// every instance tagged `base=yes`, in one call.
 const CHILD_ENV: &str = "MOTORPOOL_SIM_TEST_CHILD";
 
 /// Not a test of its own: the body of a child process of the tests below.
@@ -752,22 +824,56 @@ async fn child_process_helper() -> Result<()> {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
         return Ok(());
     };
+    let bad = || ProviderError::Internal(format!("bad {CHILD_ENV}: {spec}"));
     let parts: Vec<&str> = spec.split('|').collect();
-    let [home, prefix, launches] = parts[..] else {
-        return Err(ProviderError::Internal(format!("bad {CHILD_ENV}: {spec}")));
+    let [home, prefix, rounds, mode] = parts[..] else {
+        return Err(bad());
     };
-    let launches: u32 = launches
-        .parse()
-        .map_err(|_| ProviderError::Internal(format!("bad {CHILD_ENV}: {spec}")))?;
+    let rounds: u32 = rounds.parse().map_err(|_| bad())?;
     let p = sim(Path::new(home));
-    for i in 0..launches {
-        p.launch(&request(1, &format!("{prefix}-{i}"), &[("by", prefix)]))
-            .await?;
+    match mode {
+        "launch" => {
+            for i in 0..rounds {
+                p.launch(&request(1, &format!("{prefix}-{i}"), &[("by", prefix)]))
+                    .await?;
+            }
+        }
+        "retag" => {
+            let (base, _) = list_all(&p, &tags(&[("base", "yes")])).await?;
+            for i in 0..rounds {
+                let change = Retag {
+                    set: tags(&[("last", &format!("{prefix}-{i}"))]),
+                    remove: vec![],
+                };
+                p.retag(&ids(&base), &change).await?;
+            }
+        }
+        _ => return Err(bad()),
     }
     Ok(())
 }
 
-fn spawn_child(home: &Path, prefix: &str, launches: u32) -> std::process::Child {
+/// A child process of this test binary, killed if still running when dropped
+/// (a failing test leaves nothing behind).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Child {
+    fn wait_success(&mut self) {
+        match self.0.wait() {
+            Ok(status) => assert!(status.success(), "child failed: {status}"),
+            Err(e) => panic!("cannot wait for a child: {e}"),
+        }
+    }
+}
+
+fn spawn_child(home: &Path, prefix: &str, rounds: u32, mode: &str) -> Child {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => panic!("no test binary path: {e}"),
@@ -779,12 +885,15 @@ fn spawn_child(home: &Path, prefix: &str, launches: u32) -> std::process::Child 
             "--test-threads=1",
             "-q",
         ])
-        .env(CHILD_ENV, format!("{}|{prefix}|{launches}", home.display()))
+        .env(
+            CHILD_ENV,
+            format!("{}|{prefix}|{rounds}|{mode}", home.display()),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .spawn();
     match child {
-        Ok(c) => c,
+        Ok(c) => Child(c),
         Err(e) => panic!("cannot start a child process: {e}"),
     }
 }
@@ -792,53 +901,88 @@ fn spawn_child(home: &Path, prefix: &str, launches: u32) -> std::process::Child 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_processes_share_the_account_without_lost_updates() -> Result<()> {
     let h = home();
-    let children = [
-        spawn_child(h.path(), "child-a", 40),
-        spawn_child(h.path(), "child-b", 40),
+    let mut children = [
+        spawn_child(h.path(), "child-a", 40, "launch"),
+        spawn_child(h.path(), "child-b", 40, "launch"),
     ];
     let p = sim(h.path());
     for i in 0..40 {
         p.launch(&request(1, &format!("parent-{i}"), &[("by", "parent")]))
             .await?;
     }
-    for mut child in children {
-        let status = child
-            .wait()
-            .map_err(|e| ProviderError::Internal(e.to_string()))?;
-        assert!(status.success(), "child failed: {status}");
+    for child in &mut children {
+        child.wait_success();
     }
     let (all, _) = list_all(&p, &TagFilter::new()).await?;
     assert_eq!(all.len(), 120);
     for by in ["parent", "child-a", "child-b"] {
         assert_eq!(all.iter().filter(|i| i.tag("by") == Some(by)).count(), 40);
+        let (tagged, _) = list_all(&p, &tags(&[("by", by)])).await?;
+        assert_eq!(tagged.len(), 40, "the tag index agrees");
     }
     let unique: BTreeSet<_> = ids(&all).into_iter().collect();
     assert_eq!(unique.len(), 120);
+    p.store.check_consistency()?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_writer_killed_mid_write_leaves_a_readable_state() -> Result<()> {
+async fn processes_retagging_the_same_instances_at_once_leave_each_call_whole() -> Result<()> {
     let h = home();
     let p = sim(h.path());
-    // A big state, so that the child spends most of its time writing it.
+    p.launch(&request(300, "base", &[("base", "yes")])).await?;
+    let mut children = [
+        spawn_child(h.path(), "a", 60, "retag"),
+        spawn_child(h.path(), "b", 60, "retag"),
+    ];
+    // Meanwhile this process launches and terminates others.
+    for round in 0..10 {
+        let more = p
+            .launch(&request(5, &format!("more-{round}"), &[("base", "no")]))
+            .await?;
+        p.terminate(&ids(&more[..2])).await?;
+    }
+    for child in &mut children {
+        child.wait_success();
+    }
+    let (left, _) = list_all(&p, &tags(&[("base", "yes")])).await?;
+    assert_eq!(left.len(), 300);
+    // Every retag call set one value on all 300 at once: whichever came last
+    // is on every instance, never a mix of two calls.
+    let last: BTreeSet<Option<&str>> = left.iter().map(|i| i.tag("last")).collect();
+    assert_eq!(last.len(), 1, "a mix of retags: {last:?}");
+    let winner = last.into_iter().next().flatten().unwrap_or_default();
+    assert!(winner == "a-59" || winner == "b-59", "{winner}");
+    let (by_index, _) = list_all(&p, &tags(&[("last", winner), ("base", "yes")])).await?;
+    assert_eq!(ids(&by_index), ids(&left));
+    assert_eq!(list_all(&p, &tags(&[("base", "no")])).await?.0.len(), 30);
+    p.store.check_consistency()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_killed_mid_write_leaves_a_consistent_account() -> Result<()> {
+    let h = home();
+    let p = sim(h.path());
     p.launch(&request(5000, "base", &[("motorpool-project", "big")]))
         .await?;
     for delay_ms in [50, 120, 230] {
-        let mut child = spawn_child(h.path(), &format!("k{delay_ms}"), 100_000);
+        let mut child = spawn_child(h.path(), &format!("k{delay_ms}"), 100_000, "launch");
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        let killed = child.kill();
-        let _ = child.wait();
-        killed.map_err(|e| ProviderError::Internal(e.to_string()))?;
+        // SIGKILL, in the middle of some transaction.
+        drop(child.0.kill());
+        drop(child);
         let fresh = sim(h.path());
         let (all, _) = list_all(&fresh, &TagFilter::new()).await?;
         assert!(all.len() >= 5000);
         let prefix = format!("k{delay_ms}");
         let made = all.iter().filter(|i| i.tag("by") == Some(&prefix)).count();
         println!("child killed after {delay_ms} ms had launched {made}");
-        fresh
+        fresh.store.check_consistency()?;
+        let after = fresh
             .launch(&request(1, &format!("after-{delay_ms}"), &[]))
             .await?;
+        assert!(ids(&all).iter().all(|id| *id < after[0].id), "no id reused");
     }
     Ok(())
 }
