@@ -11,23 +11,29 @@ distributed and PySpark, in one run, on this machine.
                         like the peers' tasks do
              Dask       client.map(noop, range(N)) on LocalCluster(2 workers x 1 thread)
              PySpark    sc.parallelize(range(N), N).foreach(noop) on local[2]
-  wordcount  word count over generated text (default 1024 MiB; --size-mb):
+  wordcount  word count over generated text (at 256 MiB and 1 GiB; --size-mb),
+             each motorpool form next to its single-process twin:
              motorpool streaming    map/reduce commands: a small C program (gcc -O2)
-             motorpool Python       map/reduce Python functions (long-lived workers,
-                                    map-side combiner)
+               twin                 the same C program alone over the whole input
+             motorpool per-record   Python functions tokenize(line) and add(a, b)
+                                    (long-lived workers, map-side combiner)
+               twin                 one CPython process calling the same two functions
+             motorpool partition    a Python function over a whole partition
+                                    (`per: partition`) counting with collections.Counter
+               twin                 one CPython process: Counter over the whole input
              PySpark RDD            textFile.flatMap(split).map((w,1)).reduceByKey(add)
              Dask bag               read_text.str.split().flatten().frequencies()
-             single process         the C program alone; Python collections.Counter
              Every answer is checked equal (distinct words, total, sha256).
 
 motorpool runs as 3 processes (a driver and 2 executors of 1 core each, on
-loopback) like a cluster would; its time is the client's: bundle, upload of
-the input to the driver, scheduling, map, shuffle, reduce, and the output
-written back. Peers' cluster start-up is not timed (nor is motorpool's).
+loopback) like a cluster would; its time is the client's: bundle, submit
+(input on this machine is read where it lies, not uploaded), scheduling, map,
+shuffle, reduce, and the output written back. Peers' cluster start-up is not
+timed (nor is motorpool's).
 PySpark and Dask come from PyPI into a virtualenv this script makes
 (bench/.venv). Java 17 must be on the PATH for PySpark.
 
-Usage: python3 bench/runtime.py [--size-mb N] [--noop-tasks N] [--only noop|wordcount]
+Usage: python3 bench/runtime.py [--size-mb N [N ...]] [--noop-tasks N] [--only noop|wordcount]
                                 [--skip-peers] [--binary PATH --submit PATH]
 Builds the release binary and the submitter (cargo example runtime-submit)
 unless --binary/--submit are given. Prints figures and ratios.
@@ -227,6 +233,24 @@ jobs:
         map: {{ input: "data/*.txt", python: {{ file: wc.py, function: tokenize }}, partition_mb: {partition_mb} }}
         reduce: {{ partitions: 2, python: {{ file: wc.py, function: add }} }}
         output: out/python
+  wc-partition:
+    cluster: bench
+    tasks:
+      count:
+        map: {{ input: "data/*.txt", python: {{ file: wcpart.py, function: count, per: partition }}, partition_mb: {partition_mb} }}
+        reduce: {{ partitions: 2, python: {{ file: wc.py, function: add }} }}
+        output: out/partition
+"""
+
+WCPART = """\
+from collections import Counter
+
+
+def count(lines):
+    counts = Counter()
+    for line in lines:
+        counts.update(line.split())
+    return counts
 """
 
 
@@ -236,16 +260,20 @@ def fmt_s(s):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mb", type=int, default=1024, help="word count input size in MiB (default 1024)")
+    ap.add_argument("--size-mb", type=int, nargs="+", default=[256, 1024],
+                    help="word count input sizes in MiB (default 256 1024)")
     ap.add_argument("--noop-tasks", type=int, default=100_000)
     ap.add_argument("--peer-budget-s", type=float, default=300,
                     help="a peer's no-op run stops growing past this (rounds of 1k, 10k, 100k tasks)")
     ap.add_argument("--partition-mb", type=int, default=64, help="map partition size for every system")
     ap.add_argument("--only", choices=["noop", "wordcount"])
-    ap.add_argument("--skip-peers", action="store_true", help="motorpool and the baselines only")
+    ap.add_argument("--skip-peers", action="store_true", help="motorpool and the single-process twins only")
+    ap.add_argument("--forms", default="native,python,partition",
+                    help="motorpool word count forms to run (default native,python,partition)")
     ap.add_argument("--binary")
     ap.add_argument("--submit")
     args = ap.parse_args()
+    forms = [f for f in args.forms.split(",") if f]
 
     os.makedirs(OUT, exist_ok=True)
     if args.binary and args.submit:
@@ -264,6 +292,8 @@ def main():
     subprocess.run(["gcc", "-O2", "-o", os.path.join(job, "wcnative"),
                     os.path.join(BENCH, "runtime_wcnative.c"), "-lm"], check=True)
     shutil.copy(os.path.join(ROOT, "testdata", "jobs", "wordcount", "wc.py"), job)
+    with open(os.path.join(job, "wcpart.py"), "w") as f:
+        f.write(WCPART)
     open(os.path.join(job, "empty.txt"), "w").close()
     with open(os.path.join(job, "lines.txt"), "w") as f:
         f.write("x\n" * args.noop_tasks)
@@ -271,15 +301,17 @@ def main():
         f.write("def noop(line):\n    return ()\n")
     with open(os.path.join(job, "motorpool.yaml"), "w") as f:
         f.write(SPEC.format(executors=executors, noop_tasks=args.noop_tasks, partition_mb=args.partition_mb))
-    size = args.size_mb << 20
-    data = os.path.join(OUT, f"text-{args.size_mb}mb-{SEED}.txt")
-    if args.only != "noop" and not (os.path.exists(data) and os.path.getsize(data) >= size):
-        log(f"==> generating {args.size_mb} MiB of text")
-        with open(data + ".tmp", "wb") as f:
-            subprocess.run([os.path.join(job, "wcnative"), "gen", str(size), str(SEED)], stdout=f, check=True)
-        os.replace(data + ".tmp", data)
-    if args.only != "noop":
-        os.symlink(data, os.path.join(job, "data", "input.txt"))
+    sizes = [] if args.only == "noop" else args.size_mb
+    inputs = {}
+    for mb in sizes:
+        data = os.path.join(OUT, f"text-{mb}mb-{SEED}.txt")
+        if not (os.path.exists(data) and os.path.getsize(data) >= mb << 20):
+            log(f"==> generating {mb} MiB of text")
+            with open(data + ".tmp", "wb") as f:
+                subprocess.run([os.path.join(job, "wcnative"), "gen", str(mb << 20), str(SEED)], stdout=f, check=True)
+            os.replace(data + ".tmp", data)
+        inputs[mb] = data
+    link = os.path.join(job, "data", "input.txt")
 
     results = {}
     procs = Processes()
@@ -292,12 +324,16 @@ def main():
             log(f"==> motorpool: {args.noop_tasks} tasks each calling a Python no-op function")
             r = submit(submitter, address, job, "noop-python")
             results["noop/motorpool-python"] = {"seconds": r["wall_s"], "tasks": args.noop_tasks}
-        if args.only != "noop":
-            for name, out in [("wc-native", "native"), ("wc-python", "python")]:
-                log(f"==> motorpool: {name} over {args.size_mb} MiB")
+        for mb in sizes:
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(inputs[mb], link)
+            for out in forms:
+                name = {"native": "wc-native", "python": "wc-python", "partition": "wc-partition"}[out]
+                log(f"==> motorpool: {name} over {mb} MiB")
                 r = submit(submitter, address, job, name)
                 t = r["summary"]["tasks"][0]
-                results[f"wordcount/motorpool-{out}"] = {
+                results[f"wordcount-{mb}/motorpool-{out}"] = {
                     "seconds": r["wall_s"],
                     "maps": t["map_partitions"],
                     "shuffle_bytes": t["shuffle_bytes"],
@@ -306,33 +342,48 @@ def main():
     finally:
         procs.stop_all()
 
-    if args.only != "noop":
-        log("==> single process: the C program")
-        start = time.perf_counter()
-        with open(data, "rb") as f:
-            out = subprocess.run([os.path.join(job, "wcnative"), "map"], stdin=f, capture_output=True, check=True)
-        seconds = time.perf_counter() - start
-        results["wordcount/single-c"] = {"seconds": seconds, **digest_lines(out.stdout.decode().splitlines())}
-        log("==> single process: Python Counter")
-        results["wordcount/single-python"] = peer(sys.executable, "python-wordcount", data)
+    for mb in sizes:
+        data = inputs[mb]
+        key = f"wordcount-{mb}"
+        if "native" in forms:
+            log(f"==> single process over {mb} MiB: the C program")
+            start = time.perf_counter()
+            with open(data, "rb") as f:
+                out = subprocess.run([os.path.join(job, "wcnative"), "map"], stdin=f, capture_output=True, check=True)
+            seconds = time.perf_counter() - start
+            results[f"{key}/single-c"] = {"seconds": seconds, **digest_lines(out.stdout.decode().splitlines())}
+        if "partition" in forms:
+            log(f"==> single process over {mb} MiB: Python Counter")
+            results[f"{key}/single-counter"] = peer(sys.executable, "python-wordcount", data)
+        if "python" in forms:
+            log(f"==> single process over {mb} MiB: Python calling tokenize and add")
+            results[f"{key}/single-functions"] = peer(sys.executable, "python-functions", data,
+                                                      os.path.join(job, "wc.py"))
+        if python:
+            parts = max(1, -(-(mb << 20) // (args.partition_mb << 20)))
+            log(f"==> PySpark: word count over {mb} MiB")
+            results[f"{key}/pyspark"] = peer(python, "spark-wordcount", data, parts)
+            log(f"==> Dask bag: word count over {mb} MiB")
+            results[f"{key}/dask"] = peer(python, "dask-wordcount", data, args.partition_mb << 20)
 
-    if python:
-        if args.only != "wordcount":
-            log(f"==> Dask: {args.noop_tasks} no-op tasks")
-            results["noop/dask"] = peer(python, "dask-noop", args.noop_tasks, args.peer_budget_s)
-            log(f"==> PySpark: {args.noop_tasks} no-op tasks")
-            results["noop/pyspark"] = peer(python, "spark-noop", args.noop_tasks, args.peer_budget_s)
-        if args.only != "noop":
-            parts = max(1, -(-size // (args.partition_mb << 20)))
-            log(f"==> PySpark: word count over {args.size_mb} MiB")
-            results["wordcount/pyspark"] = peer(python, "spark-wordcount", data, parts)
-            log(f"==> Dask bag: word count over {args.size_mb} MiB")
-            results["wordcount/dask"] = peer(python, "dask-wordcount", data, args.partition_mb << 20)
+    if python and args.only != "wordcount":
+        log(f"==> Dask: {args.noop_tasks} no-op tasks")
+        results["noop/dask"] = peer(python, "dask-noop", args.noop_tasks, args.peer_budget_s)
+        log(f"==> PySpark: {args.noop_tasks} no-op tasks")
+        results["noop/pyspark"] = peer(python, "spark-noop", args.noop_tasks, args.peer_budget_s)
 
-    report(results, args)
+    report(results, args, sizes)
 
 
-def report(results, args):
+# Each motorpool form, its single-process twin, and the target ratio on 2 cores.
+FORMS = [
+    ("motorpool-native", "streaming (C mapper)", "single-c", "the C program alone", 1.5),
+    ("motorpool-python", "per-record Python fns", "single-functions", "one process, same fns", 1.8),
+    ("motorpool-partition", "partition fn (Counter)", "single-counter", "one process, Counter", 1.5),
+]
+
+
+def report(results, args, sizes):
     print()
     print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cpus)")
     if "noop/motorpool" in results:
@@ -355,35 +406,41 @@ def report(results, args):
         verdict = "met" if mp_rate >= 20_000 else "MISSED"
         print(f"  target >= 20,000 tasks/s: {verdict} ({mp_rate:,.0f}/s empty map, {mp_py_rate:,.0f}/s Python fn)")
         print()
-    wc = {k: v for k, v in results.items() if k.startswith("wordcount/")}
-    if wc:
-        print(f"Word count over {args.size_mb} MiB of text (2 cores)")
-        spark = wc.get("wordcount/pyspark")
-        labels = [("wordcount/motorpool-native", "motorpool streaming (C)"),
-                  ("wordcount/motorpool-python", "motorpool Python fns"),
-                  ("wordcount/pyspark", "PySpark RDD"),
-                  ("wordcount/dask", "Dask bag"),
-                  ("wordcount/single-c", "single process, C"),
-                  ("wordcount/single-python", "single process, Python")]
-        for key, label in labels:
-            if key not in wc:
+    for mb in sizes:
+        key = f"wordcount-{mb}"
+        wc = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(key + "/")}
+        if not wc:
+            continue
+        print(f"Word count over {mb} MiB of text (2 cores)")
+        spark = wc.get("pyspark")
+        print(f"  {'motorpool form':<24} {'motorpool':>10}   {'its single-process twin':<24} {'twin':>10}   ratio   target")
+        for mine, label, twin, twin_label, target in FORMS:
+            if mine not in wc or twin not in wc:
                 continue
-            r = wc[key]
-            mbs = args.size_mb / r["seconds"]
-            ratio = f"   {spark['seconds'] / r['seconds']:6.2f}x PySpark" if spark else ""
-            print(f"  {label:<26} {fmt_s(r['seconds'])}  {mbs:8.1f} MiB/s{ratio}")
+            a, b = wc[mine]["seconds"], wc[twin]["seconds"]
+            ratio = b / a
+            verdict = "met" if ratio >= target else "MISSED"
+            print(f"  {label:<24} {fmt_s(a)}   {twin_label:<24} {fmt_s(b)}  {ratio:5.2f}x  >= {target}x {verdict}")
+        for k, label in [("pyspark", "PySpark RDD"), ("dask", "Dask bag")]:
+            if k not in wc:
+                continue
+            r = wc[k]
+            line = f"  {label:<24} {fmt_s(r['seconds'])}  {mb / r['seconds']:8.1f} MiB/s"
+            if "motorpool-native" in wc:
+                line += f"   motorpool streaming is {r['seconds'] / wc['motorpool-native']['seconds']:5.1f}x faster"
+            print(line)
         digests = {(r["distinct"], r["total"], r["sha256"]) for r in wc.values()}
         if len(digests) == 1:
             d, t, _ = next(iter(digests))
-            print(f"  every answer equal: {d:,} distinct words, {t:,} words")
+            print(f"  every answer equal ({len(wc)} systems): {d:,} distinct words, {t:,} words")
         else:
             print("  ANSWERS DIFFER:")
             for k, r in wc.items():
                 print(f"    {k}: {r['distinct']} distinct, {r['total']} total, {r['sha256'][:12]}")
-        if spark and "wordcount/motorpool-native" in wc:
-            ratio = spark["seconds"] / wc["wordcount/motorpool-native"]["seconds"]
-            print(f"  target motorpool >= 5x PySpark: {'met' if ratio >= 5 else 'MISSED'} ({ratio:.1f}x)")
-    print()
+        if spark and "motorpool-native" in wc:
+            ratio = spark["seconds"] / wc["motorpool-native"]["seconds"]
+            print(f"  target motorpool streaming >= 5x PySpark: {'met' if ratio >= 5 else 'MISSED'} ({ratio:.1f}x)")
+        print()
     print(json.dumps(results, indent=1, sort_keys=True), file=sys.stderr)
 
 

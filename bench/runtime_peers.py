@@ -6,6 +6,7 @@ measurement per process, its result as one JSON line on stdout.
   python runtime_peers.py spark-wordcount PATH PARTITIONS
   python runtime_peers.py dask-wordcount PATH BLOCKSIZE_BYTES
   python runtime_peers.py python-wordcount PATH
+  python runtime_peers.py python-functions PATH WC_PY
 
 Cluster start-up (JVM, SparkContext, Dask LocalCluster) is not timed; a tiny
 warm-up job runs first so that worker processes exist. No-op runs go in
@@ -156,6 +157,28 @@ def python_wordcount(path):
     return {"seconds": seconds, **digest(counts.items())}
 
 
+def python_functions(path, wc_file):
+    """One process calling the per-record functions motorpool's workers call
+    (tokenize(line) -> (word, 1) pairs, add(a, b)), combining as they do."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wc", wc_file)
+    wc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wc)
+    tokenize, add = wc.tokenize, wc.add
+    start = time.perf_counter()
+    counts = {}
+    get = counts.get
+    missing = object()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            for k, v in tokenize(line.rstrip("\n")):
+                old = get(k, missing)
+                counts[k] = v if old is missing else add(old, v)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, **digest(counts.items())}
+
+
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "spark-noop":
@@ -168,6 +191,8 @@ def main():
         result = dask_wordcount(args[0], int(args[1]))
     elif mode == "python-wordcount":
         result = python_wordcount(args[0])
+    elif mode == "python-functions":
+        result = python_functions(args[0], args[1])
     else:
         sys.exit(f"unknown mode {mode}")
     print(json.dumps(result), flush=True)

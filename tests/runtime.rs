@@ -65,6 +65,21 @@ impl Cluster {
         cores: usize,
         tune: impl FnOnce(&mut DriverConfig),
     ) -> Cluster {
+        Self::start_full(executors, cores, tune, true).await
+    }
+
+    /// Executors that read map input from the driver (ReadInput), as on
+    /// machines that do not share the driver's disk.
+    async fn start_remote(executors: usize, cores: usize) -> Cluster {
+        Self::start_full(executors, cores, |_| {}, false).await
+    }
+
+    async fn start_full(
+        executors: usize,
+        cores: usize,
+        tune: impl FnOnce(&mut DriverConfig),
+        read_in_place: bool,
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("mp-runtime-")
             .tempdir()
@@ -91,6 +106,7 @@ impl Cluster {
                 cluster.dir.path().join(format!("exec-{i}")),
             );
             c.cores = cores;
+            c.read_in_place = read_in_place;
             cluster
                 .executors
                 .push(executor::serve(c).await.expect("executor starts"));
@@ -255,7 +271,7 @@ async fn run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wordcount_streaming_equals_the_reference() {
-    let cluster = Cluster::start(2, 2).await;
+    let cluster = Cluster::start_remote(2, 2).await;
     // Partitions of ~150 KB: read from the driver (ReadInput), not inlined.
     let (base, reference) = job_dir(20000, 3, 1);
     // Stale output of an earlier run must not survive.
@@ -296,6 +312,7 @@ async fn wordcount_python_functions_equal_the_reference() {
     let f = |function: &str| PythonFunction {
         file: "wc.py".into(),
         function: function.into(),
+        per: None,
     };
     let mut job = Job::default();
     job.tasks.insert(
@@ -525,6 +542,7 @@ async fn a_failing_task_fails_the_job_after_retries_plus_one_attempts() {
                 python: Some(PythonFunction {
                     file: "bad.py".into(),
                     function: "f".into(),
+                    per: None,
                 }),
                 partitions: Some(1),
                 ..MapStage::default()
@@ -799,5 +817,562 @@ async fn bad_jobs_get_clear_errors() {
             .contains("matches no file"),
         "{summary:?}"
     );
+    cluster.shutdown().await;
+}
+
+/// Partition functions for the tests: a `Counter` over the whole partition
+/// (a mapping), a generator of pairs, one that reads a single record, and
+/// one that raises half way.
+const PARTITION_PY: &str = r#"
+from collections import Counter
+
+
+def count(lines):
+    counts = Counter()
+    for line in lines:
+        counts.update(line.split())
+    return counts
+
+
+def pairs(lines):
+    for line in lines:
+        for word in line.split():
+            yield word, 1
+
+
+def first_only(lines):
+    for line in lines:
+        return {"first": 1}
+    return {}
+
+
+def boom(lines):
+    for i, line in enumerate(lines):
+        if i == 10:
+            raise ValueError("no more lines for me")
+    return {}
+"#;
+
+fn partition_job(function: &str, reduce: bool, output: &str) -> Job {
+    let mut job = Job::default();
+    job.tasks.insert(
+        "count".into(),
+        Task {
+            map: Some(MapStage {
+                input: "data/*.txt".into(),
+                python: Some(PythonFunction {
+                    file: "part.py".into(),
+                    function: function.into(),
+                    per: Some(motorpool::spec::PythonPer::Partition),
+                }),
+                partitions: Some(4),
+                ..MapStage::default()
+            }),
+            reduce: reduce.then(|| ReduceStage {
+                partitions: Some(3),
+                python: Some(PythonFunction {
+                    file: "wc.py".into(),
+                    function: "add".into(),
+                    per: None,
+                }),
+                ..ReduceStage::default()
+            }),
+            output: Some(output.into()),
+            retries: Some(0),
+            ..Task::default()
+        },
+    );
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partition_functions_count_what_one_process_counts() {
+    let cluster = Cluster::start(2, 2).await;
+    // Partitions of ~150 KB: read by the executors where they lie.
+    let (base, reference) = job_dir(20000, 3, 11);
+    std::fs::write(base.path().join("part.py"), PARTITION_PY).expect("write part.py");
+    let lines: u64 = (0..3)
+        .map(|f| {
+            let text = std::fs::read_to_string(base.path().join(format!("data/part{f}.txt")))
+                .expect("read");
+            text.lines().count() as u64
+        })
+        .sum();
+
+    // A mapping per partition (Counter), reduced by `add`.
+    let summary = run(
+        &cluster,
+        "wc-part",
+        partition_job("count", true, "out/count"),
+        base.path(),
+        |_| {},
+    )
+    .await;
+    assert!(summary.ok, "{summary:#?}");
+    assert_eq!(read_part_files(&base.path().join("out/count")), reference);
+    let t = summary.task("count").expect("task");
+    assert_eq!((t.map_partitions, t.reduce_partitions), (4, 3));
+    // Every line went in once (records of the maps + records of the reduces).
+    assert!(t.records_in > lines, "{t:?}");
+    // One record per distinct word and map partition at most crossed the shuffle.
+    assert!(t.records_out <= reference.len() as u64 * 4, "{t:?}");
+
+    // (key, value) pairs from a generator: combined map-side with `add`.
+    let summary = run(
+        &cluster,
+        "wc-pairs",
+        partition_job("pairs", true, "out/pairs"),
+        base.path(),
+        |_| {},
+    )
+    .await;
+    assert!(summary.ok, "{summary:#?}");
+    assert_eq!(read_part_files(&base.path().join("out/pairs")), reference);
+
+    // Map-only: each partition's mapping is its part file; together they
+    // count every word once.
+    let summary = run(
+        &cluster,
+        "wc-maponly",
+        partition_job("count", false, "out/maponly"),
+        base.path(),
+        |_| {},
+    )
+    .await;
+    assert!(summary.ok, "{summary:#?}");
+    let mut summed: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..4 {
+        let text = std::fs::read_to_string(base.path().join(format!("out/maponly/part-{i:05}")))
+            .expect("part file");
+        for line in text.lines() {
+            let (w, c) = line.split_once('\t').expect("key<TAB>value");
+            *summed.entry(w.to_string()).or_default() += c.parse::<u64>().expect("count");
+        }
+    }
+    assert_eq!(summed, reference);
+
+    // A function that stops reading early leaves its worker in step.
+    let summary = run(
+        &cluster,
+        "wc-first",
+        partition_job("first_only", true, "out/first"),
+        base.path(),
+        |_| {},
+    )
+    .await;
+    assert!(summary.ok, "{summary:#?}");
+    assert_eq!(
+        read_part_files(&base.path().join("out/first")),
+        BTreeMap::from([("first".to_string(), 4)])
+    );
+
+    // An exception fails the task with its message and traceback.
+    let summary = run(
+        &cluster,
+        "wc-boom",
+        partition_job("boom", true, "out/boom"),
+        base.path(),
+        |_| {},
+    )
+    .await;
+    assert!(!summary.ok);
+    let t = summary.task("count").expect("task");
+    let said = format!("{:?} {:?}", summary.error, t);
+    assert!(said.contains("no more lines for me"), "{said}");
+
+    // ... and the workers still count right afterwards.
+    let summary = run(
+        &cluster,
+        "wc-part",
+        partition_job("count", true, "out/count"),
+        base.path(),
+        |_| {},
+    )
+    .await;
+    assert!(summary.ok, "{summary:#?}");
+    assert_eq!(read_part_files(&base.path().join("out/count")), reference);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partition_functions_are_checked() {
+    // In a spec: file:line:col, like every other spec problem.
+    let load = |a_per: &str| {
+        let dir = tempfile::tempdir().expect("tmp");
+        let spec = format!(
+            "\
+project: p
+jobs:
+  words:
+    new_cluster: {{ node_type: small }}
+    tasks:
+      a: {{ map: {{ input: x.txt, python: {{ file: p.py, function: f, per: {a_per} }} }} }}
+      b: {{ map: {{ input: x.txt, python: {{ file: p.py, function: f, per: partition }} }}, reduce: {{ python: {{ file: p.py, function: g, per: partition }} }} }}
+"
+        );
+        std::fs::write(dir.path().join("motorpool.yaml"), spec).expect("write spec");
+        match motorpool::spec::load(dir.path(), &motorpool::spec::LoadOptions::default()) {
+            Ok(_) => panic!("a spec with `per: {a_per}` loaded"),
+            Err(diagnostics) => diagnostics.to_string(),
+        }
+    };
+    let err = load("chunk");
+    assert!(
+        err.contains(
+            "motorpool.yaml:6:73: error: unknown value `chunk` for `map.python.per` in task `a` \
+             of job `words`, expected one of: record, partition"
+        ),
+        "{err}"
+    );
+    let err = load("partition");
+    assert!(
+        err.contains(
+            "motorpool.yaml:7:133: error: `per` in the python of the reduce of task `b` of job \
+             `words`: a reduce function folds two values"
+        ),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // A job that skipped the spec check is refused by the runtime too.
+    let cluster = Cluster::start(1, 1).await;
+    let (base, _) = job_dir(100, 1, 3);
+    let mut job = partition_job("count", true, "out/x");
+    if let Some(r) = job
+        .tasks
+        .get_mut("count")
+        .and_then(|t| t.reduce.as_mut())
+        .and_then(|r| r.python.as_mut())
+    {
+        r.per = Some(motorpool::spec::PythonPer::Partition);
+    }
+    let err = client::run_job(
+        &cluster.driver_address(),
+        &credential(),
+        JobSubmission {
+            name: "bad".into(),
+            job,
+            base_dir: base.path().to_path_buf(),
+            env: BTreeMap::new(),
+            exclude: Vec::new(),
+        },
+        |_| {},
+    )
+    .await
+    .expect_err("refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("`python.per` of the reduce"), "{msg}");
+    cluster.shutdown().await;
+}
+
+/// A newer submitter's messages: today's fields plus ones this driver has
+/// never heard of (field numbers 90+), at every level of the job.
+mod future {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SubmitJobRequest {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "3")]
+        pub bundle_id: String,
+        #[prost(message, repeated, tag = "5")]
+        pub inputs: Vec<InputFile>,
+        #[prost(message, optional, tag = "7")]
+        pub job: Option<JobDef>,
+        #[prost(string, tag = "90")]
+        pub priority_class: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct InputFile {
+        #[prost(string, tag = "1")]
+        pub path: String,
+        #[prost(uint64, tag = "2")]
+        pub size: u64,
+        #[prost(string, tag = "91")]
+        pub checksum: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct JobDef {
+        #[prost(message, repeated, tag = "4")]
+        pub tasks: Vec<TaskDef>,
+        #[prost(string, repeated, tag = "5")]
+        pub requires: Vec<String>,
+        #[prost(uint32, tag = "92")]
+        pub max_parallel_tasks: u32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TaskDef {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(message, optional, tag = "6")]
+        pub map: Option<MapDef>,
+        #[prost(message, optional, tag = "7")]
+        pub reduce: Option<ReduceDef>,
+        #[prost(string, optional, tag = "8")]
+        pub output: Option<String>,
+        #[prost(string, tag = "93")]
+        pub description: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct MapDef {
+        #[prost(string, tag = "1")]
+        pub input: String,
+        #[prost(string, optional, tag = "2")]
+        pub command: Option<String>,
+        #[prost(uint32, optional, tag = "4")]
+        pub partitions: Option<u32>,
+        #[prost(bool, tag = "94")]
+        pub speculative: bool,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ReduceDef {
+        #[prost(uint32, optional, tag = "1")]
+        pub partitions: Option<u32>,
+        #[prost(string, optional, tag = "2")]
+        pub command: Option<String>,
+    }
+}
+
+/// Calls SubmitJob with a message of the submitter's choosing (the
+/// driver's own decoder reads it, as it would from a newer motorpool).
+async fn submit_raw(
+    cluster: &Cluster,
+    request: future::SubmitJobRequest,
+) -> Result<proto::SubmitJobResponse, tonic::Status> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.driver_address()))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let mut req = tonic::Request::new(request);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {SECRET}").parse().expect("header"),
+    );
+    let codec =
+        tonic_prost::ProstCodec::<future::SubmitJobRequest, proto::SubmitJobResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/motorpool.runtime.v1.Driver/SubmitJob",
+    );
+    grpc.unary(req, path, codec).await.map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_travel_as_protobuf_and_newer_fields_do_not_break_the_driver() {
+    let cluster = Cluster::start(2, 1).await;
+    let (base, reference) = job_dir(3000, 2, 21);
+    let bundle = motorpool::runtime::bundle::build(
+        base.path(),
+        &motorpool::runtime::bundle::Exclude {
+            files: Default::default(),
+            dirs: vec!["data".into()],
+            patterns: Vec::new(),
+        },
+    )
+    .expect("bundle");
+    let mut driver = motorpool::runtime::connect_driver(&cluster.driver_address(), &credential())
+        .await
+        .expect("connect");
+    let mut first = proto::BundleChunk {
+        bundle_id: bundle.id.clone(),
+        total_size: bundle.bytes.len() as u64,
+        data: bundle.bytes.clone(),
+    };
+    if first.data.len() > motorpool::runtime::CHUNK {
+        first.data.truncate(0);
+    }
+    assert!(!first.data.is_empty(), "a small bundle for this test");
+    driver
+        .put_bundle(tokio_stream::iter(vec![first]))
+        .await
+        .expect("bundle uploaded");
+
+    let inputs: Vec<future::InputFile> = (0..2)
+        .map(|f| {
+            let path = format!("data/part{f}.txt");
+            let size = std::fs::metadata(base.path().join(&path))
+                .expect("stat")
+                .len();
+            future::InputFile {
+                path,
+                size,
+                checksum: "sha256:from-the-future".into(),
+            }
+        })
+        .collect();
+    let job = |requires: Vec<String>| future::JobDef {
+        tasks: vec![future::TaskDef {
+            name: "count".into(),
+            map: Some(future::MapDef {
+                input: "data/*.txt".into(),
+                command: Some("python3 wc.py map".into()),
+                partitions: Some(3),
+                speculative: true,
+            }),
+            reduce: Some(future::ReduceDef {
+                partitions: Some(2),
+                command: Some("python3 wc.py reduce".into()),
+            }),
+            output: Some("out/wc".into()),
+            description: "counts words, and says so".into(),
+        }],
+        requires,
+        max_parallel_tasks: 7,
+    };
+
+    // A field that changes what the job means is named in `requires`: a
+    // driver that does not know it refuses, rather than run something else.
+    let refused = submit_raw(
+        &cluster,
+        future::SubmitJobRequest {
+            name: "future".into(),
+            bundle_id: bundle.id.clone(),
+            inputs: inputs.clone(),
+            job: Some(job(vec![
+                "python-per-partition".into(),
+                "time-travel".into(),
+            ])),
+            priority_class: "gold".into(),
+        },
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("`time-travel`")
+            && !refused.message().contains("python-per-partition")
+            && refused.message().contains("newer runtime"),
+        "{}",
+        refused.message()
+    );
+
+    // Fields the driver does not know, at every level, are ignored: it runs.
+    let run_id = submit_raw(
+        &cluster,
+        future::SubmitJobRequest {
+            name: "future".into(),
+            bundle_id: bundle.id.clone(),
+            inputs: inputs.clone(),
+            job: Some(job(Vec::new())),
+            priority_class: "gold".into(),
+        },
+    )
+    .await
+    .expect("a newer job is accepted")
+    .run_id;
+    // No `local` identity was sent: the driver waits for the upload.
+    let mut chunks = Vec::new();
+    for f in &inputs {
+        chunks.push(proto::InputChunk {
+            run_id: run_id.clone(),
+            path: f.path.clone(),
+            offset: 0,
+            data: std::fs::read(base.path().join(&f.path)).expect("read"),
+        });
+    }
+    driver
+        .upload_input(tokio_stream::iter(chunks))
+        .await
+        .expect("inputs uploaded");
+    let mut events = driver
+        .watch_job(proto::WatchJobRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let finished = loop {
+        match events.message().await.expect("events") {
+            Some(proto::JobEvent {
+                event: Some(proto::job_event::Event::Finished(f)),
+            }) => break f,
+            Some(_) => continue,
+            None => panic!("the run ended without a finish"),
+        }
+    };
+    assert!(finished.ok, "{finished:?}");
+    let mut out = driver
+        .fetch_output(proto::FetchOutputRequest {
+            run_id,
+            task: "count".into(),
+        })
+        .await
+        .expect("fetch")
+        .into_inner();
+    let mut counts = BTreeMap::new();
+    let mut text = String::new();
+    while let Some(chunk) = out.message().await.expect("chunk") {
+        text.push_str(std::str::from_utf8(&chunk.data).expect("utf-8"));
+    }
+    for line in text.lines() {
+        let (w, c) = line.split_once('\t').expect("key<TAB>value");
+        counts.insert(w.to_string(), c.parse::<u64>().expect("count"));
+    }
+    assert_eq!(counts, reference);
+
+    // A submitter from before protobuf jobs (JSON of the spec's job) still runs.
+    let old = driver
+        .submit_job(proto::SubmitJobRequest {
+            name: "old".into(),
+            job_json: r#"{"tasks": {"hello": {"command": "echo hello"}}}"#.into(),
+            bundle_id: bundle.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("an old submitter's job is accepted")
+        .into_inner();
+    let mut events = driver
+        .watch_job(proto::WatchJobRequest { run_id: old.run_id })
+        .await
+        .expect("watch")
+        .into_inner();
+    let finished = loop {
+        match events.message().await.expect("events") {
+            Some(proto::JobEvent {
+                event: Some(proto::job_event::Event::Finished(f)),
+            }) => break f,
+            Some(_) => continue,
+            None => panic!("the run ended without a finish"),
+        }
+    };
+    assert!(finished.ok, "{finished:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inputs_on_this_machine_are_read_where_they_lie() {
+    let cluster = Cluster::start(2, 1).await;
+    let (base, reference) = job_dir(20000, 3, 31);
+    let summary = run(
+        &cluster,
+        "in-place",
+        streaming_job(4, 2, "python3 wc.py map"),
+        base.path(),
+        |_| {},
+    )
+    .await;
+    assert!(summary.ok, "{summary:#?}");
+    assert_eq!(
+        read_part_files(&base.path().join("out/wordcount")),
+        reference
+    );
+    // Nothing was copied into the driver's run directories: the input is
+    // the submitter's own file.
+    let mut copied = Vec::new();
+    let runs = cluster.dir.path().join("driver/runs");
+    for run in std::fs::read_dir(&runs).expect("runs").flatten() {
+        let data = run.path().join("work/data");
+        if data.exists() {
+            copied.push(data);
+        }
+    }
+    assert!(copied.is_empty(), "inputs were copied: {copied:?}");
     cluster.shutdown().await;
 }

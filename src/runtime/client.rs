@@ -12,7 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::plan::{self, JobPlan};
 use super::proto;
-use super::{CHUNK, DriverClient, Progress, RunSummary, TaskOutcome, bundle, connect_driver};
+use super::{
+    CHUNK, DriverClient, Progress, RunSummary, TaskOutcome, bundle, connect_driver, jobdef,
+};
 use crate::auth::Credential;
 use crate::spec::Job;
 
@@ -87,10 +89,10 @@ pub async fn run_job(
 
     let mut client = connect_driver(driver_addr, credential).await?;
     let bundle_id = upload_bundle(&mut client, bundle).await?;
-    let run_id = client
+    let submitted = client
         .submit_job(proto::SubmitJobRequest {
             name: name.clone(),
-            job_json: serde_json::to_string(&job)?,
+            job_json: String::new(),
             bundle_id,
             env: env.into_iter().collect(),
             inputs: inputs
@@ -98,14 +100,24 @@ pub async fn run_job(
                 .map(|(p, size)| proto::InputFile {
                     path: p.to_string_lossy().into_owned(),
                     size: *size,
+                    // A driver on this machine reads the file where it lies.
+                    local: super::local::identify(&base.join(p))
+                        .ok()
+                        .filter(|l| l.size == *size),
                 })
                 .collect(),
             options: None,
+            job: Some(jobdef::to_proto(&job)),
         })
         .await
         .map_err(|s| refused(&format!("the driver refused job `{name}`"), s))?
-        .into_inner()
-        .run_id;
+        .into_inner();
+    let run_id = submitted.run_id;
+    let in_place: BTreeSet<PathBuf> = submitted.in_place.iter().map(PathBuf::from).collect();
+    let inputs: BTreeMap<PathBuf, u64> = inputs
+        .into_iter()
+        .filter(|(p, _)| !in_place.contains(p))
+        .collect();
     if !inputs.is_empty() {
         upload_inputs(&mut client, &run_id, &base, &inputs).await?;
     }

@@ -1,7 +1,7 @@
 //! The bundled runtime: a driver per cluster, an executor per worker node,
 //! and the client that hands them a job (issue 4).
 //!
-//! - [`driver`] takes a job (`spec::Job` as JSON + a code bundle), plans it
+//! - [`driver`] takes a job (a [`proto::JobDef`], see [`jobdef`], + a code bundle), plans it
 //!   (tasks DAG -> stages -> partitions), pushes tasks in batches to executors
 //!   over long-lived bidirectional streams, re-runs what a lost executor held,
 //!   retries failed tasks, enforces timeouts, streams progress, and keeps every
@@ -11,8 +11,13 @@
 //!   map output hash-partitioned and sorted on its disk, and serves it to
 //!   reducers over streaming gRPC.
 //! - [`client`] bundles the job's directory once (content-addressed),
-//!   uploads it and the map inputs, submits, follows progress, and writes
-//!   the tasks' `output` directories back on the submitting machine.
+//!   uploads it, submits the job as protobuf, uploads the map inputs the
+//!   driver cannot read where they lie, follows progress, and writes the
+//!   tasks' `output` directories back on the submitting machine.
+//! - Map input is read where it lies by whoever sees the very file (same
+//!   device, inode, size, mtime: [`local`]): the driver reads the
+//!   submitter's files in place, executors read their ranges from the
+//!   driver's files; otherwise bytes move over gRPC (UploadInput, ReadInput).
 //!
 //! Driver and executors speak only through `proto/runtime.proto`; every
 //! call carries the cluster credential ([`crate::auth`]).
@@ -25,7 +30,9 @@
 //!   key), hash-partitioned by key (FNV-1a) and sorted by key bytes; a
 //!   reducer reads its partition's lines merged in key order;
 //! - a Python map function takes one line (without its newline) and returns
-//!   an iterable of `(key, value)`; a Python reduce function folds two values
+//!   an iterable of `(key, value)`; with `per: partition` it takes an
+//!   iterator over the partition's lines once and returns an iterable of
+//!   `(key, value)` or a mapping; a Python reduce function folds two values
 //!   and also runs map-side as a combiner. Keys and values must be JSON
 //!   values; output lines print strings as they are and others as JSON;
 //! - a task's `retries` (or the job's) bound the attempts of each of its
@@ -38,6 +45,8 @@ pub mod bundle;
 pub mod client;
 pub mod driver;
 pub mod executor;
+pub mod jobdef;
+mod local;
 pub mod plan;
 mod shuffle;
 mod summary;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::spec::{Job, PythonFunction};
+use crate::spec::{Job, PythonFunction, PythonPer};
 
 use super::proto::InputRange;
 use super::safe_relative;
@@ -34,6 +34,11 @@ pub enum Func {
 impl Func {
     pub fn is_python(&self) -> bool {
         matches!(self, Func::Python(_))
+    }
+
+    /// A Python function that takes a whole partition per call.
+    pub fn is_per_partition(&self) -> bool {
+        matches!(self, Func::Python(p) if p.per == Some(PythonPer::Partition))
     }
 }
 
@@ -187,6 +192,13 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
                         if r.partitions.is_some_and(|p| p > MAX_PARTITIONS) {
                             problems.push(format!(
                                 "{rwhat}: more than {MAX_PARTITIONS} partitions is not supported"
+                            ));
+                            ok = false;
+                        }
+                        if r.python.as_ref().is_some_and(|p| p.per.is_some()) {
+                            problems.push(format!(
+                                "`python.per` of {rwhat}: a reduce function folds two values; \
+                                 only a map's function takes a record or a partition"
                             ));
                             ok = false;
                         }
@@ -400,6 +412,15 @@ pub fn split_input(
     files: &[(PathBuf, u64)],
     parts: u32,
 ) -> anyhow::Result<Vec<Vec<InputRange>>> {
+    split_input_with(files, parts, |rel| dir.join(rel))
+}
+
+/// [`split_input`], with `path_of` saying where each (relative) file is read.
+pub fn split_input_with(
+    files: &[(PathBuf, u64)],
+    parts: u32,
+    path_of: impl Fn(&Path) -> PathBuf,
+) -> anyhow::Result<Vec<Vec<InputRange>>> {
     let parts = parts.max(1) as usize;
     let total: u64 = files.iter().map(|(_, s)| s).sum();
     let mut out = vec![Vec::new(); parts];
@@ -438,7 +459,7 @@ pub fn split_input(
             let f = match &mut open {
                 Some((k, f)) if *k == fi => f,
                 _ => {
-                    let path = dir.join(&files[fi].0);
+                    let path = path_of(&files[fi].0);
                     let f = std::fs::File::open(&path)
                         .with_context(|| format!("cannot read {}", path.display()))?;
                     &mut open.insert((fi, f)).1
@@ -462,6 +483,7 @@ pub fn split_input(
                     path: rel.to_string_lossy().into_owned(),
                     start: a - fs,
                     end: b - fs,
+                    local: None,
                 });
             }
         }

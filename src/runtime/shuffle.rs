@@ -79,11 +79,15 @@ pub fn open_segment(
     Ok(BufReader::with_capacity(256 << 10, f).take(end.saturating_sub(start)))
 }
 
-/// Sorts `buf`'s lines by key, stably.
+/// Sorts `buf`'s lines by key, stably. Each key is found once, not at
+/// every comparison.
 fn sorted_lines(buf: &[u8]) -> Vec<&[u8]> {
-    let mut lines: Vec<&[u8]> = buf.split_inclusive(|&b| b == b'\n').collect();
-    lines.sort_by(|a, b| key_of(a).cmp(key_of(b)));
-    lines
+    let mut lines: Vec<(&[u8], &[u8])> = buf
+        .split_inclusive(|&b| b == b'\n')
+        .map(|l| (key_of(l), l))
+        .collect();
+    lines.sort_by(|a, b| a.0.cmp(b.0));
+    lines.into_iter().map(|(_, l)| l).collect()
 }
 
 /// One map attempt's output being written.

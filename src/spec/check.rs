@@ -983,6 +983,17 @@ impl<'s> Checker<'_, 's> {
             ];
             self.one_of(rn, key_span(node, "reduce"), &rwhat, &set, false);
             self.positive(r.partitions, rn, "partitions", &rwhat);
+            if let (Some(p), Some(pn)) = (&r.python, rn.get("python"))
+                && p.per.is_some()
+            {
+                self.error(
+                    key_span(pn, "per"),
+                    format!(
+                        "`per` in the python of {rwhat}: a reduce function folds two values; \
+                         only a map's function takes a record or a partition"
+                    ),
+                );
+            }
         }
     }
 

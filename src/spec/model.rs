@@ -529,4 +529,20 @@ pub struct ReduceStage {
 pub struct PythonFunction {
     pub file: String,
     pub function: String,
+    /// What one call of a map function receives: `record` (the default: one
+    /// line in, an iterable of (key, value) out) or `partition` (an iterator
+    /// over the partition's lines in, an iterable of (key, value) or a
+    /// mapping out, as Spark's mapPartitions). Maps only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<PythonPer>,
+}
+
+/// What one call of a Python map function receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PythonPer {
+    /// One record (a line without its newline).
+    Record,
+    /// An iterator over every record of the partition.
+    Partition,
 }

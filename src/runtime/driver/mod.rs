@@ -17,7 +17,7 @@
 //! timer tick); the gRPC service ([`service`]) only moves bytes and turns
 //! calls into events.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -94,6 +94,8 @@ pub(crate) struct RunFiles {
     pub pending_start: Option<Box<scheduler::NewRun>>,
     /// Output directories by stage id (absolute).
     pub outputs: HashMap<u32, PathBuf>,
+    /// Declared inputs read where they lie (relative path -> the file).
+    pub in_place: BTreeMap<PathBuf, proto::LocalFile>,
 }
 
 /// State shared by the service and the scheduler.

@@ -13,7 +13,7 @@
 //! that a reduce still needs, run again elsewhere without using a retry.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,8 @@ pub(crate) struct NewRun {
     pub run_dir: PathBuf,
     /// Uploaded input files (relative to `work`), removed when the run ends.
     pub uploaded: Vec<PathBuf>,
+    /// Declared inputs read where they lie (relative path -> the file).
+    pub in_place: BTreeMap<PathBuf, proto::LocalFile>,
     pub submitted: Instant,
     pub submitted_unix_ms: u64,
 }
@@ -278,6 +280,7 @@ struct RunRt {
     env: BTreeMap<String, String>,
     default_partition_mb: u32,
     uploaded: Vec<PathBuf>,
+    in_place: BTreeMap<PathBuf, proto::LocalFile>,
     plan: JobPlan,
     tasks: Vec<TaskRt>,
     started: Instant,
@@ -295,6 +298,39 @@ struct RunRt {
 }
 
 impl RunRt {
+    /// Where the input file `rel` is read: the work directory's file (an
+    /// upload, or written by an earlier task), else the submitter's file
+    /// where it lies.
+    fn input_path(&self, rel: &Path) -> PathBuf {
+        let path = self.work.join(rel);
+        match self.in_place.get(rel) {
+            Some(local) if !path.exists() => PathBuf::from(&local.path),
+            _ => path,
+        }
+    }
+
+    /// The input files `pattern` matches (relative, sorted, with sizes):
+    /// those in the work directory and those read in place.
+    fn resolve_input(&self, pattern: &str) -> anyhow::Result<Vec<(PathBuf, u64)>> {
+        let mut files = plan::resolve_input(&self.work, pattern)?;
+        if !self.in_place.is_empty() {
+            let glob = glob::Pattern::new(pattern.trim_start_matches("./"))?;
+            let opts = glob::MatchOptions {
+                case_sensitive: true,
+                require_literal_separator: true,
+                require_literal_leading_dot: true,
+            };
+            for (rel, local) in &self.in_place {
+                if glob.matches_path_with(rel, opts) && !self.work.join(rel).exists() {
+                    files.push((rel.clone(), local.size));
+                }
+            }
+            files.sort();
+            files.dedup();
+        }
+        Ok(files)
+    }
+
     /// The bytes of small byte ranges, with a newline after a file's last line
     /// when it has none (as ReadInput sends them).
     fn read_inline(&mut self, ranges: &[InputRange]) -> std::io::Result<Vec<u8>> {
@@ -304,14 +340,15 @@ impl RunRt {
             if r.end <= r.start {
                 continue;
             }
-            let f = match self.open_inputs.entry(r.path.clone()) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let rel = crate::runtime::safe_relative(&r.path).map_err(|e| {
-                        std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
-                    })?;
-                    e.insert(std::fs::File::open(self.work.join(rel))?)
-                }
+            if !self.open_inputs.contains_key(&r.path) {
+                let rel = crate::runtime::safe_relative(&r.path).map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+                })?;
+                let f = std::fs::File::open(self.input_path(&rel))?;
+                self.open_inputs.insert(r.path.clone(), f);
+            }
+            let Some(f) = self.open_inputs.get(&r.path) else {
+                continue;
             };
             let at = out.len();
             out.resize(at + (r.end - r.start) as usize, 0);
@@ -564,6 +601,7 @@ impl Scheduler {
             env: new.env,
             default_partition_mb: new.default_partition_mb,
             uploaded: new.uploaded,
+            in_place: new.in_place,
             plan: new.plan,
             tasks,
             started: new.submitted,
@@ -679,7 +717,7 @@ impl Scheduler {
             .max(1);
         // Earlier tasks may have rewritten input files: read them afresh.
         run.open_inputs.clear();
-        let files = plan::resolve_input(&run.work, &map.input)?;
+        let files = run.resolve_input(&map.input)?;
         if files.is_empty() {
             anyhow::bail!("the input `{}` matches no file", map.input);
         }
@@ -701,7 +739,21 @@ impl Scheduler {
             run.default_partition_mb,
             cores,
         );
-        let inputs = plan::split_input(&run.work, &files, m)?;
+        let mut inputs = plan::split_input_with(&files, m, |rel| run.input_path(rel))?;
+        // Executors on this machine read their ranges where they lie.
+        let mut ids: HashMap<String, Option<proto::LocalFile>> = HashMap::new();
+        for range in inputs.iter_mut().flatten() {
+            let id = ids.entry(range.path.clone()).or_insert_with(|| {
+                let rel = Path::new(&range.path);
+                match run.in_place.get(rel) {
+                    Some(local) if !run.work.join(rel).exists() => Some(local.clone()),
+                    _ => std::path::absolute(run.work.join(rel))
+                        .ok()
+                        .and_then(|p| crate::runtime::local::identify(&p).ok()),
+                }
+            });
+            range.local = id.clone();
+        }
         let r = reduce.map(|rp| {
             rp.partitions
                 .unwrap_or_else(|| (m as usize).min(cores).max(1) as u32)
@@ -734,6 +786,11 @@ impl Scheduler {
                     Some(proto::PythonFn {
                         file: p.file.clone(),
                         function: p.function.clone(),
+                        per: if func.is_per_partition() {
+                            proto::PythonPer::Partition as i32
+                        } else {
+                            proto::PythonPer::Record as i32
+                        },
                     }),
                 ),
             };
@@ -760,6 +817,7 @@ impl Scheduler {
             map_def.combiner = Some(proto::PythonFn {
                 file: p.file.clone(),
                 function: p.function.clone(),
+                per: proto::PythonPer::Record as i32,
             });
         }
         let input_bytes: u64 = inputs.iter().flatten().map(|r| r.end - r.start).sum();

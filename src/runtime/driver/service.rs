@@ -19,6 +19,7 @@ use crate::runtime::bundle::{self, MAX_BUNDLE_BYTES};
 use crate::runtime::plan::{self, DEFAULT_PARTITION_MB};
 use crate::runtime::proto::{self, driver_server::Driver};
 use crate::runtime::{CHUNK, read_chunk, safe_id, safe_relative};
+use crate::runtime::{jobdef, local};
 use crate::spec::Job;
 
 pub(crate) struct DriverService {
@@ -190,16 +191,22 @@ impl Driver for DriverService {
         &self,
         request: Request<proto::SubmitJobRequest>,
     ) -> Result<Response<proto::SubmitJobResponse>, Status> {
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         let submitted = Instant::now();
         if r.name.is_empty() || r.name.len() > 200 {
             return Err(Status::invalid_argument(
                 "the job needs a name (at most 200 characters)",
             ));
         }
-        let job: Job = serde_json::from_str(&r.job_json).map_err(|e| {
-            Status::invalid_argument(format!("the job is not valid JSON of a job: {e}"))
-        })?;
+        let job: Job = match r.job.take() {
+            Some(def) => {
+                jobdef::from_proto(def).map_err(|e| Status::invalid_argument(e.to_string()))?
+            }
+            // A submitter from before `job`: JSON of the spec type.
+            None => serde_json::from_str(&r.job_json).map_err(|e| {
+                Status::invalid_argument(format!("the job is not valid JSON of a job: {e}"))
+            })?,
+        };
         let job_plan =
             plan::plan_job(&job).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         check_bundle_id(&r.bundle_id)?;
@@ -212,18 +219,32 @@ impl Driver for DriverService {
         }
         let mut staging = HashMap::new();
         let mut uploaded = Vec::new();
+        let mut in_place = BTreeMap::new();
         for input in &r.inputs {
             let rel = relative(&input.path)?;
             let key = rel.to_string_lossy().into_owned();
-            if staging
-                .insert(
-                    key.clone(),
-                    StagedInput {
-                        size: input.size,
-                        done: false,
-                    },
-                )
-                .is_some()
+            if let Some(local) = &input.local
+                && local.size == input.size
+                && local::open_same(local).is_some()
+            {
+                // The very file the submitter sees: read where it lies.
+                if in_place.insert(rel, local.clone()).is_some() {
+                    return Err(Status::invalid_argument(format!(
+                        "input {key} is declared twice"
+                    )));
+                }
+                continue;
+            }
+            if in_place.contains_key(&rel)
+                || staging
+                    .insert(
+                        key.clone(),
+                        StagedInput {
+                            size: input.size,
+                            done: false,
+                        },
+                    )
+                    .is_some()
             {
                 return Err(Status::invalid_argument(format!(
                     "input {key} is declared twice"
@@ -274,6 +295,7 @@ impl Driver for DriverService {
             work: work.clone(),
             run_dir,
             uploaded,
+            in_place: in_place.clone(),
             submitted,
             submitted_unix_ms: crate::runtime::unix_ms(),
         });
@@ -290,12 +312,19 @@ impl Driver for DriverService {
                 staging,
                 pending_start,
                 outputs: HashMap::new(),
+                in_place: in_place.clone(),
             },
         );
         if let Some(new) = start_now {
             self.event(Event::Start(new))?;
         }
-        Ok(Response::new(proto::SubmitJobResponse { run_id }))
+        Ok(Response::new(proto::SubmitJobResponse {
+            run_id,
+            in_place: in_place
+                .keys()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
+        }))
     }
 
     async fn upload_input(
@@ -730,8 +759,8 @@ impl Driver for DriverService {
     ) -> Result<Response<Self::ReadInputStream>, Status> {
         let r = request.into_inner();
         safe_id(&r.run_id)?;
-        let work = match self.shared.lock_runs().get(&r.run_id) {
-            Some(f) => f.work.clone(),
+        let (work, in_place) = match self.shared.lock_runs().get(&r.run_id) {
+            Some(f) => (f.work.clone(), f.in_place.clone()),
             None => return Err(Status::not_found(format!("no active run {}", r.run_id))),
         };
         let mut ranges = Vec::with_capacity(r.ranges.len());
@@ -741,12 +770,31 @@ impl Driver for DriverService {
                     "a byte range ends before it starts",
                 ));
             }
-            ranges.push((work.join(relative(&range.path)?), range.start, range.end));
+            let rel = relative(&range.path)?;
+            let path = work.join(&rel);
+            // A file in the work directory (uploaded, or written by an
+            // earlier task) wins over the submitter's file of that name.
+            let source = match in_place.get(&rel) {
+                Some(local) if !path.exists() => Source::InPlace(local.clone()),
+                _ => Source::Path(path),
+            };
+            ranges.push((source, range.start, range.end));
         }
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            for (path, start, end) in ranges {
-                if let Err(e) = send_range(&tx, &path, start, end) {
+            for (source, start, end) in ranges {
+                let file = match source {
+                    Source::Path(path) => std::fs::File::open(&path).map_err(|e| {
+                        Status::not_found(format!("cannot read {}: {e}", path.display()))
+                    }),
+                    Source::InPlace(local) => local::open_same(&local).ok_or_else(|| {
+                        Status::data_loss(format!(
+                            "the input {} changed or went away during the run",
+                            local.path
+                        ))
+                    }),
+                };
+                if let Err(e) = file.and_then(|f| send_range(&tx, f, start, end)) {
                     let _ = tx.blocking_send(Err(e));
                     return;
                 }
@@ -792,19 +840,23 @@ impl Driver for DriverService {
     }
 }
 
+/// Where ReadInput reads a file of a run.
+enum Source {
+    Path(PathBuf),
+    InPlace(proto::LocalFile),
+}
+
 /// Streams one byte range; a range that ends a file without a newline gets one,
 /// so lines of consecutive files never run together.
 fn send_range(
     tx: &mpsc::Sender<Result<proto::DataChunk, Status>>,
-    path: &std::path::Path,
+    mut f: std::fs::File,
     start: u64,
     end: u64,
 ) -> Result<(), Status> {
     if start == end {
         return Ok(());
     }
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| Status::not_found(format!("cannot read {}: {e}", path.display())))?;
     f.seek(SeekFrom::Start(start)).map_err(internal)?;
     let mut left = end - start;
     let mut last = b'\n';
@@ -812,10 +864,7 @@ fn send_range(
         let buf = read_chunk(&mut f, (left as usize).min(CHUNK)).map_err(internal)?;
         let n = buf.len();
         if n == 0 {
-            return Err(Status::data_loss(format!(
-                "{} is shorter than expected",
-                path.display()
-            )));
+            return Err(Status::data_loss("an input file is shorter than expected"));
         }
         last = buf[n - 1];
         left -= n as u64;

@@ -50,6 +50,10 @@ pub struct ExecutorConfig {
     pub listen: SocketAddr,
     /// The certificate to serve TLS with (required beyond loopback).
     pub tls: Option<crate::tls::ServerTls>,
+    /// Read map input where it lies when this machine sees the driver's
+    /// file (same device and inode); otherwise, or when false, it streams
+    /// from the driver (ReadInput).
+    pub read_in_place: bool,
 }
 
 impl ExecutorConfig {
@@ -62,6 +66,7 @@ impl ExecutorConfig {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: None,
+            read_in_place: true,
         }
     }
 }
@@ -103,6 +108,7 @@ pub(crate) struct ExecState {
     pub driver_address: String,
     pub address: String,
     pub worker_script: PathBuf,
+    pub read_in_place: bool,
     id: Mutex<String>,
     driver: Mutex<Option<DriverClient>>,
     status_tx: Mutex<Option<mpsc::UnboundedSender<proto::TaskStatus>>>,
@@ -407,6 +413,7 @@ pub async fn serve(config: ExecutorConfig) -> anyhow::Result<ExecutorHandle> {
         driver_address: config.driver.clone(),
         address: address.to_string(),
         worker_script,
+        read_in_place: config.read_in_place,
         id: Mutex::new(String::new()),
         driver: Mutex::new(None),
         status_tx: Mutex::new(None),

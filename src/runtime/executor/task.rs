@@ -147,6 +147,113 @@ enum Feed {
     Lines(mpsc::Receiver<Vec<u8>>),
     /// A small partition that came with its task.
     Inline(Option<Vec<u8>>),
+    /// Input ranges read where they lie: handed whole to a command's stdin
+    /// writer, or read in chunks on a blocking thread for a Python worker.
+    Local {
+        ranges: Option<Vec<LocalRange>>,
+        rx: Option<mpsc::Receiver<std::io::Result<Vec<u8>>>>,
+    },
+}
+
+/// A byte range of an input file this executor opened itself.
+struct LocalRange {
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+    /// The range ends its file without a newline: one follows (as ReadInput sends it).
+    newline_after: bool,
+}
+
+/// The task's input ranges, opened here, when every one of them is a file
+/// this executor can see as the driver does; `None` otherwise.
+fn open_local(spec: &proto::TaskSpec) -> Option<Vec<LocalRange>> {
+    use std::os::unix::fs::FileExt;
+    if spec.inputs.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(spec.inputs.len());
+    for r in &spec.inputs {
+        let want = r.local.as_ref()?;
+        if r.end < r.start || r.end > want.size {
+            return None;
+        }
+        let file = crate::runtime::local::open_same(want)?;
+        let mut newline_after = false;
+        if r.end > r.start && r.end == want.size {
+            let mut last = [0u8; 1];
+            file.read_exact_at(&mut last, r.end - 1).ok()?;
+            newline_after = last[0] != b'\n';
+        }
+        out.push(LocalRange {
+            file,
+            start: r.start,
+            end: r.end,
+            newline_after,
+        });
+    }
+    Some(out)
+}
+
+/// Reads `ranges` in chunks of up to [`CHUNK`] into `emit` (which returns
+/// false to stop early). Returns the bytes and lines handed over.
+fn read_ranges(
+    ranges: Vec<LocalRange>,
+    mut emit: impl FnMut(&[u8]) -> std::io::Result<bool>,
+) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    let (mut bytes, mut records) = (0u64, 0u64);
+    let mut buf = vec![0u8; CHUNK];
+    for r in ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let want = ((r.end - at) as usize).min(CHUNK);
+            let n = r.file.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "an input file is shorter than the driver saw it",
+                ));
+            }
+            at += n as u64;
+            bytes += n as u64;
+            records += count_lines(&buf[..n]);
+            if !emit(&buf[..n])? {
+                return Ok((bytes, records));
+            }
+        }
+        if r.newline_after {
+            bytes += 1;
+            records += 1;
+            if !emit(b"\n")? {
+                return Ok((bytes, records));
+            }
+        }
+    }
+    Ok((bytes, records))
+}
+
+/// A pipe for a child's stdin: (read end for the child, write end), with a
+/// buffer of a whole chunk where the system allows it.
+fn stdin_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds`, which we own from here on.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (read, write) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    // Fewer, larger writes and reads; a smaller pipe is only slower.
+    // SAFETY: fcntl on a descriptor we own; no memory is touched.
+    unsafe {
+        libc::fcntl(fds[1], libc::F_SETPIPE_SZ, CHUNK as libc::c_int);
+    }
+    Ok((read, write))
 }
 
 impl Feed {
@@ -162,6 +269,29 @@ impl Feed {
             },
             Feed::Lines(rx) => Ok(rx.recv().await),
             Feed::Inline(data) => Ok(data.take()),
+            Feed::Local { ranges, rx } => {
+                if rx.is_none() {
+                    let ranges = ranges.take().unwrap_or_default();
+                    let (tx, new_rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+                    tokio::task::spawn_blocking(move || {
+                        let read = read_ranges(ranges, |chunk| {
+                            Ok(tx.blocking_send(Ok(chunk.to_vec())).is_ok())
+                        });
+                        if let Err(e) = read {
+                            let _ = tx.blocking_send(Err(e));
+                        }
+                    });
+                    *rx = Some(new_rx);
+                }
+                match rx.as_mut() {
+                    Some(rx) => match rx.recv().await {
+                        Some(Ok(data)) => Ok(Some(data)),
+                        Some(Err(e)) => Err(failed(format!("cannot read the input: {e}"))),
+                        None => Ok(None),
+                    },
+                    None => Ok(None),
+                }
+            }
         }
     }
 }
@@ -169,6 +299,12 @@ impl Feed {
 async fn open_input(state: &ExecState, spec: &proto::TaskSpec) -> Result<Feed, TaskError> {
     if let Some(data) = &spec.inline_input {
         return Ok(Feed::Inline(Some(data.clone())));
+    }
+    if let Some(ranges) = state.read_in_place.then(|| open_local(spec)).flatten() {
+        return Ok(Feed::Local {
+            ranges: Some(ranges),
+            rx: None,
+        });
     }
     let mut client = state.driver()?;
     let stream = client
@@ -381,12 +517,25 @@ async fn run_process(
     sink: &mut Sink,
     cancel: &Cancel,
 ) -> Result<Ran, TaskError> {
+    // Local input goes from the file into the child's stdin on a blocking
+    // thread: no async hops, no copies through the driver.
+    let local = match feed {
+        Feed::Local { ranges, .. } => ranges.take(),
+        _ => None,
+    };
+    let (stdin_cfg, mut pipe_w) = match &local {
+        Some(_) => {
+            let (r, w) = stdin_pipe().map_err(|e| failed(format!("cannot make a pipe: {e}")))?;
+            (Stdio::from(r), Some(w))
+        }
+        None => (Stdio::piped(), None),
+    };
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
         .current_dir(cwd)
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::piped())
+        .stdin(stdin_cfg)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -394,9 +543,8 @@ async fn run_process(
         .spawn()
         .map_err(|e| failed(format!("cannot start `sh -c {cmd}`: {e}")))?;
     let mut group = KillGroup::new(child.id());
-    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
+    let mut stdin = child.stdin.take();
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(failed("the task process has no pipes"));
     };
     let errs = tokio::spawn(async move {
@@ -410,6 +558,23 @@ async fn run_process(
         }
     });
     let feeder = async {
+        if let (Some(ranges), Some(mut w)) = (local, pipe_w.take()) {
+            return tokio::task::spawn_blocking(move || {
+                use std::io::Write as _;
+                read_ranges(ranges, |chunk| match w.write_all(chunk) {
+                    Ok(()) => Ok(true),
+                    // It stopped reading; its exit code tells.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+                    Err(e) => Err(e),
+                })
+            })
+            .await
+            .map_err(|e| failed(format!("the input writer failed: {e}")))?
+            .map_err(|e| failed(format!("cannot feed the task its input: {e}")));
+        }
+        let Some(mut stdin) = stdin.take() else {
+            return Err(failed("the task process has no stdin"));
+        };
         let (mut bytes, mut records) = (0u64, 0u64);
         while let Some(chunk) = feed.next().await? {
             bytes += chunk.len() as u64;
@@ -627,6 +792,9 @@ fn python_load(mode: &str, def: &proto::StageDef, f: &proto::PythonFn) -> serde_
         "codec": codec,
     });
     load[mode] = serde_json::Value::String(f.function.clone());
+    if f.per == proto::PythonPer::Partition as i32 {
+        load["per"] = serde_json::Value::String("partition".into());
+    }
     if let Some(c) = &def.combiner {
         load["combiner"] = serde_json::Value::String(c.function.clone());
         load["combiner_file"] = serde_json::Value::String(c.file.clone());

@@ -5,6 +5,10 @@ Frames on stdin/stdout: op (1 byte), payload length (u32 little endian),
 payload. To the worker: L (load, JSON), then M... E (map) or R... F (reduce).
 From the worker: O (output lines), then D (done, JSON) or X (failed, JSON).
 
+A map function takes one record per call, or (load "per": "partition") an
+iterator over the whole partition's records in one call, returning an
+iterable of (key, value) or a mapping.
+
 A task's print() output is captured and sent back with D or X; the real
 stdout carries only frames (anything written to fd 1 lands on stderr).
 """
@@ -170,7 +174,84 @@ def finish(out, error, records_in, capture):
     OUT.flush()
 
 
+def emit_all(result, out, enc, red):
+    """Output of a partition function: a mapping (keys already distinct) or
+    an iterable of (key, value) pairs, combined with `red` when there is one."""
+    items = getattr(result, "items", None)
+    if callable(items):
+        add = out.add
+        for k, v in items():
+            add(enc(k, v))
+        return
+    if red is None:
+        add = out.add
+        for k, v in result:
+            add(enc(k, v))
+        return
+    acc = {}
+    get = acc.get
+    missing = _MISSING
+    for k, v in result:
+        old = get(k, missing)
+        acc[k] = v if old is missing else red(old, v)
+        if len(acc) > MAX_COMBINE_KEYS:
+            for k2, v2 in acc.items():
+                out.add(enc(k2, v2))
+            acc.clear()
+    for k, v in acc.items():
+        out.add(enc(k, v))
+
+
+def run_map_partition(load, capture):
+    """One call per partition: the function gets an iterator over the
+    partition's records, fed from M frames as it consumes them."""
+    out = Output()
+    error = None
+    state = {"records_in": 0, "ended": False}
+    try:
+        fn = load_function(load["file"], load["map"])
+        red = load_function(load["combiner_file"], load["combiner"]) if load.get("combiner") else None
+        enc = enc_json if load.get("codec") == "json" else enc_text
+    except BaseException:
+        error = error_text()
+
+    def records():
+        while not state["ended"]:
+            op, payload = recv()
+            if op is None:
+                sys.exit(0)
+            if op == b"M":
+                lines = lines_of(payload)
+                state["records_in"] += len(lines)
+                yield from lines
+            elif op == b"E":
+                state["ended"] = True
+            else:
+                sys.exit(2)
+
+    if error is None:
+        try:
+            emit_all(fn(records()), out, enc, red)
+        except BaseException:
+            error = error_text()
+    # Whatever the function left unread is still on the wire: read to E.
+    while not state["ended"]:
+        op, payload = recv()
+        if op is None:
+            sys.exit(0)
+        if op == b"M":
+            state["records_in"] += payload.count(b"\n")
+        elif op == b"E":
+            state["ended"] = True
+        else:
+            sys.exit(2)
+    finish(out, error, state["records_in"], capture)
+
+
 def run_map(load, capture):
+    if load.get("per") == "partition":
+        run_map_partition(load, capture)
+        return
     out = Output()
     error = None
     records_in = 0
