@@ -24,11 +24,12 @@ static INSTALLED: OnceLock<Registry> = OnceLock::new();
 pub use crate::spec::DEFAULT_PROVIDER;
 
 impl Registry {
-    /// Everything compiled into this binary: local and sim always, each
+    /// Everything compiled into this binary: local always, sim and each
     /// cloud when its cargo feature is on; the bundled runtime engine.
     pub fn builtin() -> Registry {
         let providers: Vec<Arc<dyn ProviderPlugin>> = vec![
             Arc::new(motorpool_local::LocalPlugin),
+            #[cfg(feature = "sim")]
             Arc::new(motorpool_sim::SimPlugin),
             #[cfg(feature = "aws")]
             Arc::new(motorpool_aws::AwsPlugin),

@@ -27,7 +27,8 @@ fn tree(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-const CLOUD_CRATES: [&str; 3] = ["aws-sdk-", "google-cloud-", "azure_"];
+/// Cloud SDKs, and what only the simulated cloud needs (SQLite).
+const CLOUD_CRATES: [&str; 4] = ["aws-sdk-", "google-cloud-", "azure_", "rusqlite"];
 
 #[test]
 fn the_quickstart_build_compiles_no_cloud_sdk() {
@@ -47,4 +48,5 @@ fn the_default_build_has_every_cloud_provider() {
     let tree = tree(&[]);
     assert!(tree.contains("motorpool-aws"), "{tree}");
     assert!(tree.contains("aws-sdk-ec2"), "{tree}");
+    assert!(tree.contains("motorpool-sim"), "{tree}");
 }

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use motorpool::engines::{
-    DriverAccess, EngineError, EnginePlugin, LogFile, RoleContext, RoleStart, RunBrief, RunningRole,
+    DriverAccess, EngineError, EnginePlugin, LogFile, RoleContext, RoleStart, RunBrief,
+    RunningRole, Unsupported,
 };
 use motorpool::registry::Registry;
 use motorpool::runtime::client::JobSubmission;
@@ -555,11 +556,13 @@ impl EnginePlugin for RelayEngine {
         "A test engine: the driver relays each task's command to every worker."
     }
 
-    fn check_task(&self, task: &motorpool::spec::Task) -> Result<(), String> {
+    fn check_task(&self, task: &motorpool::spec::Task) -> Result<(), Unsupported> {
         if task.command.is_some() {
             Ok(())
         } else {
-            Err("the relay engine runs `command` tasks only".into())
+            Err(Unsupported(
+                "the relay engine runs `command` tasks only".into(),
+            ))
         }
     }
 

@@ -651,6 +651,7 @@ mod tests {
     /// A minute of a thousand idle pool nodes, in fast motion: each node
     /// watches every 50 ms instead of every 2 s, for 30 intervals (what a
     /// real minute holds).
+    #[cfg(feature = "sim")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_thousand_idle_pool_nodes_make_no_list_calls_and_a_fixed_number_of_look_ups() {
         const NODES: u32 = 1000;

@@ -57,6 +57,24 @@ impl From<&StepRecord> for proto::StepRecord {
     }
 }
 
+/// Why a step could not run at all (its script's own failure is an exit code).
+#[derive(Debug, thiserror::Error)]
+enum StepIoError {
+    #[error("cannot {what} {}: {source}", path.display())]
+    File {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start sh: {0}")]
+    Start(#[source] std::io::Error),
+    #[error("cannot wait for the step: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("the step's {0} was not captured")]
+    NoPipe(&'static str),
+}
+
 /// Runs steps one at a time and keeps `state.json`.
 pub struct StepRunner {
     dir: PathBuf,
@@ -205,7 +223,7 @@ impl StepRunner {
         .await;
         let (exit_code, stderr_tail, timed_out) = match self.execute(&request, &events).await {
             Ok(r) => r,
-            Err(e) => (-1, e, false),
+            Err(e) => (-1, e.to_string(), false),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
         self.record(StepRecord {
@@ -235,19 +253,21 @@ impl StepRunner {
         &self,
         request: &proto::RunStepRequest,
         events: &mpsc::Sender<Result<proto::StepEvent, Status>>,
-    ) -> Result<(i32, String, bool), String> {
+    ) -> Result<(i32, String, bool), StepIoError> {
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StepIoError::File { what, path, source }
+        };
         let step_dir = self.dir.join("steps").join(safe_name(&request.step));
-        std::fs::create_dir_all(&step_dir)
-            .map_err(|e| format!("cannot create {}: {e}", step_dir.display()))?;
+        std::fs::create_dir_all(&step_dir).map_err(io("create", &step_dir))?;
         for (name, content) in &request.files {
             let file = step_dir.join(safe_name(name));
-            std::fs::write(&file, content)
-                .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+            std::fs::write(&file, content).map_err(io("write", &file))?;
         }
         let log_path = self.log_path(&request.step);
         let mut log = tokio::fs::File::create(&log_path)
             .await
-            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+            .map_err(io("create", &log_path))?;
 
         let mut child = tokio::process::Command::new("sh")
             .arg("-eu")
@@ -262,10 +282,10 @@ impl StepRunner {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start sh: {e}"))?;
+            .map_err(StepIoError::Start)?;
         let pid = child.id();
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let stdout = child.stdout.take().ok_or(StepIoError::NoPipe("stdout"))?;
+        let stderr = child.stderr.take().ok_or(StepIoError::NoPipe("stderr"))?;
         let (line_tx, mut line_rx) = mpsc::channel::<(bool, String)>(256);
         let out_tx = line_tx.clone();
         tokio::spawn(async move {
@@ -330,7 +350,7 @@ impl StepRunner {
             pump.await
         };
         let _ = log.flush().await;
-        let status = status.map_err(|e| format!("cannot wait for the step: {e}"))?;
+        let status = status.map_err(StepIoError::Wait)?;
         let tail = Vec::from(tail).join("\n");
         Ok((status.code().unwrap_or(-1), tail, false))
     }

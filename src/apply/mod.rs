@@ -26,6 +26,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::bootstrap::run::BootContext;
+use crate::bootstrap::saga::StartupError;
 use crate::bootstrap::{BootSpec, Step};
 use crate::observe::ResourceKind;
 use crate::plan::{APPLY_TIME, Action, Change, Op, Plan};
@@ -57,6 +58,34 @@ impl Default for ApplyOptions {
     }
 }
 
+/// Why one change of a plan did not finish (its text is what the report
+/// and the journal keep).
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("cannot write the apply journal: {0}")]
+    Journal(#[source] std::io::Error),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// One of the change's operations failed.
+    #[error("{op}: {source}")]
+    Op {
+        op: String,
+        #[source]
+        source: Box<ChangeError>,
+    },
+    #[error("startup: {0}")]
+    Startup(#[from] StartupError),
+    /// What a node is told at launch could not be made.
+    #[error("{0}")]
+    NodeConfig(String),
+    /// Instances did not reach the state the change waits for.
+    #[error("{0}")]
+    Wait(String),
+    /// Apply is shutting down (its permits are gone).
+    #[error("apply stopped: {0}")]
+    Stopped(#[from] tokio::sync::AcquireError),
+}
+
 /// How one change ended.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -64,6 +93,16 @@ pub enum Outcome {
     Done,
     Failed { error: String },
     Skipped { because: String },
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Done => f.write_str("done"),
+            Outcome::Failed { error } => write!(f, "failed: {error}"),
+            Outcome::Skipped { because } => write!(f, "skipped: {because}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,7 +134,7 @@ impl ApplyReport {
     /// Every failure as `address: outcome`, joined by `; `.
     pub fn failure_text(&self) -> String {
         self.failures()
-            .map(|f| format!("{}: {:?}", f.address, f.outcome))
+            .map(|f| format!("{}: {}", f.address, f.outcome))
             .collect::<Vec<_>>()
             .join("; ")
     }
@@ -179,7 +218,7 @@ pub async fn apply(
     let mut dag = Dag::new(&changes);
     let mut outcomes: Vec<Option<(Outcome, f64)>> = vec![None; changes.len()];
     let mut task_change: HashMap<tokio::task::Id, usize> = HashMap::new();
-    let mut tasks: JoinSet<(usize, Result<(), String>, f64)> = JoinSet::new();
+    let mut tasks: JoinSet<(usize, Result<(), ChangeError>, f64)> = JoinSet::new();
 
     loop {
         // Start what is ready (each change once, when its last dependency finished).
@@ -209,6 +248,7 @@ pub async fn apply(
                         Outcome::Done
                     }
                     Err(error) => {
+                        let error = error.to_string();
                         runner
                             .progress
                             .line(&format!("{}: failed: {error}", changes[i].address));
@@ -372,18 +412,18 @@ impl Runner {
         self.client.capabilities().node_startup == NodeStartup::Simulated
     }
 
-    async fn journal(&self, event: Event) -> Result<(), String> {
+    async fn journal(&self, event: Event) -> Result<(), ChangeError> {
         self.journal
             .lock()
             .await
             .write(&event)
-            .map_err(|e| format!("cannot write the apply journal: {e}"))
+            .map_err(ChangeError::Journal)
     }
 
     /// Run one change's ops in order (consecutive launches together: they
     /// touch different instances), then wait until what it launched or
     /// started reports running.
-    async fn run_change(&self, change: &Change) -> Result<(), String> {
+    async fn run_change(&self, change: &Change) -> Result<(), ChangeError> {
         let started = Instant::now();
         self.publish_cluster_boot(change).await?;
         let mut must_run: Vec<String> = Vec::new();
@@ -397,9 +437,7 @@ impl Runner {
                 }
                 self.journal(start(&change.address, index)).await?;
                 let t = Instant::now();
-                self.bootstrap(change, spec, started.elapsed())
-                    .await
-                    .map_err(|e| format!("startup: {e}"))?;
+                self.bootstrap(change, spec, started.elapsed()).await?;
                 self.journal(Event::OpDone {
                     address: change.address.clone(),
                     op: index,
@@ -429,11 +467,14 @@ impl Runner {
                         self.progress.op_done(&change.address, &op.describe(), took);
                     }
                     Err(e) => {
-                        let error = format!("{}: {e}", op.describe());
+                        let error = ChangeError::Op {
+                            op: op.describe(),
+                            source: Box::new(e),
+                        };
                         self.journal(Event::OpFailed {
                             address: change.address.clone(),
                             op: i,
-                            error: error.clone(),
+                            error: error.to_string(),
                         })
                         .await?;
                         return Err(error);
@@ -449,7 +490,12 @@ impl Runner {
     }
 
     /// Run one op; returns the instances that must reach running before the change is done.
-    async fn run_op(&self, change: &Change, index: usize, op: &Op) -> Result<Vec<String>, String> {
+    async fn run_op(
+        &self,
+        change: &Change,
+        index: usize,
+        op: &Op,
+    ) -> Result<Vec<String>, ChangeError> {
         let mut must_run = Vec::new();
         let now = unix_now();
         let address = change.address.clone();
@@ -528,7 +574,7 @@ impl Runner {
                     }
                 }
                 if let Some(e) = first_error {
-                    return Err(e.to_string());
+                    return Err(e.into());
                 }
                 let ids: Vec<String> = launched.iter().map(|i| i.id.clone()).collect();
                 if *then_stop {
@@ -578,7 +624,7 @@ impl Runner {
     /// steps); on a cloud, the cloud-init script that installs and starts the
     /// agent with a config that holds what the node must start by itself;
     /// nothing on the simulator.
-    fn user_data(&self, change: &Change, warm: Option<&BootSpec>) -> Result<String, String> {
+    fn user_data(&self, change: &Change, warm: Option<&BootSpec>) -> Result<String, ChangeError> {
         let Some(boot) = &self.boot else {
             return Ok(String::new());
         };
@@ -587,18 +633,20 @@ impl Runner {
         }
         match self.client.capabilities().node_startup {
             NodeStartup::SelfStarting => {
-                return Err(format!(
+                return Err(ChangeError::NodeConfig(format!(
                     "the {} provider needs `runtime_url` and `runtime_sha256` in the spec's \
                      provider block: its nodes install the motorpool runtime from there",
                     self.client.kind()
-                ));
+                )));
             }
             NodeStartup::Simulated => return Ok(String::new()),
             NodeStartup::EngineDriven => {}
         }
         let warm = match warm {
             Some(spec) => crate::bootstrap::steps::warm_up(&boot.templates, &boot.steps, spec)
-                .map_err(|e| format!("cannot render the warm-up steps: {e}"))?
+                .map_err(|e| {
+                    ChangeError::NodeConfig(format!("cannot render the warm-up steps: {e}"))
+                })?
                 .iter()
                 .map(crate::agent::node::WarmStep::from)
                 .collect(),
@@ -612,7 +660,7 @@ impl Runner {
             tls: boot.node_tls.clone(),
             ..crate::agent::AgentConfig::default()
         };
-        serde_json::to_string(&config).map_err(|e| e.to_string())
+        serde_json::to_string(&config).map_err(|e| ChangeError::NodeConfig(e.to_string()))
     }
 
     /// The startup a cloud cluster's nodes run on themselves, when the change starts some.
@@ -644,7 +692,7 @@ impl Runner {
     /// Clouds: publish the cluster's startup where pool instances drawn into
     /// it read it (they were launched before the cluster existed), before
     /// they are drawn; forget it when the cluster goes.
-    async fn publish_cluster_boot(&self, change: &Change) -> Result<(), String> {
+    async fn publish_cluster_boot(&self, change: &Change) -> Result<(), ChangeError> {
         let Some(boot) = &self.boot else {
             return Ok(());
         };
@@ -656,26 +704,33 @@ impl Runner {
             return self
                 .call(|| self.client.delete_cluster_boot(&name))
                 .await
-                .map_err(|e| format!("cannot delete the cluster's boot document: {e}"));
+                .map_err(|e| {
+                    ChangeError::NodeConfig(format!(
+                        "cannot delete the cluster's boot document: {e}"
+                    ))
+                });
         }
         let Some(cluster) = self.cluster_boot(boot, change) else {
             return Ok(());
         };
-        let document = serde_json::to_string(&cluster).map_err(|e| e.to_string())?;
+        let document =
+            serde_json::to_string(&cluster).map_err(|e| ChangeError::NodeConfig(e.to_string()))?;
         if let Some(limit) = self.client.capabilities().user_data_limit
             && document.len() > limit
         {
-            return Err(format!(
+            return Err(ChangeError::NodeConfig(format!(
                 "the cluster's startup is {} bytes, over the {} provider's limit of {limit} \
                  bytes for what a node reads at boot; make its init scripts, requirements or \
                  env smaller",
                 document.len(),
                 self.client.kind(),
-            ));
+            )));
         }
         self.call(|| self.client.put_cluster_boot(&name, &document))
             .await
-            .map_err(|e| format!("cannot publish the cluster's boot document: {e}"))
+            .map_err(|e| {
+                ChangeError::NodeConfig(format!("cannot publish the cluster's boot document: {e}"))
+            })
     }
 
     /// A cloud node's user data: a pool instance warms itself up; a cluster
@@ -686,7 +741,7 @@ impl Runner {
         cloud: &crate::bootstrap::cloud::CloudNodes,
         change: &Change,
         warm: Option<&BootSpec>,
-    ) -> Result<String, String> {
+    ) -> Result<String, ChangeError> {
         let cluster = self.cluster_boot(boot, change);
         let config = crate::agent::AgentConfig {
             credential: boot.agent_credential.expose().to_string(),
@@ -698,9 +753,10 @@ impl Runner {
             tls: boot.node_tls.clone(),
             ..crate::agent::AgentConfig::default()
         };
-        let config = serde_json::to_string(&config).map_err(|e| e.to_string())?;
+        let config =
+            serde_json::to_string(&config).map_err(|e| ChangeError::NodeConfig(e.to_string()))?;
         crate::bootstrap::cloud::user_data(&boot.templates, cloud, &config)
-            .map_err(|e| format!("{}: {e}", change.address))
+            .map_err(|e| ChangeError::NodeConfig(format!("{}: {e}", change.address)))
     }
 
     /// Steps 3-7 on the cluster's nodes.
@@ -709,17 +765,14 @@ impl Runner {
         change: &Change,
         spec: &BootSpec,
         allocate: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), ChangeError> {
         let mut filter = TagFilter::new();
         filter.insert(tags::PROJECT.into(), self.project.clone());
         filter.insert(tags::KIND.into(), "cluster".into());
         filter.insert(tags::NAME.into(), change.name.clone());
         let nodes: Vec<Instance> = {
-            let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
-            self.client
-                .list_all(&filter)
-                .await
-                .map_err(|e| e.to_string())?
+            let _permit = self.permits.acquire().await?;
+            self.client.list_all(&filter).await?
         };
         let nodes: Vec<Instance> = nodes.into_iter().filter(|i| i.state.is_live()).collect();
         match &self.boot {
@@ -733,8 +786,7 @@ impl Runner {
                     allocate,
                     &|line| self.progress.line(&line),
                 )
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
                 self.progress.line(&format!(
                     "{}: ready, {} ({:.2}s of startup steps)",
                     change.address,
@@ -759,7 +811,12 @@ impl Runner {
     }
 
     /// Poll until every instance in `ids` has tagged itself at `step` or later.
-    async fn wait_tag(&self, change: &Change, ids: &[String], step: Step) -> Result<(), String> {
+    async fn wait_tag(
+        &self,
+        change: &Change,
+        ids: &[String],
+        step: Step,
+    ) -> Result<(), ChangeError> {
         let mut filter = TagFilter::new();
         filter.insert(tags::PROJECT.into(), self.project.clone());
         filter.insert(tags::NAME.into(), change.name.clone());
@@ -767,11 +824,7 @@ impl Runner {
         let mut delay = Duration::from_millis(100);
         let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
         loop {
-            let listed = self
-                .client
-                .list_all(&filter)
-                .await
-                .map_err(|e| e.to_string())?;
+            let listed = self.client.list_all(&filter).await?;
             let reached = |i: &Instance| {
                 i.tag(tags::STEP)
                     .and_then(Step::parse)
@@ -789,13 +842,15 @@ impl Runner {
                 wanted.contains(i.id.as_str())
                     && i.tag(tags::STEP).is_some_and(|s| s.starts_with("failed:"))
             }) {
-                return Err(format!(
+                return Err(ChangeError::Wait(format!(
                     "warm-up of {} failed; see its agent.log",
                     failed.id
-                ));
+                )));
             }
             if Instant::now() >= deadline {
-                return Err(format!("{waiting} instances did not warm up in time"));
+                return Err(ChangeError::Wait(format!(
+                    "{waiting} instances did not warm up in time"
+                )));
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
@@ -803,17 +858,17 @@ impl Runner {
     }
 
     /// One provider call under the parallelism limit.
-    async fn call<F, Fut>(&self, f: F) -> Result<(), String>
+    async fn call<F, Fut>(&self, f: F) -> Result<(), ChangeError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<(), ProviderError>>,
     {
-        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
-        f().await.map_err(|e| e.to_string())
+        let _permit = self.permits.acquire().await?;
+        Ok(f().await?)
     }
 
     /// Poll the change's instances until every one in `ids` reports running.
-    async fn wait_running(&self, change: &Change, ids: &[String]) -> Result<(), String> {
+    async fn wait_running(&self, change: &Change, ids: &[String]) -> Result<(), ChangeError> {
         let mut filter = TagFilter::new();
         filter.insert(tags::PROJECT.into(), self.project.clone());
         if change.kind != ResourceKind::Instance {
@@ -828,11 +883,8 @@ impl Runner {
         let mut missing_rounds: BTreeMap<&str, u32> = BTreeMap::new();
         loop {
             let listed = {
-                let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
-                self.client
-                    .list_all(&filter)
-                    .await
-                    .map_err(|e| e.to_string())?
+                let _permit = self.permits.acquire().await?;
+                self.client.list_all(&filter).await?
             };
             let state: BTreeMap<&str, InstanceState> =
                 listed.iter().map(|i| (i.id.as_str(), i.state)).collect();
@@ -857,16 +909,18 @@ impl Runner {
                         .get(id.as_str())
                         .is_some_and(|n| *n > MISSING_LISTINGS_BEFORE_GONE)
             }) {
-                return Err(format!("instance {dead} went away while starting"));
+                return Err(ChangeError::Wait(format!(
+                    "instance {dead} went away while starting"
+                )));
             }
             if Instant::now() >= deadline {
                 let names: Vec<&str> = waiting.iter().map(|s| s.as_str()).collect();
-                return Err(format!(
+                return Err(ChangeError::Wait(format!(
                     "{} not running after {}s: {}",
                     crate::plan::plural(waiting.len() as u32, "instance"),
                     self.options.ready_timeout.as_secs(),
                     names.join(", ")
-                ));
+                )));
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use super::{
-    DriverAccess, EngineError, EnginePlugin, LogFile, RoleContext, RoleStart, RunBrief, RunningRole,
+    DriverAccess, EngineError, EnginePlugin, LogFile, RoleContext, RoleStart, RunBrief,
+    RunningRole, Unsupported,
 };
 use crate::auth::Credential;
 use crate::runtime::client::{self, JobSubmission};
@@ -101,14 +102,14 @@ impl EnginePlugin for BundledRuntime {
         "motorpool's bundled driver/executor runtime (map/reduce and commands over gRPC)"
     }
 
-    fn check_version(&self, version: &str) -> Result<(), String> {
+    fn check_version(&self, version: &str) -> Result<(), Unsupported> {
         if version == crate::spec::DEFAULT_RUNTIME {
             Ok(())
         } else {
-            Err(format!(
+            Err(Unsupported(format!(
                 "the motorpool engine has one version, \"{}\"",
                 crate::spec::DEFAULT_RUNTIME
-            ))
+            )))
         }
     }
 

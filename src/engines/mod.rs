@@ -46,6 +46,12 @@ pub enum EngineError {
     Other(#[from] anyhow::Error),
 }
 
+/// What an engine cannot run (a version, a kind of task), and why: the
+/// message `validate` shows next to the spec's position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(pub String);
+
 /// Which part of the cluster a node plays at formation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoleStart {
@@ -144,13 +150,13 @@ pub trait EnginePlugin: Send + Sync {
 
     /// Whether `version` (from `engine: { kind, version }`) is one this
     /// engine can run; Err says what a version looks like.
-    fn check_version(&self, version: &str) -> Result<(), String> {
+    fn check_version(&self, version: &str) -> Result<(), Unsupported> {
         let _ = version;
         Ok(())
     }
 
     /// Whether a job's task is of a form this engine runs; Err says why not.
-    fn check_task(&self, task: &crate::spec::Task) -> Result<(), String> {
+    fn check_task(&self, task: &crate::spec::Task) -> Result<(), Unsupported> {
         let _ = task;
         Ok(())
     }

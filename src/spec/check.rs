@@ -132,28 +132,33 @@ fn path_span(node: &Node, path: &[&str]) -> Span {
     n.span
 }
 
+/// A setting a check refuses, and why (the message `validate` shows).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingError(pub String);
+
 /// `runtime_url` must be an http(s) URL without whitespace.
-pub fn check_runtime_url(url: &str) -> Result<(), String> {
+pub fn check_runtime_url(url: &str) -> Result<(), SettingError> {
     let ok = (url.starts_with("https://") || url.starts_with("http://"))
         && url.len() > "https://".len()
         && !url.chars().any(|c| c.is_whitespace() || c.is_control());
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(SettingError(format!(
             "`{url}` is not an https:// or http:// URL of the motorpool executable"
-        ))
+        )))
     }
 }
 
 /// `runtime_sha256` must be 64 hex digits.
-pub fn check_sha256(sha: &str) -> Result<(), String> {
+pub fn check_sha256(sha: &str) -> Result<(), SettingError> {
     if sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()) {
         Ok(())
     } else {
-        Err(format!(
+        Err(SettingError(format!(
             "`{sha}` is not a SHA-256 (64 hex digits, as `sha256sum` prints)"
-        ))
+        )))
     }
 }
 
