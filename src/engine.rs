@@ -120,6 +120,7 @@ impl Project {
             Some(p) => PathBuf::from(p),
             None => std::env::current_exe().context("cannot find the motorpool binary")?,
         };
+        let node_provider = self.node_provider()?;
         Ok(BootContext {
             project: self.name.clone(),
             agent_credential: crate::auth::derive(&secret, &format!("agent/{}", self.name)),
@@ -134,8 +135,8 @@ impl Project {
             templates: Templates::new(),
             ready_timeout: self.ready_timeout(),
             home: self.home.root().to_path_buf(),
-            node_provider: self.node_provider()?,
-            cloud: self.cloud_nodes()?,
+            cloud: self.cloud_nodes(&node_provider)?,
+            node_provider,
             node_tls: Some(node_tls),
         })
     }
@@ -165,7 +166,7 @@ impl Project {
     /// startup or nothing runs, and when the spec does not say (validate
     /// requires it once the spec launches anything; a launch without it is
     /// refused).
-    fn cloud_nodes(&self) -> Result<Option<CloudNodes>> {
+    fn cloud_nodes(&self, provider: &NodeProvider) -> Result<Option<CloudNodes>> {
         if !self.client.capabilities().needs_runtime_download() {
             return Ok(None);
         }
@@ -174,7 +175,6 @@ impl Project {
             return Ok(None);
         };
         let plugin = providers::plugin(&self.provider)?;
-        let provider = self.node_provider()?;
         let Some(template) = plugin.user_data_template() else {
             bail!(
                 "the {} provider's nodes start themselves but it brings no user-data template",
@@ -184,7 +184,7 @@ impl Project {
         Ok(Some(CloudNodes {
             runtime_url: url.clone(),
             runtime_sha256: sha.clone(),
-            provider,
+            provider: provider.clone(),
             template,
             user_data_limit: plugin.capabilities().user_data_limit,
         }))

@@ -562,7 +562,6 @@ impl StartupNodes for SelfStart<'_> {
     async fn finished(
         &self,
         step: Step,
-        _took: Duration,
         boot_hash: Option<&str>,
     ) -> Result<(), saga::StartupError> {
         // Request and allocate were apply's work: the node reports what it did.

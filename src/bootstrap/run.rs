@@ -289,12 +289,7 @@ impl StartupNodes for AgentNodes<'_> {
         Ok(Some(status.executors.len()))
     }
 
-    async fn finished(
-        &self,
-        step: Step,
-        _took: Duration,
-        boot_hash: Option<&str>,
-    ) -> Result<(), StartupError> {
+    async fn finished(&self, step: Step, boot_hash: Option<&str>) -> Result<(), StartupError> {
         let mut set = BTreeMap::new();
         set.insert(tags::STEP.to_string(), step.name().to_string());
         if let Some(hash) = boot_hash {

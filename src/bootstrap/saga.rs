@@ -182,12 +182,7 @@ pub trait StartupNodes: Send + Sync {
     /// Say that `step` finished on the nodes in scope (their
     /// `motorpool-step` tag); `boot_hash` is the startup's hash, given with
     /// `ready`.
-    async fn finished(
-        &self,
-        step: Step,
-        took: Duration,
-        boot_hash: Option<&str>,
-    ) -> Result<(), StartupError>;
+    async fn finished(&self, step: Step, boot_hash: Option<&str>) -> Result<(), StartupError>;
 
     /// Formation's undo: stop the engine's roles.
     async fn stop_roles(&self);
@@ -271,7 +266,7 @@ async fn perform(
             };
             nodes.record(step, took).await?;
             if step != Step::Request {
-                nodes.finished(step, took, None).await?;
+                nodes.finished(step, None).await?;
             }
             Ok(false)
         }
@@ -284,13 +279,13 @@ async fn perform(
                 input.formation.cluster,
                 t.elapsed().as_secs_f64()
             ));
-            nodes.finished(step, t.elapsed(), None).await?;
+            nodes.finished(step, None).await?;
             Ok(false)
         }
         Action::Formation => {
             let formed = nodes.form(&input.formation).await?;
             nodes.record(step, t.elapsed()).await?;
-            nodes.finished(step, t.elapsed(), None).await?;
+            nodes.finished(step, None).await?;
             Ok(formed)
         }
         Action::Libraries => {
@@ -307,7 +302,7 @@ async fn perform(
                 (input.progress)(format!("{}: {name} done", input.formation.cluster));
             }
             nodes.record(step, t.elapsed()).await?;
-            nodes.finished(step, t.elapsed(), None).await?;
+            nodes.finished(step, None).await?;
             Ok(false)
         }
         Action::Security => {
@@ -317,7 +312,7 @@ async fn perform(
                 }
                 None => nodes.record(step, Duration::ZERO).await?,
             }
-            nodes.finished(step, t.elapsed(), None).await?;
+            nodes.finished(step, None).await?;
             Ok(false)
         }
         Action::Ready => {
@@ -347,7 +342,7 @@ async fn perform(
             }
             nodes.record(step, t.elapsed()).await?;
             let hash = input.spec.hash();
-            nodes.finished(step, t.elapsed(), Some(&hash)).await?;
+            nodes.finished(step, Some(&hash)).await?;
             Ok(false)
         }
     }
