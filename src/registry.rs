@@ -33,6 +33,8 @@ impl Registry {
             Arc::new(motorpool_sim::SimPlugin),
             #[cfg(feature = "aws")]
             Arc::new(motorpool_aws::AwsPlugin),
+            #[cfg(feature = "gcp")]
+            Arc::new(motorpool_gcp::GcpPlugin),
         ];
         Registry {
             providers,
