@@ -338,9 +338,7 @@ pub fn unix_seconds(timestamp: &str) -> Option<u64> {
     let (date, rest) = timestamp.split_once('T')?;
     let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let time_end = rest
-        .find(['Z', '+', '-'])
-        .unwrap_or(rest.len());
+    let time_end = rest.find(['Z', '+', '-']).unwrap_or(rest.len());
     let (time, zone) = rest.split_at(time_end);
     let mut t = time.split(':');
     let hh: i64 = t.next()?.parse().ok()?;

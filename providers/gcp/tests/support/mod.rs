@@ -59,7 +59,7 @@ impl FakeInstance {
 pub struct FakeGce {
     child: Option<Child>,
     pub port: u16,
-    log: tempfile::NamedTempFile,
+    log: Option<tempfile::NamedTempFile>,
 }
 
 impl FakeGce {
@@ -83,7 +83,7 @@ impl FakeGce {
         let mut fake = FakeGce {
             child: Some(child),
             port: 0,
-            log,
+            log: Some(log),
         };
         let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);
@@ -101,12 +101,24 @@ impl FakeGce {
         fake
     }
 
+    /// A handle on a fake another handle started (it stops with that one).
+    pub fn attach(port: u16) -> FakeGce {
+        FakeGce {
+            child: None,
+            port,
+            log: None,
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+        self.log
+            .as_ref()
+            .and_then(|log| std::fs::read_to_string(log.path()).ok())
+            .unwrap_or_default()
     }
 
     /// A provider for [`PROJECT`] over [`ZONES`] talking to this fake.

@@ -1,0 +1,663 @@
+//! The GCP provider through the CLI, as a user runs it, against the fake
+//! Compute API on 127.0.0.1 (`providers/gcp/tests/support/fake_gce.py`):
+//! plan -> apply -> plan -> drift -> heal -> destroy with real agents playing
+//! the nodes from their startup scripts, pool instances relabelled into a
+//! cluster and back, an apply killed half way, an apply through 429s, 503s
+//! and lost answers, and quota and capacity errors.
+//!
+//! Each test starts its own fake (killed on drop, also on failure). Every
+//! motorpool run gets an explicit loopback `endpoint_url` in the spec and no
+//! Google credentials (`GOOGLE_APPLICATION_CREDENTIALS` removed,
+//! `CLOUDSDK_CONFIG` pointing at an empty directory), so requests go
+//! anonymous and nothing can reach Google or a metadata server.
+
+mod common;
+#[path = "../providers/gcp/tests/support/mod.rs"]
+mod gce;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Env, Run, wait_until};
+use gce::{FakeGce, FakeInstance, PROJECT};
+use motorpool_provider::{Provider, Retag, TagFilter, tags};
+
+/// Where the test specs say nodes download the runtime from: never fetched
+/// (the fake runs no startup script; the machine player starts the agent itself).
+const RUNTIME_URL: &str = "https://downloads.example.com/motorpool/0.1.0/motorpool-x86_64-linux";
+const RUNTIME_SHA256: &str = "5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
+
+/// No Google credentials reach a test's processes.
+fn without_google_credentials(cmd: &mut Command) {
+    cmd.env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env_remove("GCE_METADATA_HOST")
+        .env("CLOUDSDK_CONFIG", "/nonexistent/motorpool-test-gcloud");
+}
+
+fn mp(env: &Env, args: &[&str]) -> Run {
+    let mut cmd = env.command(args);
+    without_google_credentials(&mut cmd);
+    let out = cmd.output().expect("run motorpool");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A spec for motorpool project `project` on the fake; `extra` (starting
+/// with `, `) adds provider settings.
+fn spec(project: &str, fake: &FakeGce, extra: &str, body: &str) -> String {
+    format!(
+        "project: {project}\nprovider: {{ kind: gcp, project: {PROJECT}, \
+         zones: [us-central1-a, us-central1-b], endpoint_url: \"{}\", \
+         runtime_url: \"{RUNTIME_URL}\", runtime_sha256: {RUNTIME_SHA256}{extra} }}\n{body}",
+        fake.url()
+    )
+}
+
+fn with_label<'a>(list: &'a [FakeInstance], key: &str, value: &str) -> Vec<&'a FakeInstance> {
+    list.iter()
+        .filter(|i| i.label(key) == Some(value))
+        .collect()
+}
+
+/// The exact tags motorpool keeps for an instance (labels, with the
+/// metadata-held exact values over them), read with the provider.
+fn tags_of(fake: &FakeGce, id: &str) -> BTreeMap<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let provider = fake.provider(|_| {});
+    rt.block_on(provider.describe(&[id.to_string()]))
+        .expect("describe")
+        .pop()
+        .map(|i| i.tags)
+        .unwrap_or_default()
+}
+
+/// Plays the machines: for each running instance of the project, reads the
+/// `startup-script` the fake holds, takes the agent config out of it, and
+/// starts a real `motorpool agent` on 127.0.0.1 with it (instance id
+/// `ZONE/NAME`, as the script would learn from the metadata server). The
+/// agent then does what it does on Compute Engine: runs the node's startup
+/// and labels its own instance through the API. An instance that is no
+/// longer running loses its agent. Every agent is killed on drop.
+struct Machines {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    agents: Arc<std::sync::Mutex<BTreeMap<String, std::process::Child>>>,
+    dir: tempfile::TempDir,
+}
+
+impl Machines {
+    fn start(fake: &FakeGce, project: &str) -> Machines {
+        let stop = Arc::new(AtomicBool::new(false));
+        let agents: Arc<std::sync::Mutex<BTreeMap<String, std::process::Child>>> = Arc::default();
+        let dir = tempfile::Builder::new()
+            .prefix("mp-gce-machines-")
+            .tempdir()
+            .expect("a directory for the machines");
+        let root = dir.path().to_path_buf();
+        let port = fake.port;
+        let (project, flag, running) = (project.to_string(), stop.clone(), agents.clone());
+        let thread = std::thread::spawn(move || {
+            let fake = FakeGce::attach(port);
+            while !flag.load(Ordering::SeqCst) {
+                let live: BTreeMap<String, FakeInstance> = fake
+                    .project_instances(PROJECT, &project)
+                    .into_iter()
+                    .map(|i| (i.id(), i))
+                    .collect();
+                let Ok(mut agents) = running.lock() else {
+                    return;
+                };
+                let gone: Vec<String> = agents
+                    .keys()
+                    .filter(|id| live.get(*id).map(|i| i.status.as_str()) != Some("RUNNING"))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    if let Some(mut child) = agents.remove(&id) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                }
+                for (id, instance) in &live {
+                    if instance.status != "RUNNING" || agents.contains_key(id) {
+                        continue;
+                    }
+                    if let Some(child) = boot_machine(instance, &root) {
+                        agents.insert(id.clone(), child);
+                    }
+                }
+                drop(agents);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Machines {
+            stop,
+            thread: Some(thread),
+            agents,
+            dir,
+        }
+    }
+
+    fn machine_dir(&self, id: &str) -> std::path::PathBuf {
+        self.dir.path().join(id.replace('/', "_"))
+    }
+
+    /// The `motorpool-step` values instance `id`'s agent labelled itself with, in order.
+    fn steps_reported(&self, id: &str) -> Vec<String> {
+        self.log(id)
+            .lines()
+            .filter_map(|l| l.split_once("tagged itself motorpool-step="))
+            .map(|(_, step)| step.to_string())
+            .collect()
+    }
+
+    fn log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.machine_dir(id).join("agent.log")).unwrap_or_default()
+    }
+}
+
+/// Start the agent a machine's startup script asks for; None when it has none.
+fn boot_machine(instance: &FakeInstance, root: &std::path::Path) -> Option<std::process::Child> {
+    let script = instance.metadata.get(motorpool_gcp::STARTUP_SCRIPT_ITEM)?;
+    let config = motorpool::agent::AgentConfig::from_user_data(script)?;
+    let machine = root.join(instance.id().replace('/', "_"));
+    std::fs::create_dir_all(&machine).ok()?;
+    let config_path = machine.join("agent-config.json");
+    std::fs::write(&config_path, serde_json::to_vec(&config).ok()?).ok()?;
+    let log = std::fs::File::create(machine.join("agent.log")).ok()?;
+    let mut cmd = Command::new(common::binary());
+    cmd.args([
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--instance-id",
+        &instance.id(),
+    ])
+    .arg("--dir")
+    .arg(machine.join("node"))
+    .arg("--config")
+    .arg(&config_path)
+    .stdin(std::process::Stdio::null())
+    .stdout(log.try_clone().ok()?)
+    .stderr(log);
+    without_google_credentials(&mut cmd);
+    cmd.spawn().ok()
+}
+
+impl Drop for Machines {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut agents = match self.agents.lock() {
+            Ok(a) => a,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (_, mut child) in std::mem::take(&mut *agents) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Plays the nodes without running them: labels every pool instance warm
+/// and every cluster instance ready, through the API, as their agents
+/// would. For tests about launching, not about startup.
+struct FakeNodes {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeNodes {
+    fn start(fake: &FakeGce, project: &str) -> FakeNodes {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (port, project, flag) = (fake.port, project.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let fake = FakeGce::attach(port);
+            let provider = fake.provider(|_| {});
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let mut filter = TagFilter::new();
+            filter.insert(tags::PROJECT.into(), project);
+            while !flag.load(Ordering::SeqCst) {
+                rt.block_on(async {
+                    let mut token = None;
+                    let mut todo: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                    loop {
+                        let Ok(page) = provider.list_page(&filter, token).await else {
+                            return;
+                        };
+                        for i in page.instances.iter().filter(|i| i.state.is_live()) {
+                            let want = match i.tag(tags::KIND) {
+                                Some("pool") => "runtime",
+                                Some("cluster") => "ready",
+                                _ => continue,
+                            };
+                            if i.tag(tags::STEP) != Some(want) {
+                                todo.entry(want).or_default().push(i.id.clone());
+                            }
+                        }
+                        match page.next_token {
+                            Some(t) => token = Some(t),
+                            None => break,
+                        }
+                    }
+                    for (step, ids) in todo {
+                        let mut change = Retag::default();
+                        change.set.insert(tags::STEP.into(), step.into());
+                        let _ = provider.retag(&ids, &change).await;
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        FakeNodes {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeNodes {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn boot_items(fake: &FakeGce) -> Vec<String> {
+    let (_, body) = fake
+        .http("GET", &format!("/compute/v1/projects/{PROJECT}"), "")
+        .expect("read the project");
+    let project: serde_json::Value = serde_json::from_str(&body).expect("a project");
+    project["commonInstanceMetadata"]["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["key"].as_str())
+        .filter(|k| k.starts_with(motorpool_gcp::BOOT_ITEM_PREFIX))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_gcp_cluster_comes_up_drifts_heals_and_goes_away() {
+    let fake = FakeGce::start();
+    let machines = Machines::start(&fake, "gcplife");
+    let env = Env::new();
+    env.spec(&spec(
+        "gcplife",
+        &fake,
+        ", page_size: 2, ready_timeout_minutes: 4",
+        "pools:\n  general: { node_type: e2-small, min_idle: 1, max_capacity: 6 }\n\
+         clusters:\n  etl: { pool: general, workers: 3, tags: { team: data } }\n",
+    ));
+
+    let plan = mp(&env, &["plan", "--detailed-exitcode"]).expect_code(2);
+    // 5 e2-small at $0.016751/hour (us-central1 on-demand).
+    assert!(
+        plan.stdout.contains("Cost after apply: $0.08/hour"),
+        "plan shows the hourly cost: {}",
+        plan.stdout
+    );
+    let applied = mp(&env, &["apply", "--yes"]).expect_code(0);
+    assert!(
+        applied.stdout.contains("Apply complete: 2 created"),
+        "{}",
+        applied.stdout
+    );
+    // A plan observes with one paginated list: pages, not instances.
+    let lists = fake.count("GET aggregated/instances");
+    mp(&env, &["plan", "--detailed-exitcode"]).expect_code(0);
+    assert_eq!(
+        fake.count("GET aggregated/instances") - lists,
+        3,
+        "5 instances at 2 a page: {}",
+        fake.requests()
+    );
+
+    let live = fake.project_instances(PROJECT, "gcplife");
+    assert_eq!(live.len(), 5, "1 idle + 1 driver + 3 workers: {live:#?}");
+    assert!(live.iter().all(|i| i.status == "RUNNING"), "{live:#?}");
+    assert_eq!(with_label(&live, "motorpool-role", "driver").len(), 1);
+    assert_eq!(with_label(&live, "motorpool-role", "worker").len(), 3);
+    assert_eq!(with_label(&live, "motorpool-role", "idle").len(), 1);
+    assert!(
+        live.iter()
+            .all(|i| i.label("team") == Some("data") || i.label("motorpool-role") == Some("idle"))
+    );
+    // Each cluster node reported every startup step itself, in order, through its labels.
+    for node in with_label(&live, "motorpool-kind", "cluster") {
+        assert_eq!(node.label("motorpool-step"), Some("ready"), "{node:?}");
+        assert_eq!(
+            machines.steps_reported(&node.id()),
+            ["runtime", "formation", "libraries", "security", "ready"],
+            "the agent log of {}:\n{}",
+            node.id(),
+            machines.log(&node.id())
+        );
+    }
+    // The driver published where it listens: a readable label, exact in metadata.
+    let driver = with_label(&live, "motorpool-role", "driver")[0];
+    let exact = tags_of(&fake, &driver.id());
+    assert!(
+        exact
+            .get(tags::DRIVER_ADDRESS)
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{exact:?}"
+    );
+    assert!(
+        driver
+            .label(tags::DRIVER_ADDRESS)
+            .is_some_and(|a| a.starts_with("127_0_0_1_")),
+        "{driver:?}"
+    );
+    let status = mp(&env, &["status", "--output", "json"]).expect_code(0);
+    let nodes = status.json()["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(nodes.len(), 5, "{nodes:#?}");
+    assert!(
+        nodes.iter().all(|n| n["node_type"] == "e2-small"),
+        "{nodes:#?}"
+    );
+
+    // A worker is deleted behind motorpool's back: that is drift.
+    let victim = with_label(&live, "motorpool-role", "worker")[0].clone();
+    fake.delete(PROJECT, &victim.zone, &victim.name);
+    mp(&env, &["plan", "--refresh-only", "--detailed-exitcode"]).expect_code(2);
+    let drift = mp(&env, &["plan", "--detailed-exitcode", "--output", "json"]).expect_code(2);
+    let plan = drift.json();
+    let etl = plan["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .find(|c| c["address"] == "cluster.etl")
+        .cloned()
+        .expect("cluster.etl in the plan");
+    assert_eq!(etl["drift"], true, "{etl:#}");
+
+    // Apply heals; then nothing is left to do, and the victim stays gone.
+    mp(&env, &["apply", "--yes"]).expect_code(0);
+    mp(&env, &["plan", "--detailed-exitcode"]).expect_code(0);
+    let healed = fake.project_instances(PROJECT, "gcplife");
+    assert_eq!(healed.len(), 5, "{healed:#?}");
+    assert!(healed.iter().all(|i| i.id() != victim.id()));
+    assert_eq!(with_label(&healed, "motorpool-role", "worker").len(), 3);
+    // The heal drew the warm idle instance: its agent read the cluster's
+    // startup from the project metadata and reported every step itself.
+    let drawn = with_label(&healed, "motorpool-kind", "cluster")
+        .into_iter()
+        .find(|i| machines.log(&i.id()).contains("drawn into cluster etl"))
+        .unwrap_or_else(|| panic!("no node was drawn from the pool: {healed:#?}"));
+    assert_eq!(
+        machines.steps_reported(&drawn.id()),
+        [
+            "runtime",
+            "runtime",
+            "formation",
+            "libraries",
+            "security",
+            "ready"
+        ],
+        "warm-up, then the cluster's steps:\n{}",
+        machines.log(&drawn.id())
+    );
+
+    mp(&env, &["destroy", "--yes"]).expect_code(0);
+    assert!(
+        fake.project_instances(PROJECT, "gcplife").is_empty(),
+        "{:#?}",
+        fake.project_instances(PROJECT, "gcplife")
+    );
+    assert!(
+        boot_items(&fake).is_empty(),
+        "the cluster's boot document went with it: {:?}",
+        boot_items(&fake)
+    );
+    mp(&env, &["plan", "--detailed-exitcode"]).expect_code(2);
+}
+
+#[test]
+fn idle_gcp_instances_join_a_cluster_and_return_when_it_goes() {
+    let fake = FakeGce::start();
+    let _nodes = FakeNodes::start(&fake, "gcppool");
+    let env = Env::new();
+    let pool = "pools:\n  general: { node_type: e2-small, min_idle: 2, max_capacity: 8 }\n";
+    env.spec(&spec("gcppool", &fake, "", pool));
+    mp(&env, &["apply", "--yes"]).expect_code(0);
+    let idle: BTreeSet<String> = fake
+        .project_instances(PROJECT, "gcppool")
+        .iter()
+        .map(FakeInstance::id)
+        .collect();
+    assert_eq!(idle.len(), 2);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let live = fake.project_instances(PROJECT, "gcppool");
+            with_label(&live, "motorpool-step", "runtime").len() == 2
+        }),
+        "the idle instances never warmed up"
+    );
+
+    // A cluster draws its nodes from the pool's idle instances: relabelled, not launched.
+    env.spec(&spec(
+        "gcppool",
+        &fake,
+        "",
+        &format!("{pool}clusters:\n  etl: {{ pool: general, workers: 1 }}\n"),
+    ));
+    let plan = mp(&env, &["plan"]).expect_code(0);
+    assert!(
+        plan.stdout
+            .contains("takes 2 idle instances from pool `general`"),
+        "{}",
+        plan.stdout
+    );
+    mp(&env, &["apply", "--yes"]).expect_code(0);
+    mp(&env, &["plan", "--detailed-exitcode"]).expect_code(0);
+    let live = fake.project_instances(PROJECT, "gcppool");
+    let members = with_label(&live, "motorpool-kind", "cluster");
+    assert_eq!(members.len(), 2, "driver + 1 worker: {live:#?}");
+    let taken: BTreeSet<String> = members.iter().map(|i| i.id()).collect();
+    assert_eq!(taken, idle, "the cluster took the idle instances");
+    for m in &members {
+        assert_eq!(m.label("motorpool-name"), Some("etl"));
+        assert_eq!(m.label("motorpool-pool"), Some("general"));
+    }
+    assert_eq!(
+        with_label(&live, "motorpool-role", "idle").len(),
+        2,
+        "the pool refilled"
+    );
+
+    // The cluster goes: its instances go back to the pool.
+    env.spec(&spec("gcppool", &fake, "", pool));
+    mp(&env, &["apply", "--yes"]).expect_code(0);
+    let live = fake.project_instances(PROJECT, "gcppool");
+    assert!(
+        with_label(&live, "motorpool-kind", "cluster").is_empty(),
+        "{live:#?}"
+    );
+    for id in &taken {
+        let back = live
+            .iter()
+            .find(|i| &i.id() == id)
+            .unwrap_or_else(|| panic!("{id} was deleted instead of returned: {live:#?}"));
+        assert_eq!(back.label("motorpool-kind"), Some("pool"));
+        assert_eq!(back.label("motorpool-name"), Some("general"));
+        assert_eq!(back.label("motorpool-role"), Some("idle"));
+        assert_eq!(back.label("motorpool-pool"), None, "{back:?}");
+    }
+    mp(&env, &["destroy", "--yes"]).expect_code(0);
+    assert!(fake.project_instances(PROJECT, "gcppool").is_empty());
+}
+
+fn many_clusters(clusters: usize, workers: usize) -> String {
+    let mut s = String::from(
+        "pools:\n  general: { node_type: e2-small, min_idle: 2, max_capacity: 40 }\nclusters:\n",
+    );
+    for i in 0..clusters {
+        s.push_str(&format!(
+            "  c{i}: {{ node_type: e2-small, workers: {workers} }}\n"
+        ));
+    }
+    s
+}
+
+#[test]
+fn a_gcp_apply_killed_midway_converges_when_run_again_with_no_duplicate() {
+    let fake = FakeGce::start();
+    // Slow operations so that the kill lands in the middle.
+    fake.configure(r#"{"stage_ms": 150}"#);
+    let _nodes = FakeNodes::start(&fake, "gcpkill");
+    let env = Env::new();
+    env.spec(&spec("gcpkill", &fake, "", &many_clusters(6, 2)));
+    let expected = 2 + 6 * 3;
+
+    let mut cmd = env.command(&["apply", "--yes", "--parallelism", "2"]);
+    without_google_credentials(&mut cmd);
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn motorpool");
+    let mut first = common::ChildGuard(Some(child));
+    let journal = env.project_file("gcpkill", "journal.jsonl");
+    let some_done = wait_until(Duration::from_secs(60), || {
+        std::fs::read_to_string(&journal).is_ok_and(|j| j.matches("\"op_done\"").count() >= 3)
+    });
+    assert!(some_done, "the first apply made no progress");
+    first.kill9();
+    let partial = fake.project_instances(PROJECT, "gcpkill").len();
+    assert!(
+        partial < expected,
+        "killed too late to test anything: {partial} instances"
+    );
+
+    let again = mp(&env, &["apply", "--yes"]).expect_code(0);
+    assert!(again.stdout.contains("interrupted"), "{}", again.stdout);
+    mp(&env, &["plan", "--detailed-exitcode"]).expect_code(0);
+    let live = fake.project_instances(PROJECT, "gcpkill");
+    assert_eq!(
+        live.len(),
+        expected,
+        "exactly the spec's instances: {live:#?}"
+    );
+    mp(&env, &["destroy", "--yes"]).expect_code(0);
+    assert!(fake.project_instances(PROJECT, "gcpkill").is_empty());
+}
+
+#[test]
+fn a_gcp_apply_converges_through_throttling_server_errors_and_lost_answers() {
+    let fake = FakeGce::start();
+    let _nodes = FakeNodes::start(&fake, "gcpfaults");
+    let env = Env::new();
+    env.spec(&spec("gcpfaults", &fake, "", &many_clusters(5, 2)));
+    let expected = 2 + 5 * 3;
+    // 20% of motorpool's calls fail: throttled, unavailable, or done with the answer lost.
+    fake.configure(
+        r#"{"faults": {"rate": 0.2, "kinds": ["429", "503", "lost"], "seed": 7, "methods": ["GET", "POST", "DELETE"]}}"#,
+    );
+    let run = mp(&env, &["apply", "--yes"]).expect_code(0);
+    assert!(run.stdout.contains(" retried"), "{}", run.stdout);
+    mp(&env, &["plan", "--detailed-exitcode"]).expect_code(0);
+    let live = fake.project_instances(PROJECT, "gcpfaults");
+    assert_eq!(live.len(), expected, "no duplicate, no leak: {live:#?}");
+    mp(&env, &["destroy", "--yes"]).expect_code(0);
+    fake.configure(r#"{"faults": {"rate": 0.0}}"#);
+    assert!(
+        fake.project_instances(PROJECT, "gcpfaults").is_empty(),
+        "{:#?}",
+        fake.project_instances(PROJECT, "gcpfaults")
+    );
+}
+
+#[test]
+fn a_zone_out_of_capacity_fails_over_and_a_quota_error_fails_clearly() {
+    let fake = FakeGce::start();
+    let _nodes = FakeNodes::start(&fake, "gcpcap");
+    let env = Env::new();
+    fake.configure(r#"{"exhausted_zones": ["us-central1-a"]}"#);
+    env.spec(&spec(
+        "gcpcap",
+        &fake,
+        "",
+        "pools:\n  general: { node_type: e2-small, min_idle: 3, max_capacity: 6 }\n",
+    ));
+    mp(&env, &["apply", "--yes"]).expect_code(0);
+    let live = fake.project_instances(PROJECT, "gcpcap");
+    assert_eq!(live.len(), 3);
+    assert!(live.iter().all(|i| i.zone == "us-central1-b"), "{live:#?}");
+
+    // 8 n2-standard-8 (64 vCPUs) where the region allows 10 and the pool
+    // holds 6: even the driver is refused, a quota error, nothing made.
+    fake.configure(r#"{"exhausted_zones": [], "cpu_quota": {"us-central1": 10}}"#);
+    env.spec(&spec(
+        "gcpcap",
+        &fake,
+        "",
+        "pools:\n  general: { node_type: e2-small, min_idle: 3, max_capacity: 6 }\n\
+         clusters:\n  big: { node_type: n2-standard-8, workers: 7 }\n",
+    ));
+    let run = mp(&env, &["apply", "--yes"]).expect_code(1);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        all.contains("quota exceeded") && all.contains("CPUS"),
+        "{all}"
+    );
+    assert_eq!(fake.project_instances(PROJECT, "gcpcap").len(), 3);
+    fake.configure(r#"{"cpu_quota": {"us-central1": null}}"#);
+    mp(&env, &["destroy", "--yes"]).expect_code(0);
+    assert!(fake.project_instances(PROJECT, "gcpcap").is_empty());
+}
+
+#[test]
+fn gcp_settings_are_checked_with_their_positions() {
+    let env = Env::new();
+    env.spec(
+        "project: gcpbad\n\
+         provider: { kind: gcp, project: Bad_Project, zone: central, page_size: 900, labels: { motorpool-x: y } }\n\
+         pools:\n  general: { node_type: e2-mega, max_capacity: 2 }\n",
+    );
+    let run = mp(&env, &["validate"]).expect_code(1);
+    for expected in [
+        "motorpool.yaml:2:",
+        "`Bad_Project` is not a GCP project id",
+        "`central` is not a zone",
+        "`page_size` of the gcp provider must be between 1 and 500",
+        "needs `runtime_url`",
+        "label `motorpool-x`",
+        "unknown node type `e2-mega`",
+    ] {
+        assert!(
+            run.stderr.contains(expected),
+            "no `{expected}` in:\n{}",
+            run.stderr
+        );
+    }
+    // resources: picks the cheapest machine type that fits.
+    let fake = FakeGce::start();
+    env.spec(&spec(
+        "gcpfit",
+        &fake,
+        "",
+        "pools:\n  general: { resources: { cpus: 4, memory_gb: 30 }, max_capacity: 2 }\n",
+    ));
+    mp(&env, &["validate"]).expect_code(0);
+}
