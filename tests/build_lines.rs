@@ -48,5 +48,10 @@ fn the_default_build_has_every_cloud_provider() {
     let tree = tree(&[]);
     assert!(tree.contains("motorpool-aws"), "{tree}");
     assert!(tree.contains("aws-sdk-ec2"), "{tree}");
+    assert!(tree.contains("motorpool-gcp"), "{tree}");
+    assert!(tree.contains("google-cloud-compute-v1"), "{tree}");
     assert!(tree.contains("motorpool-sim"), "{tree}");
+    // TLS is rustls on ring everywhere: no aws-lc (a long C build) sneaks in
+    // through a cloud SDK's default features.
+    assert!(!tree.contains("aws-lc"), "{tree}");
 }
