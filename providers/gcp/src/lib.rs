@@ -852,18 +852,26 @@ impl GcpProvider {
     }
 
     /// Apply `change` to one instance's labels and metadata, with fingerprints.
+    ///
+    /// Labels and metadata cannot change in one call, and a reader between
+    /// two calls must never see a lossy label without its exact value (a
+    /// worker would dial `10_0_0_5_7077`). So it goes in three steps, each
+    /// from a fresh read: first the metadata gains the new exact values
+    /// (keeping the old ones), then the labels change, then the metadata
+    /// drops what is no longer needed. Every intermediate state reads as the
+    /// old or the new value of each tag. A stale fingerprint (someone else
+    /// changed the instance meanwhile) is read again.
     async fn retag_one(&self, zone: &str, name: &str, change: &Retag) -> Result<()> {
-        let clients = self.clients().await?;
         let id = format!("{zone}/{name}");
-        for _ in 0..8 {
+        for _ in 0..16 {
             let Some(instance) = self.get(&id).await? else {
                 return Err(ProviderError::NotFound(format!("instance {id}")));
             };
-            let current = labels::decode(
-                &instance.labels,
-                metadata_item(instance.metadata.as_ref(), TAGS_ITEM),
-            );
-            let mut next = current.clone();
+            let exact_item = metadata_item(instance.metadata.as_ref(), TAGS_ITEM);
+            let current_exact: Tags = exact_item
+                .and_then(|v| serde_json::from_str(v).ok())
+                .unwrap_or_default();
+            let mut next = labels::decode(&instance.labels, exact_item);
             for key in &change.remove {
                 next.remove(key);
             }
@@ -875,81 +883,118 @@ impl GcpProvider {
                 .unwrap_or_default();
             let encoded =
                 labels::encode(&next, &extra).map_err(|m| ProviderError::invalid(None, m))?;
-            let old_labels: BTreeMap<String, String> =
+            let current_labels: BTreeMap<String, String> =
                 instance.labels.clone().into_iter().collect();
-            let mut stale = false;
-            if encoded.labels != old_labels {
-                let body = InstancesSetLabelsRequest::new()
-                    .set_labels(encoded.labels.clone())
-                    .set_label_fingerprint(instance.label_fingerprint.clone().unwrap_or_default());
-                match clients
-                    .instances
-                    .set_labels()
-                    .set_project(&self.config.project)
-                    .set_zone(zone)
-                    .set_instance(name)
-                    .set_body(body)
-                    .send()
-                    .await
-                {
-                    Ok(op) => self.wait_zone("instances.setLabels", zone, op).await?,
-                    Err(e) => {
-                        let e = ApiError::from_gax("instances.setLabels", &e);
-                        if !e.is_stale_fingerprint() {
-                            return Err(e.into());
-                        }
-                        stale = true;
-                    }
+            let step = if encoded.labels != current_labels {
+                let mut union = current_exact.clone();
+                union.extend(encoded.exact.clone());
+                if union != current_exact {
+                    self.set_instance_metadata(zone, name, &instance, &union)
+                        .await?
+                } else {
+                    self.set_instance_labels(zone, name, &instance, &encoded.labels)
+                        .await?
                 }
-            }
-            let old_exact =
-                metadata_item(instance.metadata.as_ref(), TAGS_ITEM).map(str::to_string);
-            if !stale && encoded.metadata_value() != old_exact {
-                let metadata = instance.metadata.clone().unwrap_or_default();
-                let mut items: Vec<gce::metadata::Items> = metadata
-                    .items
-                    .into_iter()
-                    .filter(|i| i.key.as_deref() != Some(TAGS_ITEM))
-                    .collect();
-                if let Some(value) = encoded.metadata_value() {
-                    items.push(
-                        gce::metadata::Items::new()
-                            .set_key(TAGS_ITEM)
-                            .set_value(value),
-                    );
-                }
-                let body = Metadata::new()
-                    .set_items(items)
-                    .set_fingerprint(metadata.fingerprint.unwrap_or_default());
-                match clients
-                    .instances
-                    .set_metadata()
-                    .set_project(&self.config.project)
-                    .set_zone(zone)
-                    .set_instance(name)
-                    .set_body(body)
-                    .send()
-                    .await
-                {
-                    Ok(op) => self.wait_zone("instances.setMetadata", zone, op).await?,
-                    Err(e) => {
-                        let e = ApiError::from_gax("instances.setMetadata", &e);
-                        if !e.is_stale_fingerprint() {
-                            return Err(e.into());
-                        }
-                        stale = true;
-                    }
-                }
-            }
-            if !stale {
+            } else if encoded.exact != current_exact {
+                self.set_instance_metadata(zone, name, &instance, &encoded.exact)
+                    .await?
+            } else {
                 return Ok(());
+            };
+            if step == Written::Stale {
+                // Someone changed the instance between our read and write.
+                tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..100))).await;
             }
-            // Someone changed the instance between our read and write: read again.
-            tokio::time::sleep(Duration::from_millis(50 + fastrand::u64(0..200))).await;
         }
         Err(ProviderError::Server(format!(
             "instance {id}: its labels kept changing under a retag"
         )))
+    }
+
+    async fn set_instance_labels(
+        &self,
+        zone: &str,
+        name: &str,
+        instance: &gce::Instance,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Written> {
+        let clients = self.clients().await?;
+        let body = InstancesSetLabelsRequest::new()
+            .set_labels(labels.clone())
+            .set_label_fingerprint(instance.label_fingerprint.clone().unwrap_or_default());
+        let sent = clients
+            .instances
+            .set_labels()
+            .set_project(&self.config.project)
+            .set_zone(zone)
+            .set_instance(name)
+            .set_body(body)
+            .send()
+            .await;
+        self.written("instances.setLabels", zone, sent).await
+    }
+
+    /// Replace the [`TAGS_ITEM`] metadata item (the other items stay).
+    async fn set_instance_metadata(
+        &self,
+        zone: &str,
+        name: &str,
+        instance: &gce::Instance,
+        exact: &Tags,
+    ) -> Result<Written> {
+        let clients = self.clients().await?;
+        let metadata = instance.metadata.clone().unwrap_or_default();
+        let mut items: Vec<gce::metadata::Items> = metadata
+            .items
+            .into_iter()
+            .filter(|i| i.key.as_deref() != Some(TAGS_ITEM))
+            .collect();
+        if !exact.is_empty() {
+            let value = serde_json::to_string(exact)
+                .map_err(|e| ProviderError::Internal(format!("tags as JSON: {e}")))?;
+            items.push(
+                gce::metadata::Items::new()
+                    .set_key(TAGS_ITEM)
+                    .set_value(value),
+            );
+        }
+        let body = Metadata::new()
+            .set_items(items)
+            .set_fingerprint(metadata.fingerprint.unwrap_or_default());
+        let sent = clients
+            .instances
+            .set_metadata()
+            .set_project(&self.config.project)
+            .set_zone(zone)
+            .set_instance(name)
+            .set_body(body)
+            .send()
+            .await;
+        self.written("instances.setMetadata", zone, sent).await
+    }
+
+    /// The outcome of a fingerprinted write: done (its operation waited
+    /// for), or refused as stale.
+    async fn written(
+        &self,
+        call: &str,
+        zone: &str,
+        sent: google_cloud_compute_v1::Result<gce::Operation>,
+    ) -> Result<Written> {
+        match sent {
+            Ok(op) => {
+                self.wait_zone(call, zone, op).await?;
+                Ok(Written::Done)
+            }
+            Err(e) => {
+                let e = ApiError::from_gax(call, &e);
+                if e.is_stale_fingerprint() {
+                    Ok(Written::Stale)
+                } else {
+                    Err(e.into())
+                }
+            }
+        }
     }
 
     /// Read-modify-write the project's common metadata item `key`.
@@ -1009,6 +1054,13 @@ impl GcpProvider {
             "the project's metadata kept changing under an update".to_string(),
         ))
     }
+}
+
+/// How a fingerprinted write went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Done,
+    Stale,
 }
 
 /// The project metadata key of cluster boot document `name`.

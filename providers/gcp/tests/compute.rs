@@ -282,3 +282,52 @@ fn api_errors_come_back_typed() {
         other => panic!("expected a server error, got {other:?}"),
     }
 }
+
+#[test]
+fn a_reader_never_sees_a_lossy_label_without_its_exact_value() {
+    // The driver publishes its address while workers read it: every read
+    // must give the old value or the new one, never `10_0_0_9_7078`.
+    let fake = FakeGce::start();
+    let p = std::sync::Arc::new(fake.provider(|_| {}));
+    let rt = rt();
+    let made = rt
+        .block_on(p.launch(&launch(1, "reader", "eta")))
+        .expect("launch");
+    let id = made[0].id.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (reader_p, reader_id, reader_stop) = (p.clone(), id.clone(), stop.clone());
+    let reader = std::thread::spawn(move || {
+        let rt = self::rt();
+        let mut seen = BTreeSet::new();
+        while !reader_stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let found = rt
+                .block_on(reader_p.describe(std::slice::from_ref(&reader_id)))
+                .expect("describe");
+            seen.insert(found[0].tag(tags::DRIVER_ADDRESS).map(str::to_string));
+        }
+        seen
+    });
+    for address in ["10.0.0.9:7078", "10.0.0.10:7079", "10.0.0.9:7078"] {
+        let mut change = Retag::default();
+        change
+            .set
+            .insert(tags::DRIVER_ADDRESS.into(), address.into());
+        rt.block_on(p.retag(std::slice::from_ref(&id), &change))
+            .expect("retag");
+    }
+    let mut change = Retag::default();
+    change.remove.push(tags::DRIVER_ADDRESS.into());
+    rt.block_on(p.retag(std::slice::from_ref(&id), &change))
+        .expect("retag");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.join().expect("the reader");
+    let allowed: BTreeSet<Option<String>> = [
+        None,
+        Some("10.128.0.7:7077".to_string()),
+        Some("10.0.0.9:7078".to_string()),
+        Some("10.0.0.10:7079".to_string()),
+    ]
+    .into();
+    assert!(seen.is_subset(&allowed), "a reader saw {seen:?}");
+    assert!(seen.len() >= 2, "the reader saw the changes: {seen:?}");
+}
