@@ -35,6 +35,8 @@ impl Registry {
             Arc::new(motorpool_aws::AwsPlugin),
             #[cfg(feature = "gcp")]
             Arc::new(motorpool_gcp::GcpPlugin),
+            #[cfg(feature = "azure")]
+            Arc::new(motorpool_azure::AzurePlugin),
         ];
         Registry {
             providers,

@@ -13,14 +13,12 @@ mod common;
 mod moto;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::machines::{FakeNodes, Machine, Machines};
 use common::{Env, Run, wait_until};
 use moto::{AMI, FaultProxy, Faults, Moto};
 use motorpool_aws::aws_sdk_ec2::types::{Filter, InstanceAttributeName};
-use motorpool_provider::{Provider, Retag, TagFilter, tags};
 
 /// Run motorpool with the test AWS environment (endpoint: the spec's, or
 /// `endpoint` as `AWS_ENDPOINT_URL` when given).
@@ -178,206 +176,37 @@ impl Ec2 {
 /// instance: it tags its own instance with the last startup step it finished
 /// (`motorpool-step`): `runtime` once an idle pool instance has warmed up,
 /// `ready` once a cluster node has started. moto runs no user data, so this
-/// stands in for it; an engine that does not wait for these tags ignores them.
-/// Stopped on drop.
-struct FakeNodes {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// stands in for it. Stopped on drop.
+fn fake_nodes(moto: &Moto, project: &str) -> FakeNodes {
+    let url = moto.url();
+    FakeNodes::start(move || moto::provider(&url, |_| {}), project)
 }
 
-impl FakeNodes {
-    fn start(moto: &Moto, project: &str) -> FakeNodes {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (url, project, flag) = (moto.url(), project.to_string(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            let provider = moto::provider(&url, |_| {});
-            let mut filter = TagFilter::new();
-            filter.insert(tags::PROJECT.into(), project);
-            while !flag.load(Ordering::SeqCst) {
-                rt.block_on(async {
-                    let mut token = None;
-                    let mut todo: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-                    loop {
-                        let Ok(page) = provider.list_page(&filter, token).await else {
-                            return;
-                        };
-                        for i in page.instances.iter().filter(|i| i.state.is_live()) {
-                            let want = match i.tag(tags::KIND) {
-                                Some("pool") => "runtime",
-                                Some("cluster") => "ready",
-                                _ => continue,
-                            };
-                            if i.tag(tags::STEP) != Some(want) {
-                                todo.entry(want).or_default().push(i.id.clone());
-                            }
-                        }
-                        match page.next_token {
-                            Some(t) => token = Some(t),
-                            None => break,
-                        }
-                    }
-                    for (step, ids) in todo {
-                        let mut change = Retag::default();
-                        change.set.insert(tags::STEP.into(), step.into());
-                        let _ = provider.retag(&ids, &change).await;
-                    }
-                });
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        FakeNodes {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for FakeNodes {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Plays the machines, not the nodes: for each instance of the project
-/// that moto reports running, it reads the user data moto holds
-/// (DescribeInstanceAttribute userData), takes the agent config out of the
-/// cloud-init script, and starts a real `motorpool agent` on 127.0.0.1 with
-/// it, in its own directory, with the test's AWS environment (endpoint:
-/// moto). The agent then does what it does on EC2: runs the node's startup
-/// and tags its own instance through moto. An instance that is no longer
-/// running loses its agent, as a terminated VM would. Every agent is killed
-/// on drop, also when the test fails.
-struct Machines {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    agents: Arc<std::sync::Mutex<BTreeMap<String, std::process::Child>>>,
-    dir: tempfile::TempDir,
-}
-
-impl Machines {
-    fn start(moto: &Moto, project: &str) -> Machines {
-        let stop = Arc::new(AtomicBool::new(false));
-        let agents: Arc<std::sync::Mutex<BTreeMap<String, std::process::Child>>> = Arc::default();
-        let dir = tempfile::Builder::new()
-            .prefix("mp-machines-")
-            .tempdir()
-            .expect("a directory for the machines");
-        let root = dir.path().to_path_buf();
-        let (url, project, flag, running) = (
-            moto.url(),
-            project.to_string(),
-            stop.clone(),
-            agents.clone(),
-        );
-        let thread = std::thread::spawn(move || {
-            let ec2 = Ec2::at(&url);
-            while !flag.load(Ordering::SeqCst) {
-                let live: BTreeMap<String, String> = ec2
-                    .instances(&project)
-                    .into_iter()
-                    .map(|i| (i.id, i.state))
-                    .collect();
-                let Ok(mut agents) = running.lock() else {
-                    return;
-                };
-                // A machine that stopped or went away takes its agent with it.
-                let gone: Vec<String> = agents
-                    .keys()
-                    .filter(|id| live.get(*id).map(String::as_str) != Some("running"))
-                    .cloned()
-                    .collect();
-                for id in gone {
-                    if let Some(mut child) = agents.remove(&id) {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                    }
-                }
-                for (id, state) in &live {
-                    if state != "running" || agents.contains_key(id) {
-                        continue;
-                    }
-                    if let Some(child) = boot_machine(&ec2, &url, &root, id) {
-                        agents.insert(id.clone(), child);
-                    }
-                }
-                drop(agents);
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        Machines {
-            stop,
-            thread: Some(thread),
-            agents,
-            dir,
-        }
-    }
-
-    /// The `motorpool-step` values instance `id`'s agent tagged itself with, in order.
-    fn steps_reported(&self, id: &str) -> Vec<String> {
-        let log =
-            std::fs::read_to_string(self.dir.path().join(id).join("agent.log")).unwrap_or_default();
-        log.lines()
-            .filter_map(|l| l.split_once("tagged itself motorpool-step="))
-            .map(|(_, step)| step.to_string())
-            .collect()
-    }
-
-    fn log(&self, id: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(id).join("agent.log")).unwrap_or_default()
-    }
-}
-
-/// Start the agent a machine's user data asks for; None when it has none (yet).
-fn boot_machine(
-    ec2: &Ec2,
-    moto_url: &str,
-    root: &std::path::Path,
-    id: &str,
-) -> Option<std::process::Child> {
-    let user_data = ec2.user_data(id)?;
-    let config = motorpool::agent::AgentConfig::from_user_data(&user_data)?;
-    let machine = root.join(id);
-    std::fs::create_dir_all(&machine).ok()?;
-    let config_path = machine.join("agent-config.json");
-    std::fs::write(&config_path, serde_json::to_vec(&config).ok()?).ok()?;
-    let log = std::fs::File::create(machine.join("agent.log")).ok()?;
-    let mut cmd = std::process::Command::new(common::binary());
-    cmd.args(["agent", "--listen", "127.0.0.1:0", "--instance-id", id])
-        .arg("--dir")
-        .arg(machine.join("node"))
-        .arg("--config")
-        .arg(&config_path)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().ok()?)
-        .stderr(log);
-    moto::with_aws_env(&mut cmd, Some(moto_url));
-    cmd.spawn().ok()
-}
-
-impl Drop for Machines {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let mut agents = match self.agents.lock() {
-            Ok(a) => a,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        for (_, mut child) in std::mem::take(&mut *agents) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// Plays the machines, not the nodes: real agents on the project's running
+/// instances, from the user data moto holds (DescribeInstanceAttribute
+/// userData), with the test's AWS environment (endpoint: moto).
+fn machines(moto: &Moto, project: &str) -> Machines {
+    let (url, project) = (moto.url(), project.to_string());
+    let agent_url = url.clone();
+    let mut ec2: Option<Ec2> = None;
+    Machines::start(
+        move || {
+            let ec2 = ec2.get_or_insert_with(|| Ec2::at(&url));
+            ec2.instances(&project)
+                .into_iter()
+                .map(|i| Machine {
+                    running: i.state == "running",
+                    user_data: if i.state == "running" {
+                        ec2.user_data(&i.id)
+                    } else {
+                        None
+                    },
+                    id: i.id,
+                })
+                .collect()
+        },
+        move |cmd| moto::with_aws_env(cmd, Some(&agent_url)),
+    )
 }
 
 /// Standard base64 (what EC2 returns user data in), for the node player.
@@ -428,7 +257,7 @@ fn an_aws_cluster_comes_up_drifts_heals_and_goes_away() {
     let moto = Moto::start();
     let ec2 = Ec2::new(&moto);
     // Real agents on every machine: the cluster is ready only when they say so.
-    let machines = Machines::start(&moto, "awslife");
+    let machines = machines(&moto, "awslife");
     let env = Env::new();
     env.spec(&spec_with(
         "awslife",
@@ -559,7 +388,7 @@ fn an_aws_cluster_comes_up_drifts_heals_and_goes_away() {
 fn idle_pool_instances_join_a_cluster_and_return_when_it_goes() {
     let moto = Moto::start();
     let ec2 = Ec2::new(&moto);
-    let _nodes = FakeNodes::start(&moto, "awspool");
+    let _nodes = fake_nodes(&moto, "awspool");
     let env = Env::new();
     let pool = "pools:\n  general: { node_type: t3.micro, min_idle: 2, max_capacity: 8 }\n";
     env.spec(&spec("awspool", Some(&moto.url()), pool));
@@ -660,7 +489,7 @@ fn many_clusters(clusters: usize, workers: usize) -> String {
 fn an_aws_apply_killed_midway_converges_when_run_again_with_no_duplicate() {
     let moto = Moto::start();
     let ec2 = Ec2::new(&moto);
-    let _nodes = FakeNodes::start(&moto, "awskill");
+    let _nodes = fake_nodes(&moto, "awskill");
     // Slow EC2 down so that the kill lands in the middle; the endpoint comes
     // from AWS_ENDPOINT_URL this time, not from the spec.
     let slow = FaultProxy::start(
@@ -713,7 +542,7 @@ fn an_aws_apply_killed_midway_converges_when_run_again_with_no_duplicate() {
 fn an_aws_apply_converges_through_throttling_and_server_errors() {
     let moto = Moto::start();
     let ec2 = Ec2::new(&moto);
-    let _nodes = FakeNodes::start(&moto, "awsfaults");
+    let _nodes = fake_nodes(&moto, "awsfaults");
     let faulty = FaultProxy::start(
         moto.port,
         Faults {

@@ -17,13 +17,12 @@ mod gce;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::machines::{FakeNodes, Machine, Machines};
 use common::{Env, Run, wait_until};
 use gce::{FakeGce, FakeInstance, PROJECT};
-use motorpool_provider::{Provider, Retag, TagFilter, tags};
+use motorpool_provider::{Provider, tags};
 
 /// Where the test specs say nodes download the runtime from: never fetched
 /// (the fake runs no startup script; the machine player starts the agent itself).
@@ -80,208 +79,36 @@ fn tags_of(fake: &FakeGce, id: &str) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Plays the machines: for each running instance of the project, reads the
-/// `startup-script` the fake holds, takes the agent config out of it, and
-/// starts a real `motorpool agent` on 127.0.0.1 with it (instance id
-/// `ZONE/NAME`, as the script would learn from the metadata server). The
-/// agent then does what it does on Compute Engine: runs the node's startup
-/// and labels its own instance through the API. An instance that is no
-/// longer running loses its agent. Every agent is killed on drop.
-struct Machines {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    agents: Arc<std::sync::Mutex<BTreeMap<String, std::process::Child>>>,
-    dir: tempfile::TempDir,
+/// Real agents on the project's running instances, from the startup
+/// scripts the fake holds (instance id `ZONE/NAME`, as the script would
+/// learn from the metadata server).
+fn machines(fake: &FakeGce, project: &str) -> Machines {
+    let (port, project) = (fake.port, project.to_string());
+    Machines::start(
+        move || {
+            FakeGce::attach(port)
+                .project_instances(PROJECT, &project)
+                .into_iter()
+                .map(|i| Machine {
+                    id: i.id(),
+                    running: i.status == "RUNNING",
+                    user_data: i.metadata.get(motorpool_gcp::STARTUP_SCRIPT_ITEM).cloned(),
+                })
+                .collect()
+        },
+        without_google_credentials,
+    )
 }
 
-impl Machines {
-    fn start(fake: &FakeGce, project: &str) -> Machines {
-        let stop = Arc::new(AtomicBool::new(false));
-        let agents: Arc<std::sync::Mutex<BTreeMap<String, std::process::Child>>> = Arc::default();
-        let dir = tempfile::Builder::new()
-            .prefix("mp-gce-machines-")
-            .tempdir()
-            .expect("a directory for the machines");
-        let root = dir.path().to_path_buf();
-        let port = fake.port;
-        let (project, flag, running) = (project.to_string(), stop.clone(), agents.clone());
-        let thread = std::thread::spawn(move || {
-            let fake = FakeGce::attach(port);
-            while !flag.load(Ordering::SeqCst) {
-                let live: BTreeMap<String, FakeInstance> = fake
-                    .project_instances(PROJECT, &project)
-                    .into_iter()
-                    .map(|i| (i.id(), i))
-                    .collect();
-                let Ok(mut agents) = running.lock() else {
-                    return;
-                };
-                let gone: Vec<String> = agents
-                    .keys()
-                    .filter(|id| live.get(*id).map(|i| i.status.as_str()) != Some("RUNNING"))
-                    .cloned()
-                    .collect();
-                for id in gone {
-                    if let Some(mut child) = agents.remove(&id) {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                    }
-                }
-                for (id, instance) in &live {
-                    if instance.status != "RUNNING" || agents.contains_key(id) {
-                        continue;
-                    }
-                    if let Some(child) = boot_machine(instance, &root) {
-                        agents.insert(id.clone(), child);
-                    }
-                }
-                drop(agents);
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        Machines {
-            stop,
-            thread: Some(thread),
-            agents,
-            dir,
-        }
-    }
-
-    fn machine_dir(&self, id: &str) -> std::path::PathBuf {
-        self.dir.path().join(id.replace('/', "_"))
-    }
-
-    /// The `motorpool-step` values instance `id`'s agent labelled itself with, in order.
-    fn steps_reported(&self, id: &str) -> Vec<String> {
-        self.log(id)
-            .lines()
-            .filter_map(|l| l.split_once("tagged itself motorpool-step="))
-            .map(|(_, step)| step.to_string())
-            .collect()
-    }
-
-    fn log(&self, id: &str) -> String {
-        std::fs::read_to_string(self.machine_dir(id).join("agent.log")).unwrap_or_default()
-    }
-}
-
-/// Start the agent a machine's startup script asks for; None when it has none.
-fn boot_machine(instance: &FakeInstance, root: &std::path::Path) -> Option<std::process::Child> {
-    let script = instance.metadata.get(motorpool_gcp::STARTUP_SCRIPT_ITEM)?;
-    let config = motorpool::agent::AgentConfig::from_user_data(script)?;
-    let machine = root.join(instance.id().replace('/', "_"));
-    std::fs::create_dir_all(&machine).ok()?;
-    let config_path = machine.join("agent-config.json");
-    std::fs::write(&config_path, serde_json::to_vec(&config).ok()?).ok()?;
-    let log = std::fs::File::create(machine.join("agent.log")).ok()?;
-    let mut cmd = Command::new(common::binary());
-    cmd.args([
-        "agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--instance-id",
-        &instance.id(),
-    ])
-    .arg("--dir")
-    .arg(machine.join("node"))
-    .arg("--config")
-    .arg(&config_path)
-    .stdin(std::process::Stdio::null())
-    .stdout(log.try_clone().ok()?)
-    .stderr(log);
-    without_google_credentials(&mut cmd);
-    cmd.spawn().ok()
-}
-
-impl Drop for Machines {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let mut agents = match self.agents.lock() {
-            Ok(a) => a,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        for (_, mut child) in std::mem::take(&mut *agents) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Plays the nodes without running them: labels every pool instance warm
-/// and every cluster instance ready, through the API, as their agents
-/// would. For tests about launching, not about startup.
-struct FakeNodes {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FakeNodes {
-    fn start(fake: &FakeGce, project: &str) -> FakeNodes {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (port, project, flag) = (fake.port, project.to_string(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let fake = FakeGce::attach(port);
-            let provider = fake.provider(|_| {});
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let mut filter = TagFilter::new();
-            filter.insert(tags::PROJECT.into(), project);
-            while !flag.load(Ordering::SeqCst) {
-                rt.block_on(async {
-                    let mut token = None;
-                    let mut todo: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-                    loop {
-                        let Ok(page) = provider.list_page(&filter, token).await else {
-                            return;
-                        };
-                        for i in page.instances.iter().filter(|i| i.state.is_live()) {
-                            let want = match i.tag(tags::KIND) {
-                                Some("pool") => "runtime",
-                                Some("cluster") => "ready",
-                                _ => continue,
-                            };
-                            if i.tag(tags::STEP) != Some(want) {
-                                todo.entry(want).or_default().push(i.id.clone());
-                            }
-                        }
-                        match page.next_token {
-                            Some(t) => token = Some(t),
-                            None => break,
-                        }
-                    }
-                    for (step, ids) in todo {
-                        let mut change = Retag::default();
-                        change.set.insert(tags::STEP.into(), step.into());
-                        let _ = provider.retag(&ids, &change).await;
-                    }
-                });
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        FakeNodes {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for FakeNodes {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// The project's nodes reporting warm and ready without running anything.
+fn fake_nodes(fake: &FakeGce, project: &str) -> FakeNodes {
+    let port = fake.port;
+    FakeNodes::start(move || FakeGce::attach(port).provider(|_| {}), project)
 }
 
 fn boot_items(fake: &FakeGce) -> Vec<String> {
     let (_, body) = fake
-        .http("GET", &format!("/compute/v1/projects/{PROJECT}"), "")
+        .http("GET", &format!("/compute/v1/projects/{PROJECT}"), &[], "")
         .expect("read the project");
     let project: serde_json::Value = serde_json::from_str(&body).expect("a project");
     project["commonInstanceMetadata"]["items"]
@@ -297,7 +124,7 @@ fn boot_items(fake: &FakeGce) -> Vec<String> {
 #[test]
 fn a_gcp_cluster_comes_up_drifts_heals_and_goes_away() {
     let fake = FakeGce::start();
-    let machines = Machines::start(&fake, "gcplife");
+    let machines = machines(&fake, "gcplife");
     let env = Env::new();
     env.spec(&spec(
         "gcplife",
@@ -319,6 +146,11 @@ fn a_gcp_cluster_comes_up_drifts_heals_and_goes_away() {
         applied.stdout.contains("Apply complete: 2 created"),
         "{}",
         applied.stdout
+    );
+    assert_eq!(
+        boot_items(&fake).len(),
+        1,
+        "the cluster's startup is kept for drawn nodes"
     );
     // A plan observes with one paginated list: pages, not instances.
     let lists = fake.count("GET aggregated/instances");
@@ -436,7 +268,7 @@ fn a_gcp_cluster_comes_up_drifts_heals_and_goes_away() {
 #[test]
 fn idle_gcp_instances_join_a_cluster_and_return_when_it_goes() {
     let fake = FakeGce::start();
-    let _nodes = FakeNodes::start(&fake, "gcppool");
+    let _nodes = fake_nodes(&fake, "gcppool");
     let env = Env::new();
     let pool = "pools:\n  general: { node_type: e2-small, min_idle: 2, max_capacity: 8 }\n";
     env.spec(&spec("gcppool", &fake, "", pool));
@@ -525,7 +357,7 @@ fn a_gcp_apply_killed_midway_converges_when_run_again_with_no_duplicate() {
     let fake = FakeGce::start();
     // Slow operations so that the kill lands in the middle.
     fake.configure(r#"{"stage_ms": 150}"#);
-    let _nodes = FakeNodes::start(&fake, "gcpkill");
+    let _nodes = fake_nodes(&fake, "gcpkill");
     let env = Env::new();
     env.spec(&spec("gcpkill", &fake, "", &many_clusters(6, 2)));
     let expected = 2 + 6 * 3;
@@ -566,7 +398,7 @@ fn a_gcp_apply_killed_midway_converges_when_run_again_with_no_duplicate() {
 #[test]
 fn a_gcp_apply_converges_through_throttling_server_errors_and_lost_answers() {
     let fake = FakeGce::start();
-    let _nodes = FakeNodes::start(&fake, "gcpfaults");
+    let _nodes = fake_nodes(&fake, "gcpfaults");
     let env = Env::new();
     env.spec(&spec("gcpfaults", &fake, "", &many_clusters(5, 2)));
     let expected = 2 + 5 * 3;
@@ -591,7 +423,7 @@ fn a_gcp_apply_converges_through_throttling_server_errors_and_lost_answers() {
 #[test]
 fn a_zone_out_of_capacity_fails_over_and_a_quota_error_fails_clearly() {
     let fake = FakeGce::start();
-    let _nodes = FakeNodes::start(&fake, "gcpcap");
+    let _nodes = fake_nodes(&fake, "gcpcap");
     let env = Env::new();
     fake.configure(r#"{"exhausted_zones": ["us-central1-a"]}"#);
     env.spec(&spec(

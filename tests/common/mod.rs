@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod lifecycle;
+pub mod machines;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,17 +1,18 @@
 //! Test support for the GCP provider: the fake Compute API (`fake_gce.py`,
 //! Python's standard library only) started on 127.0.0.1 and killed on drop,
-//! also when a test fails, and a plain HTTP client for its `/_fake/` controls.
+//! also when a test fails, and readers of its `/_fake/` controls.
 //!
 //! Shared by the crate's own tests and by the CLI tests (`tests/gcp.rs`).
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+#[path = "../../../testing/fake_process.rs"]
+mod fake_process;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use fake_process::FakeProcess;
 use motorpool_gcp::{GcpConfig, GcpProvider};
 
 /// The project every test uses.
@@ -57,68 +58,34 @@ impl FakeInstance {
 
 /// The fake Compute API, on a loopback port of its own choosing.
 pub struct FakeGce {
-    child: Option<Child>,
+    process: FakeProcess,
     pub port: u16,
-    log: Option<tempfile::NamedTempFile>,
+}
+
+impl std::ops::Deref for FakeGce {
+    type Target = FakeProcess;
+
+    fn deref(&self) -> &FakeProcess {
+        &self.process
+    }
 }
 
 impl FakeGce {
     /// Start a fresh fake (empty state), operations moving every 40 ms.
     pub fn start() -> FakeGce {
-        let log = tempfile::Builder::new()
-            .prefix("fake-gce-")
-            .suffix(".log")
-            .tempfile()
-            .expect("a log file for the fake");
-        let mut child = Command::new("python3")
-            .arg(support_dir().join("fake_gce.py"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--stage-ms", "40"])
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log.reopen().expect("fake log"))
-            .spawn()
-            .expect("start python3 fake_gce.py");
-        let stdout = child.stdout.take().expect("the fake's stdout");
-        let mut fake = FakeGce {
-            child: Some(child),
-            port: 0,
-            log: Some(log),
-        };
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        fake.port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "the fake did not say where it listens ({line:?}):\n{}",
-                    fake.log_text()
-                )
-            });
-        fake
+        let process = FakeProcess::start(&support_dir().join("fake_gce.py"), &["--stage-ms", "40"]);
+        FakeGce {
+            port: process.port,
+            process,
+        }
     }
 
     /// A handle on a fake another handle started (it stops with that one).
     pub fn attach(port: u16) -> FakeGce {
         FakeGce {
-            child: None,
+            process: FakeProcess::attach(port),
             port,
-            log: None,
         }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    pub fn log_text(&self) -> String {
-        self.log
-            .as_ref()
-            .and_then(|log| std::fs::read_to_string(log.path()).ok())
-            .unwrap_or_default()
     }
 
     /// A provider for [`PROJECT`] over [`ZONES`] talking to this fake.
@@ -131,33 +98,9 @@ impl FakeGce {
         GcpProvider::new(config).expect("a valid GCP config")
     }
 
-    /// `POST /_fake/config` with `json` (a partial update).
-    pub fn configure(&self, json: &str) {
-        let (status, body) = self
-            .http("POST", "/_fake/config", json)
-            .expect("configure the fake");
-        assert_eq!(status, 200, "{body}");
-    }
-
-    /// `GET /_fake/requests`: request counts by `METHOD template`.
-    pub fn requests(&self) -> serde_json::Value {
-        let (_, body) = self
-            .http("GET", "/_fake/requests", "")
-            .expect("read the fake's counts");
-        serde_json::from_str(&body).expect("counts are JSON")
-    }
-
-    /// How many requests of `key` (e.g. `GET aggregated/instances`) the fake answered.
-    pub fn count(&self, key: &str) -> u64 {
-        self.requests()[key].as_u64().unwrap_or(0)
-    }
-
     /// Every instance of `project` the fake holds (deleted ones are gone).
     pub fn instances(&self, project: &str) -> Vec<FakeInstance> {
-        let (_, body) = self
-            .http("GET", "/_fake/instances", "")
-            .expect("read the fake's instances");
-        let all: serde_json::Value = serde_json::from_str(&body).expect("instances are JSON");
+        let all = self.control("/_fake/instances");
         let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
         let map = |v: &serde_json::Value| {
             v.as_object()
@@ -192,7 +135,7 @@ impl FakeGce {
     pub fn delete(&self, project: &str, zone: &str, name: &str) {
         let path = format!("/compute/v1/projects/{project}/zones/{zone}/instances/{name}");
         let (status, body) = self
-            .http("DELETE", &path, "")
+            .http("DELETE", &path, &[], "")
             .expect("delete through the API");
         assert_eq!(status, 200, "{body}");
         // The delete takes effect when its operation is done.
@@ -203,38 +146,5 @@ impl FakeGce {
             std::thread::sleep(Duration::from_millis(25));
         }
         panic!("{zone}/{name} was not deleted");
-    }
-
-    /// One request to the fake: its status and body.
-    pub fn http(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let status = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
-    }
-}
-
-impl Drop for FakeGce {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }

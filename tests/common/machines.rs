@@ -1,0 +1,234 @@
+//! Stand-ins for cloud machines in the CLI tests of the cloud providers.
+//!
+//! [`Machines`] plays the machines: for each running instance a cloud (an
+//! emulator or a fake) reports, it takes the agent config out of the user
+//! data the cloud holds and starts a real `motorpool agent` on 127.0.0.1
+//! with it, as cloud-init would. The agent then does what it does on a real
+//! node: runs the node's startup and tags its own instance through the
+//! cloud's API. An instance that stops running loses its agent. Every agent
+//! is killed on drop, also when the test fails.
+//!
+//! [`FakeNodes`] plays the nodes without running them: it tags every pool
+//! instance warm and every cluster instance ready through the provider, as
+//! their agents would. For tests about launching, not about startup.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use motorpool_provider::{Provider, Retag, TagFilter, tags};
+
+/// One instance as the cloud reports it.
+pub struct Machine {
+    pub id: String,
+    pub running: bool,
+    /// The user data the instance was launched with, once the cloud shows it.
+    pub user_data: Option<String>,
+}
+
+type Agents = Arc<Mutex<BTreeMap<String, Child>>>;
+
+pub struct Machines {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    agents: Agents,
+    dir: tempfile::TempDir,
+}
+
+impl Machines {
+    /// Poll `look` (the project's instances) every 200 ms and keep one agent
+    /// per running instance; `prepare` sets up each agent's environment
+    /// (where its cloud's API is, no real credentials).
+    pub fn start(
+        mut look: impl FnMut() -> Vec<Machine> + Send + 'static,
+        prepare: impl Fn(&mut Command) + Send + 'static,
+    ) -> Machines {
+        let stop = Arc::new(AtomicBool::new(false));
+        let agents: Agents = Arc::default();
+        let dir = tempfile::Builder::new()
+            .prefix("mp-machines-")
+            .tempdir()
+            .expect("a directory for the machines");
+        let (root, flag, running) = (dir.path().to_path_buf(), stop.clone(), agents.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                let live: BTreeMap<String, Machine> =
+                    look().into_iter().map(|m| (m.id.clone(), m)).collect();
+                let Ok(mut agents) = running.lock() else {
+                    return;
+                };
+                // A machine that stopped or went away takes its agent with it.
+                let gone: Vec<String> = agents
+                    .keys()
+                    .filter(|id| !live.get(*id).is_some_and(|m| m.running))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    if let Some(mut child) = agents.remove(&id) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                }
+                for (id, machine) in &live {
+                    if !machine.running || agents.contains_key(id) {
+                        continue;
+                    }
+                    if let Some(child) = boot(machine, &root, &prepare) {
+                        agents.insert(id.clone(), child);
+                    }
+                }
+                drop(agents);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Machines {
+            stop,
+            thread: Some(thread),
+            agents,
+            dir,
+        }
+    }
+
+    /// The `motorpool-step` values instance `id`'s agent tagged itself with, in order.
+    pub fn steps_reported(&self, id: &str) -> Vec<String> {
+        self.log(id)
+            .lines()
+            .filter_map(|l| l.split_once("tagged itself motorpool-step="))
+            .map(|(_, step)| step.to_string())
+            .collect()
+    }
+
+    pub fn log(&self, id: &str) -> String {
+        std::fs::read_to_string(machine_dir(self.dir.path(), id).join("agent.log"))
+            .unwrap_or_default()
+    }
+}
+
+fn machine_dir(root: &Path, id: &str) -> PathBuf {
+    root.join(id.replace('/', "_"))
+}
+
+/// Start the agent a machine's user data asks for; None when it has none (yet).
+fn boot(machine: &Machine, root: &Path, prepare: &impl Fn(&mut Command)) -> Option<Child> {
+    let config = motorpool::agent::AgentConfig::from_user_data(machine.user_data.as_deref()?)?;
+    let dir = machine_dir(root, &machine.id);
+    std::fs::create_dir_all(&dir).ok()?;
+    let config_path = dir.join("agent-config.json");
+    std::fs::write(&config_path, serde_json::to_vec(&config).ok()?).ok()?;
+    let log = std::fs::File::create(dir.join("agent.log")).ok()?;
+    let mut cmd = Command::new(super::binary());
+    cmd.args([
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--instance-id",
+        &machine.id,
+    ])
+    .arg("--dir")
+    .arg(dir.join("node"))
+    .arg("--config")
+    .arg(&config_path)
+    .stdin(Stdio::null())
+    .stdout(log.try_clone().ok()?)
+    .stderr(log);
+    prepare(&mut cmd);
+    cmd.spawn().ok()
+}
+
+impl Drop for Machines {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut agents = match self.agents.lock() {
+            Ok(a) => a,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (_, mut child) in std::mem::take(&mut *agents) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // A failing test keeps the agents' logs to read.
+        if std::thread::panicking() {
+            let dir = std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().expect("a placeholder directory"),
+            );
+            eprintln!("the machines' logs are kept in {}", dir.keep().display());
+        }
+    }
+}
+
+pub struct FakeNodes {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeNodes {
+    /// Every 200 ms, tag project `project`'s instances as their agents would,
+    /// through the provider `connect` makes (on the tagging thread).
+    pub fn start<P: Provider + 'static>(
+        connect: impl FnOnce() -> P + Send + 'static,
+        project: &str,
+    ) -> FakeNodes {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (project, flag) = (project.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let provider = connect();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let mut filter = TagFilter::new();
+            filter.insert(tags::PROJECT.into(), project);
+            while !flag.load(Ordering::SeqCst) {
+                rt.block_on(async {
+                    let mut token = None;
+                    let mut todo: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                    loop {
+                        let Ok(page) = provider.list_page(&filter, token).await else {
+                            return;
+                        };
+                        for i in page.instances.iter().filter(|i| i.state.is_live()) {
+                            let want = match i.tag(tags::KIND) {
+                                Some("pool") => "runtime",
+                                Some("cluster") => "ready",
+                                _ => continue,
+                            };
+                            if i.tag(tags::STEP) != Some(want) {
+                                todo.entry(want).or_default().push(i.id.clone());
+                            }
+                        }
+                        match page.next_token {
+                            Some(t) => token = Some(t),
+                            None => break,
+                        }
+                    }
+                    for (step, ids) in todo {
+                        let mut change = Retag::default();
+                        change.set.insert(tags::STEP.into(), step.into());
+                        let _ = provider.retag(&ids, &change).await;
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        FakeNodes {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeNodes {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
