@@ -352,9 +352,10 @@ fn an_azure_apply_converges_through_throttling_server_errors_and_lost_answers() 
     let env = Env::new();
     env.spec(&spec("azfaults", &fake, "", &many_clusters(5, 2)));
     let expected = 2 + 5 * 3;
-    // 20% of calls fail: 429 with Retry-After, 503, or done with the answer lost.
+    // 20% of calls fail: 429 with `Retry-After: 1` (honoured), 503, or done
+    // with the answer lost.
     fake.configure(
-        r#"{"faults": {"rate": 0.2, "kinds": ["429", "503", "lost"], "seed": 7, "methods": ["GET", "PUT", "PATCH", "POST", "DELETE"]}}"#,
+        r#"{"retry_after": 1, "faults": {"rate": 0.2, "kinds": ["429", "503", "lost"], "seed": 7, "methods": ["GET", "PUT", "PATCH", "POST", "DELETE"]}}"#,
     );
     let run = mp(&env, &["apply", "--yes"]).expect_code(0);
     assert!(run.stdout.contains(" retried"), "{}", run.stdout);

@@ -50,8 +50,12 @@ fn the_default_build_has_every_cloud_provider() {
     assert!(tree.contains("aws-sdk-ec2"), "{tree}");
     assert!(tree.contains("motorpool-gcp"), "{tree}");
     assert!(tree.contains("google-cloud-compute-v1"), "{tree}");
+    assert!(tree.contains("motorpool-azure"), "{tree}");
+    assert!(tree.contains("azure_mgmt_compute"), "{tree}");
     assert!(tree.contains("motorpool-sim"), "{tree}");
-    // TLS is rustls on ring everywhere: no aws-lc (a long C build) sneaks in
-    // through a cloud SDK's default features.
+    // TLS is rustls on ring everywhere: no aws-lc (a long C build) and no
+    // OpenSSL (a system library) sneak in through a cloud SDK's defaults.
     assert!(!tree.contains("aws-lc"), "{tree}");
+    assert!(!tree.contains("openssl-sys"), "{tree}");
+    assert!(!tree.contains("native-tls"), "{tree}");
 }
