@@ -341,3 +341,81 @@ fn sim_provider_lifecycle() {
         sim_terminate(&home, id)
     });
 }
+
+// ---- hardening ----
+
+/// Every path below `home` down to `file` (inclusive) is the owner's only:
+/// directories 0700, the file 0600. (`home` itself may be the user's own,
+/// made before motorpool: it is left as it is.)
+fn assert_private(home: &std::path::Path, file: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(file), 0o600, "{}", file.display());
+    let mut dir = file.parent();
+    while let Some(d) = dir.filter(|d| d.starts_with(home) && *d != home) {
+        assert_eq!(mode(d), 0o700, "{}", d.display());
+        dir = d.parent();
+    }
+}
+
+/// The journal holds each launch's user data (the agent credential, the
+/// node's TLS key): with a permissive umask, still nobody else's to read.
+#[test]
+fn files_that_hold_credentials_are_private_whatever_the_umask() {
+    use std::os::unix::process::CommandExt as _;
+    let env = Env::new();
+    env.spec(
+        "project: private\nprovider: { kind: local }\nclusters:\n  etl: { node_type: small }\n",
+    );
+    let with_umask_0 = |args: &[&str]| {
+        let mut command = env.command(args);
+        // SAFETY: umask is async-signal-safe and touches no memory.
+        unsafe {
+            command.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            });
+        }
+        let out = command.output().expect("run motorpool");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    with_umask_0(&["plan", "--out", "saved.plan.json"]);
+    with_umask_0(&["apply", "saved.plan.json", "--yes"]);
+    let home = env.home();
+    let mut files = vec![
+        env.project_file("private", "journal.jsonl"),
+        env.project_file("private", "secret"),
+        env.project_file("private", "apply.lock"),
+    ];
+    let instances = home.join("local/instances");
+    for entry in std::fs::read_dir(&instances).expect("instances") {
+        let dir = entry.expect("entry").path();
+        for name in [
+            "instance.json",
+            "user-data",
+            "agent.json",
+            "agent.log",
+            "state.json",
+        ] {
+            files.push(dir.join(name));
+        }
+    }
+    assert!(files.len() > 3, "no instance was made");
+    for file in &files {
+        assert_private(home, file);
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let plan = std::fs::metadata(env.dir.path().join("saved.plan.json")).expect("plan");
+    assert_eq!(plan.permissions().mode() & 0o777, 0o600);
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}
