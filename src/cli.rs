@@ -1,6 +1,10 @@
 //! The `motorpool` command line: parse arguments, call the library, print,
 //! and map the outcome to an exit code. No rules live here.
 //!
+//! One exit-code rule for every command: 0 success, 1 any error (a bad flag
+//! or value included: clap's own usage errors would exit 2), and 2 only for
+//! "changes present" from `plan --detailed-exitcode`, which CI reads as such.
+//!
 //! It lives in the library (not in `main.rs`) so that a program embedding
 //! motorpool with more providers or engines (a test binary, say) runs the
 //! very same CLI after `Registry::install`: see [`main`].
@@ -220,7 +224,15 @@ struct ExecutorArgs {
 /// Run the command line with this process's arguments, through the
 /// registry in force ([`crate::registry::Registry::global`]).
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout and succeed; every usage error
+            // is an error like any other: exit 1, never clap's 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { ERROR } else { SUCCESS });
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -228,7 +240,7 @@ pub fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(ERROR);
         }
     };
     match runtime.block_on(run(cli)) {
@@ -240,10 +252,16 @@ pub fn main() -> ExitCode {
             } else {
                 eprintln!("error: {e:#}");
             }
-            ExitCode::from(1)
+            ExitCode::from(ERROR)
         }
     }
 }
+
+/// Exit codes: the only three motorpool uses.
+const SUCCESS: u8 = 0;
+const ERROR: u8 = 1;
+/// Only from `plan --detailed-exitcode`: the plan has changes.
+const CHANGES_PRESENT: u8 = 2;
 
 async fn run(cli: Cli) -> Result<u8> {
     match cli.command {
@@ -262,16 +280,16 @@ async fn run(cli: Cli) -> Result<u8> {
                 config: args.config,
             })
             .await?;
-            Ok(0)
+            Ok(SUCCESS)
         }
         Command::Driver(args) => {
             crate::runtime::run_driver_process(args.listen, args.dir).await?;
-            Ok(0)
+            Ok(SUCCESS)
         }
         Command::Executor(args) => {
             let cores = args.cores.map(|c| c as usize);
             crate::runtime::run_executor_process(args.driver, args.dir, cores, args.listen).await?;
-            Ok(0)
+            Ok(SUCCESS)
         }
     }
 }
@@ -304,7 +322,7 @@ fn validate(args: SpecArgs) -> Result<u8> {
         s.clusters.len(),
         s.jobs.len()
     );
-    Ok(0)
+    Ok(SUCCESS)
 }
 
 fn print_plan(plan: &Plan, output: PlanOutput) {
@@ -324,6 +342,9 @@ async fn plan_cmd(args: PlanArgs) -> Result<u8> {
     } else {
         PlanMode::Normal
     };
+    if let Some(out) = &args.out {
+        plan::file::check_replaceable(out)?;
+    }
     let plan = project.plan(&loaded, mode, &Default::default()).await?;
     print_plan(&plan, args.output);
     if let Some(out) = &args.out {
@@ -337,9 +358,9 @@ async fn plan_cmd(args: PlanArgs) -> Result<u8> {
         }
     }
     Ok(if args.detailed_exitcode && plan.has_changes() {
-        2
+        CHANGES_PRESENT
     } else {
-        0
+        SUCCESS
     })
 }
 
@@ -371,11 +392,11 @@ fn confirm(yes: bool, what: &str) -> Result<bool> {
 async fn run_plan(project: &Project, plan: &Plan, change: &ChangeArgs, what: &str) -> Result<u8> {
     print!("{}", render::text(plan));
     if !plan.has_changes() {
-        return Ok(0);
+        return Ok(SUCCESS);
     }
     if !confirm(change.yes, what)? {
         println!("Cancelled: nothing was changed.");
-        return Ok(1);
+        return Ok(ERROR);
     }
     let options = ApplyOptions {
         parallelism: change.parallelism as usize,
@@ -385,10 +406,10 @@ async fn run_plan(project: &Project, plan: &Plan, change: &ChangeArgs, what: &st
     let report = project.apply(plan, &options).await?;
     println!();
     for failure in report.failures() {
-        println!("  {}: {:?}", failure.address, failure.outcome);
+        println!("  {}: {}", failure.address, failure.outcome);
     }
     println!("{}", report.summary_line());
-    Ok(if report.succeeded() { 0 } else { 1 })
+    Ok(if report.succeeded() { SUCCESS } else { ERROR })
 }
 
 /// Take the project lock, finish an interrupted apply, then plan under the lock.
@@ -447,7 +468,7 @@ async fn status_cmd(args: StatusArgs) -> Result<u8> {
         StatusOutput::Text => print!("{}", engine::render_status(&status)),
         StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&status)?),
     }
-    Ok(0)
+    Ok(SUCCESS)
 }
 
 /// `[PATH] NAME` words: the spec path (default `.`) and a name.
@@ -481,7 +502,7 @@ async fn run_cmd(args: RunArgs) -> Result<u8> {
         RunOutput::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         RunOutput::Text => print!("{}", crate::jobs::progress::render_report(&report)),
     }
-    Ok(if report.summary.ok { 0 } else { 1 })
+    Ok(if report.summary.ok { SUCCESS } else { ERROR })
 }
 
 async fn logs_cmd(args: LogsArgs) -> Result<u8> {
@@ -492,7 +513,7 @@ async fn logs_cmd(args: LogsArgs) -> Result<u8> {
     if spec.jobs.contains_key(&name) {
         let record = crate::jobs::load_record(&project, &name, args.run_id.as_deref())?;
         print!("{}", crate::jobs::render_logs(&record));
-        return Ok(0);
+        return Ok(SUCCESS);
     }
     if args.run_id.is_some() {
         bail!("--run is for jobs, and the spec has no job `{name}`");
@@ -500,5 +521,5 @@ async fn logs_cmd(args: LogsArgs) -> Result<u8> {
     let observed = project.observe().await?;
     let text = engine::cluster_logs(&observed, &name, &project.agent_credential()?).await?;
     print!("{text}");
-    Ok(0)
+    Ok(SUCCESS)
 }

@@ -3,12 +3,16 @@
 //! lock and journal.
 //!
 //! This module owns finding, checking and laying out that directory. It holds
-//! no cloud state: observed state always comes from the providers.
+//! no cloud state: observed state always comes from the providers. Every
+//! directory it makes is private (0700) and every file written through
+//! [`write_atomic`] private (0600), whatever the umask: see
+//! [`motorpool_provider::private_files`].
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use motorpool_provider::private_files;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -47,7 +51,7 @@ impl Home {
             Ok(m) if m.is_dir() => {}
             Ok(_) => return Err(HomeError::NotADirectory { path: root }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(&root).map_err(|source| HomeError::Io {
+                private_files::create_dir(&root).map_err(|source| HomeError::Io {
                     path: root.clone(),
                     source,
                 })?;
@@ -61,9 +65,12 @@ impl Home {
         &self.root
     }
 
-    /// `projects/<project>/`, created when missing.
+    /// `projects/<project>/`, created when missing; it and `projects/` are
+    /// private (0700), also when an older motorpool made them readable.
     pub fn project_dir(&self, project: &str) -> Result<PathBuf, HomeError> {
-        let dir = self.root.join("projects").join(project);
+        let projects = self.root.join("projects");
+        ensure_dir(&projects)?;
+        let dir = projects.join(project);
         ensure_dir(&dir)?;
         Ok(dir)
     }
@@ -100,17 +107,17 @@ impl Home {
             .and_then(|mut f| f.read_exact(&mut bytes))
             .map_err(io)?;
         let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        use std::os::unix::fs::OpenOptionsExt as _;
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         {
             use std::io::Write as _;
-            let mut f = fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
+            let mut f = private_files::open(
+                &tmp,
+                fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(true),
+            )
+            .map_err(io)?;
             f.write_all(secret.as_bytes()).map_err(io)?;
         }
         // A concurrent first use may have won: keep whichever secret landed first.
@@ -124,25 +131,24 @@ impl Home {
     }
 }
 
-/// Create `dir` (and parents), with an error that names the path.
+/// Create the private directory `dir` (and missing parents, 0700), with an
+/// error that names the path.
 pub fn ensure_dir(dir: &Path) -> Result<(), HomeError> {
     match fs::metadata(dir) {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(HomeError::NotADirectory {
+        Ok(m) if !m.is_dir() => Err(HomeError::NotADirectory {
             path: dir.to_path_buf(),
         }),
-        Err(_) => fs::create_dir_all(dir).map_err(|source| HomeError::Io {
+        _ => private_files::create_dir(dir).map_err(|source| HomeError::Io {
             path: dir.to_path_buf(),
             source,
         }),
     }
 }
 
-/// Write `bytes` to `path` atomically: a temporary file beside it, then a rename.
+/// Write `bytes` to the private file `path` (0600) atomically: a temporary
+/// file beside it, then a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    fs::write(&tmp, bytes)?;
-    fs::rename(&tmp, path)
+    private_files::write(path, bytes)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod apply;
 pub mod auth;
 pub mod bootstrap;
 pub mod cli;
+pub mod confine;
 pub mod engine;
 pub mod engines;
 pub mod home;

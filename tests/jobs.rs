@@ -240,35 +240,36 @@ jobs:
     env.mp(&["destroy", "--yes"]).expect_code(0);
 }
 
-#[test]
-fn ctrl_c_cancels_the_run_and_removes_its_job_cluster() {
+/// `signal` to a `motorpool run` whose job cluster runs a task: the run is
+/// cancelled, the cluster removed, and no process is left.
+fn a_signalled_run_cancels_and_removes_its_job_cluster(signal: i32, sleep: &str) {
     let env = Env::new();
-    env.spec(
+    env.spec(&format!(
         r#"
 project: interrupted
-provider: { kind: local }
+provider: {{ kind: local }}
 jobs:
   slow:
-    new_cluster: { node_type: small, workers: 1 }
+    new_cluster: {{ node_type: small, workers: 1 }}
     tasks:
-      wait: { command: "sleep 31.7" }
-"#,
-    );
+      wait: {{ command: "{sleep}" }}
+"#
+    ));
     let mut run = env.spawn(&["run", "slow"]);
     assert!(
-        wait_until(Duration::from_secs(90), || task_processes(
-            &env,
-            "sleep 31.7"
-        ) > 0),
+        wait_until(Duration::from_secs(90), || task_processes(&env, sleep) > 0),
         "the job never started"
     );
-    interrupt(run.pid());
+    // SAFETY: sends a signal to a child this test started; no memory is touched.
+    unsafe {
+        libc::kill(run.pid(), signal);
+    }
     let done = wait_until(Duration::from_secs(60), || {
         run.0
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
     });
-    assert!(done, "motorpool run did not stop after Ctrl-C");
+    assert!(done, "motorpool run did not stop after signal {signal}");
     let out = run.wait();
     assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("interrupted"), "{}", out.stderr);
@@ -279,10 +280,7 @@ jobs:
     );
     assert!(env.nodes().is_empty(), "{:?}", env.nodes());
     assert!(
-        wait_until(Duration::from_secs(10), || task_processes(
-            &env,
-            "sleep 31.7"
-        ) == 0),
+        wait_until(Duration::from_secs(10), || task_processes(&env, sleep) == 0),
         "the task's process outlived the run"
     );
     assert!(
@@ -290,6 +288,18 @@ jobs:
         "left running: {:?}",
         env.processes()
     );
+}
+
+#[test]
+fn ctrl_c_cancels_the_run_and_removes_its_job_cluster() {
+    a_signalled_run_cancels_and_removes_its_job_cluster(libc::SIGINT, "sleep 31.7");
+}
+
+/// What CI runners and `timeout` send: handled like Ctrl-C, not a kill
+/// that leaves the job cluster up until it expires.
+#[test]
+fn sigterm_cancels_the_run_and_removes_its_job_cluster_like_ctrl_c() {
+    a_signalled_run_cancels_and_removes_its_job_cluster(libc::SIGTERM, "sleep 31.9");
 }
 
 #[test]

@@ -341,3 +341,194 @@ fn sim_provider_lifecycle() {
         sim_terminate(&home, id)
     });
 }
+
+// ---- hardening ----
+
+/// One rule for every command: 0 success, 1 any error, 2 only for
+/// "changes present" of `plan --detailed-exitcode`.
+#[test]
+fn exit_codes_are_1_for_every_error_and_2_only_for_changes() {
+    let env = Env::new();
+    env.spec(&sim_spec("codes", "", 1, 1));
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(2);
+    for args in [
+        &["plan", "--no-such-flag"][..],
+        &["plan", "--detailed-exitcode", "--no-such-flag"],
+        &["plan", "--output", "xml"],
+        &["plan", "--output", "xml", "--detailed-exitcode"],
+        &["apply", "--parallelism", "0", "--yes"],
+        &["no-such-command"],
+        &[],
+    ] {
+        let run = env.mp(args).expect_code(1);
+        assert!(!run.stderr.is_empty(), "{args:?} says nothing");
+    }
+    std::fs::write(env.dir.path().join("motorpool.yaml"), "project: [\n").expect("write");
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(1);
+    env.mp(&["validate"]).expect_code(1);
+    let help = env.mp(&["--help"]).expect_code(0);
+    assert!(help.stdout.contains("Usage"), "{}", help.stdout);
+    env.mp(&["--version"]).expect_code(0);
+}
+
+#[test]
+fn plan_out_never_overwrites_the_spec_or_any_file_that_is_not_a_plan() {
+    let env = Env::new();
+    let spec = sim_spec("overwrite", "", 1, 0);
+    env.spec(&spec);
+    let refused = env.mp(&["plan", "--out", "motorpool.yaml"]).expect_code(1);
+    assert!(
+        refused
+            .stderr
+            .contains("refusing to write the plan over motorpool.yaml"),
+        "{}",
+        refused.stderr
+    );
+    let notes = env.dir.path().join("notes.txt");
+    std::fs::write(&notes, "mine").expect("write");
+    env.mp(&["plan", "--out", "notes.txt"]).expect_code(1);
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("motorpool.yaml")).expect("spec"),
+        spec
+    );
+    assert_eq!(std::fs::read_to_string(&notes).expect("notes"), "mine");
+    // A plan file is replaced by the next plan, as before.
+    env.mp(&["plan", "--out", "saved.plan.json"]).expect_code(0);
+    env.mp(&["plan", "--out", "saved.plan.json"]).expect_code(0);
+}
+
+#[test]
+fn a_nul_byte_in_a_spec_is_an_error_and_plans_no_deletion() {
+    let env = Env::new();
+    let spec = sim_spec("nul", "", 1, 1);
+    env.spec(&spec);
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    let before = instance_count(&env);
+    assert!(before > 0);
+    // A NUL in a comment before the pools: the scanner used to stop there.
+    let with_nul = spec.replacen("pools:", "# note \0\npools:", 1);
+    std::fs::write(env.dir.path().join("motorpool.yaml"), with_nul).expect("write");
+    let validate = env.mp(&["validate"]).expect_code(1);
+    assert!(
+        validate.stderr.contains("motorpool.yaml:3:8: error:")
+            && validate.stderr.contains("non-printable"),
+        "{}",
+        validate.stderr
+    );
+    let plan = env.mp(&["plan", "--detailed-exitcode"]).expect_code(1);
+    assert!(!plan.stdout.contains("delete"), "{}", plan.stdout);
+    env.mp(&["apply", "--yes"]).expect_code(1);
+    std::fs::write(env.dir.path().join("motorpool.yaml"), &spec).expect("write");
+    assert_eq!(instance_count(&env), before, "nothing changed");
+}
+
+#[test]
+fn a_failed_change_is_reported_in_words_not_debug_text() {
+    let env = Env::new();
+    env.spec(&sim_spec("failing", ", capacity: 1", 1, 2));
+    let run = env.mp(&["apply", "--yes"]).expect_code(1);
+    assert!(run.stdout.contains(": failed: "), "{}", run.stdout);
+    assert!(
+        !run.stdout.contains("Failed {") && !run.stdout.contains("error: \""),
+        "{}",
+        run.stdout
+    );
+}
+
+/// Every path below `home` down to `file` (inclusive) is the owner's only:
+/// directories 0700, the file 0600. (`home` itself may be the user's own,
+/// made before motorpool: it is left as it is.)
+fn assert_private(home: &std::path::Path, file: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(file), 0o600, "{}", file.display());
+    let mut dir = file.parent();
+    while let Some(d) = dir.filter(|d| d.starts_with(home) && *d != home) {
+        assert_eq!(mode(d), 0o700, "{}", d.display());
+        dir = d.parent();
+    }
+}
+
+/// The journal holds each launch's user data (the agent credential, the
+/// node's TLS key): with a permissive umask, still nobody else's to read.
+#[test]
+fn files_that_hold_credentials_are_private_whatever_the_umask() {
+    use std::os::unix::process::CommandExt as _;
+    let env = Env::new();
+    env.spec(
+        "project: private\nprovider: { kind: local }\nclusters:\n  etl: { node_type: small }\n",
+    );
+    let with_umask_0 = |args: &[&str]| {
+        let mut command = env.command(args);
+        // SAFETY: umask is async-signal-safe and touches no memory.
+        unsafe {
+            command.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            });
+        }
+        let out = command.output().expect("run motorpool");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    with_umask_0(&["plan", "--out", "saved.plan.json"]);
+    with_umask_0(&["apply", "saved.plan.json", "--yes"]);
+    let home = env.home();
+    let mut files = vec![
+        env.project_file("private", "journal.jsonl"),
+        env.project_file("private", "secret"),
+        env.project_file("private", "apply.lock"),
+    ];
+    let instances = home.join("local/instances");
+    for entry in std::fs::read_dir(&instances).expect("instances") {
+        let dir = entry.expect("entry").path();
+        for name in [
+            "instance.json",
+            "user-data",
+            "agent.json",
+            "agent.log",
+            "state.json",
+        ] {
+            files.push(dir.join(name));
+        }
+    }
+    assert!(files.len() > 3, "no instance was made");
+    for file in &files {
+        assert_private(home, file);
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let plan = std::fs::metadata(env.dir.path().join("saved.plan.json")).expect("plan");
+    assert_eq!(plan.permissions().mode() & 0o777, 0o600);
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}
+
+/// Mounts are part of what a node starts from: a reviewer sees them.
+#[test]
+fn plan_shows_every_mount_a_node_starts_from() {
+    let env = Env::new();
+    env.spec(
+        "project: mounts\nprovider: { kind: sim }\nclusters:\n  etl:\n    node_type: small\n    mounts: [ { source: ./data, target: /mnt/data, read_only: true } ]\n",
+    );
+    let data = env.dir.path().join("data");
+    let plan = env.mp(&["plan"]).expect_code(0);
+    let shown = format!(
+        "mount {:?} at \"/mnt/data\" (read-only)",
+        data.display().to_string()
+    );
+    assert!(
+        plan.stdout.contains(&shown),
+        "{shown} not in:\n{}",
+        plan.stdout
+    );
+    let markdown = env.mp(&["plan", "--output", "markdown"]).expect_code(0);
+    assert!(markdown.stdout.contains(&shown), "{}", markdown.stdout);
+}

@@ -430,3 +430,173 @@ proptest! {
         }
     }
 }
+
+// ---- hardening: what a spec can reach, and what a spec file can hold ----
+
+/// A project directory holding `files` (path, content), loaded: every
+/// problem as `file-name:line:col: message`, or "valid".
+fn load_project(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (path, content) in files {
+        let full = dir.path().join(path);
+        std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&full, content).expect("write");
+    }
+    let shown = match spec::load(dir.path(), &LoadOptions::default()) {
+        Ok(_) => vec!["valid".to_string()],
+        Err(diags) => diags
+            .iter()
+            .map(|d| {
+                let name = d.file.file_name().map(|n| n.to_string_lossy().into_owned());
+                format!(
+                    "{}:{}:{}: {}",
+                    name.unwrap_or_default(),
+                    d.line,
+                    d.col,
+                    d.message
+                )
+            })
+            .collect(),
+    };
+    (dir, shown)
+}
+
+fn has(problems: &[String], at: &str, words: &str) -> bool {
+    problems
+        .iter()
+        .any(|p| p.starts_with(at) && p.contains(words))
+}
+
+#[test]
+fn mount_paths_that_leave_the_project_or_the_node_directory_are_refused_at_their_position() {
+    let spec = b"project: p\nclusters:\n  etl:\n    node_type: small\n    mounts:\n      - { source: ./data, target: \"/../../../../tmp/x\" }\n      - { source: ../../etc, target: /mnt/etc }\n      - { source: ./data, target: /mnt/./ok/../data }\n";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec)]);
+    assert!(
+        has(
+            &problems,
+            "motorpool.yaml:6:35:",
+            "leads out of the node's directory"
+        ),
+        "{problems:#?}"
+    );
+    assert!(
+        has(
+            &problems,
+            "motorpool.yaml:7:19:",
+            "leads out of the project"
+        ),
+        "{problems:#?}"
+    );
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+}
+
+#[test]
+fn init_scripts_requirements_and_includes_outside_the_project_are_refused_at_their_position() {
+    let spec = b"project: p\ninclude: [ \"../*.yaml\", /proc/self/environ ]\nclusters:\n  etl:\n    node_type: small\n    init_scripts: [ ok.sh, ../outside.sh, /etc/passwd, \"a/../../b.sh\" ]\n    libraries: [ { requirements: ../reqs.txt } ]\n";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec), ("ok.sh", b"true\n")]);
+    for (at, words) in [
+        ("motorpool.yaml:2:12:", "leads out of the project"),
+        ("motorpool.yaml:2:25:", "is absolute"),
+        ("motorpool.yaml:6:28:", "leads out of the project"),
+        ("motorpool.yaml:6:43:", "is absolute"),
+        ("motorpool.yaml:6:56:", "leads out of the project"),
+        ("motorpool.yaml:7:34:", "leads out of the project"),
+    ] {
+        assert!(has(&problems, at, words), "{at} {words}: {problems:#?}");
+    }
+    assert_eq!(problems.len(), 6, "{problems:#?}");
+}
+
+#[test]
+fn a_missing_init_script_is_refused_at_its_position() {
+    let spec = b"project: p\nclusters:\n  etl: { node_type: small, init_scripts: [ setup.sh ] }\n";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec)]);
+    assert!(
+        has(
+            &problems,
+            "motorpool.yaml:3:44:",
+            "`setup.sh` is not a file"
+        ),
+        "{problems:#?}"
+    );
+}
+
+#[test]
+fn an_init_script_name_with_a_control_character_is_refused() {
+    let spec = b"project: p\nclusters:\n  etl: { node_type: small, init_scripts: [ \"x.sh\\ntouch PWNED #\" ] }\n";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec)]);
+    assert!(
+        has(&problems, "motorpool.yaml:3:44:", "control character"),
+        "{problems:#?}"
+    );
+}
+
+#[test]
+fn a_nul_byte_anywhere_in_a_spec_file_is_an_error_at_its_position() {
+    // In a comment of the root file: not "valid with nothing in it".
+    let spec = b"project: p\n# a comment \0 here\nclusters:\n  etl: { node_type: small }\n";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec)]);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        has(
+            &problems,
+            "motorpool.yaml:2:13:",
+            "non-printable character '\\0'"
+        ),
+        "{problems:#?}"
+    );
+    // In an included file too.
+    let spec = b"project: p\ninclude: [ more.yaml ]\n";
+    let more = b"clusters:\n  etl: { node_type: small }\n\0";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec), ("more.yaml", more)]);
+    assert!(
+        has(&problems, "more.yaml:3:1:", "non-printable"),
+        "{problems:#?}"
+    );
+}
+
+#[test]
+fn a_utf8_bom_at_the_start_of_a_spec_is_skipped() {
+    let spec = "\u{feff}project: p\nclusters:\n  etl: { node_type: small }\n";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec.as_bytes())]);
+    assert_eq!(problems, ["valid"]);
+}
+
+#[test]
+fn env_names_and_values_no_process_can_carry_are_refused_at_their_position() {
+    let spec = b"project: p\nclusters:\n  etl:\n    node_type: small\n    env: { \"A=B\": x, \"has space\": x, 1ST: x, OK_1: \"nul \\0 here\", _fine: \"multi\\nline\" }\n";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec)]);
+    for (at, words) in [
+        (
+            "motorpool.yaml:5:12:",
+            "invalid environment variable name \"A=B\"",
+        ),
+        (
+            "motorpool.yaml:5:22:",
+            "invalid environment variable name \"has space\"",
+        ),
+        (
+            "motorpool.yaml:5:38:",
+            "invalid environment variable name \"1ST\"",
+        ),
+        ("motorpool.yaml:5:52:", "holds a NUL byte"),
+    ] {
+        assert!(has(&problems, at, words), "{at} {words}: {problems:#?}");
+    }
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+}
+
+#[test]
+fn tags_cannot_set_motorpool_own_keys() {
+    let spec = b"project: p\nclusters:\n  etl: { node_type: small, tags: { team: data, motorpool-project: other, Motorpool-Role: x } }\n";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec)]);
+    assert!(
+        has(&problems, "motorpool.yaml:3:48:", "motorpool's own"),
+        "{problems:#?}"
+    );
+    assert!(
+        has(&problems, "motorpool.yaml:3:74:", "motorpool's own"),
+        "{problems:#?}"
+    );
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+}

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use motorpool_provider::private_files;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tonic::transport::server::TcpIncoming;
@@ -165,7 +166,7 @@ pub async fn run_until(
     if opts.instance_id.is_empty() {
         bail!("the instance id must not be empty");
     }
-    std::fs::create_dir_all(&opts.dir)
+    private_files::create_dir(&opts.dir)
         .with_context(|| format!("cannot create the agent directory {}", opts.dir.display()))?;
     let dir = std::path::absolute(&opts.dir)
         .with_context(|| format!("cannot resolve the agent directory {}", opts.dir.display()))?;
@@ -359,19 +360,10 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
     })
 }
 
-/// Writes `path` by writing a temporary sibling and renaming it over `path`.
+/// Writes the private file `path` (0600) by writing a temporary sibling and
+/// renaming it over `path`.
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
-    Ok(())
+    private_files::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Connects to the agent at `address` (`127.0.0.1:PORT`), waiting at most `timeout`.

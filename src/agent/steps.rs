@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use motorpool_provider::private_files;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, mpsc};
@@ -259,15 +260,23 @@ impl StepRunner {
             move |source| StepIoError::File { what, path, source }
         };
         let step_dir = self.dir.join("steps").join(safe_name(&request.step));
-        std::fs::create_dir_all(&step_dir).map_err(io("create", &step_dir))?;
+        // Step files and logs hold the spec's scripts and their output: private.
+        private_files::create_dir(&step_dir).map_err(io("create", &step_dir))?;
         for (name, content) in &request.files {
             let file = step_dir.join(safe_name(name));
-            std::fs::write(&file, content).map_err(io("write", &file))?;
+            private_files::write(&file, content).map_err(io("write", &file))?;
         }
         let log_path = self.log_path(&request.step);
-        let mut log = tokio::fs::File::create(&log_path)
-            .await
-            .map_err(io("create", &log_path))?;
+        let mut log = tokio::fs::File::from_std(
+            private_files::open(
+                &log_path,
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(true),
+            )
+            .map_err(io("create", &log_path))?,
+        );
 
         let mut child = tokio::process::Command::new("sh")
             .arg("-eu")

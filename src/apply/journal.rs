@@ -132,11 +132,11 @@ impl Journal {
         at: u64,
     ) -> std::io::Result<Journal> {
         let path = path(project_dir);
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)?;
+        // It holds launch user data (credentials): private whatever the umask.
+        let file = motorpool_provider::private_files::open(
+            &path,
+            OpenOptions::new().create(true).write(true).truncate(true),
+        )?;
         let mut j = Journal { path, file };
         j.write(&Event::Begin {
             fingerprint: fingerprint.to_string(),

@@ -131,17 +131,20 @@ pub fn init_scripts(
     ctx: &StepContext,
     spec: &BootSpec,
 ) -> Result<Vec<RunStepRequest>, minijinja::Error> {
-    let count = spec.init_scripts.len();
     let env_text = serde_json::to_string(&spec.env).unwrap_or_default();
     spec.init_scripts
         .iter()
-        .enumerate()
-        .map(|(i, s)| {
+        .map(|s| {
+            // The name becomes a step name and a log file name: `validate`
+            // refused control characters in it, and so does the side that runs it.
+            if let Some(c) = crate::confine::control_character(&s.name) {
+                return Err(refused(format!(
+                    "init script {:?}: its name holds a control character ({c:?})",
+                    s.name
+                )));
+            }
             let file = "script.sh";
-            let script = t.render(
-                "steps/init_script.sh",
-                json!({ "name": s.name, "index": i + 1, "count": count, "file": file }),
-            )?;
+            let script = t.render("steps/init_script.sh", json!({ "file": file }))?;
             let key = short_hash(&["init", &s.name, &s.content, &env_text]);
             let mut r = request(
                 &format!("init:{}", s.name),
@@ -159,6 +162,11 @@ pub fn init_scripts(
             Ok(r)
         })
         .collect()
+}
+
+/// A step the node refuses to render, and why.
+fn refused(message: String) -> minijinja::Error {
+    minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message)
 }
 
 /// A mount's source, split for the templates.
@@ -181,11 +189,20 @@ pub fn mounts(
     if spec.mounts.is_empty() {
         return Ok(None);
     }
-    let mounts: Vec<serde_json::Value> = spec
-        .mounts
-        .iter()
-        .map(|m| mount_context(&m.source, &m.target, m.read_only))
-        .collect();
+    // Confined again here, on the side that runs it: a plan or a journal
+    // may have been edited after `validate`.
+    let mut mounts = Vec::with_capacity(spec.mounts.len());
+    for m in &spec.mounts {
+        let problem = |what: &str, p: crate::confine::PathProblem| {
+            refused(format!(
+                "the {what} of mount {:?} -> {:?}: {p}",
+                m.source, m.target
+            ))
+        };
+        crate::confine::node_source(&m.source).map_err(|p| problem("source", p))?;
+        let target = crate::confine::node_target(&m.target).map_err(|p| problem("target", p))?;
+        mounts.push(mount_context(&m.source, &target, m.read_only));
+    }
     let script = t.render("steps/mounts.sh", json!({ "mounts": mounts }))?;
     let text = serde_json::to_string(&spec.mounts).unwrap_or_default();
     Ok(Some(request(
@@ -206,4 +223,62 @@ pub fn warm_up(
     let mut steps = vec![runtime(t, ctx, spec)?];
     steps.extend(libraries(t, ctx, spec)?);
     Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::words::MountSpec;
+
+    fn spec_with(mounts: Vec<MountSpec>) -> BootSpec {
+        BootSpec {
+            runtime: "1".into(),
+            engine: String::new(),
+            pip: vec![],
+            requirements: vec![],
+            init_scripts: vec![],
+            env: Default::default(),
+            mounts,
+            autotermination_minutes: None,
+            workers: 0,
+            startup_timeout_minutes: None,
+        }
+    }
+
+    fn ctx() -> StepContext {
+        StepContext {
+            python: "python3".into(),
+            motorpool_binary: "motorpool".into(),
+            cache_dir: "/tmp".into(),
+            timeout_seconds: 60,
+            minute: std::time::Duration::from_secs(60),
+        }
+    }
+
+    /// Defence in depth: a plan or journal edited after `validate` still
+    /// cannot make a node link outside its directory.
+    #[test]
+    fn the_node_refuses_a_mount_that_leaves_its_directory() {
+        let t = Templates::new();
+        for (source, target) in [
+            ("/project/data", "/../../../../tmp/x"),
+            ("/project/../../etc", "/mnt/etc"),
+            ("relative/data", "/mnt/data"),
+        ] {
+            let spec = spec_with(vec![MountSpec {
+                source: source.into(),
+                target: target.into(),
+                read_only: false,
+            }]);
+            let err = mounts(&t, &ctx(), &spec).expect_err("refused");
+            assert!(err.to_string().contains("leads out of"), "{err}");
+        }
+        let fine = spec_with(vec![MountSpec {
+            source: "/project/data".into(),
+            target: "/mnt/./data".into(),
+            read_only: true,
+        }]);
+        let step = mounts(&t, &ctx(), &fine).expect("ok").expect("a step");
+        assert!(step.script.contains("'/mnt/data'"), "{}", step.script);
+    }
 }

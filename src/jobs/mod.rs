@@ -7,8 +7,9 @@
 //!    run (`<job>-run-<id>`), marked with the run's tags (`motorpool-job`,
 //!    `motorpool-expires`) so that `plan` leaves it to the run, and removed
 //!    after the run — also when the job fails, the run cannot be carried
-//!    out, or the user presses Ctrl-C. If `motorpool run` itself is killed,
-//!    `plan` removes the cluster once it expires.
+//!    out, or the run is interrupted (Ctrl-C, or SIGTERM as a CI runner or
+//!    `timeout` sends: both are handled alike). If `motorpool run` itself is
+//!    killed (SIGKILL), `plan` removes the cluster once it expires.
 //! 2. **Run.** The driver's address from the driver node's agent, the
 //!    cluster's credential from the project secret, then the cluster's
 //!    engine ([`crate::engines::EnginePlugin::run_job`]: for the bundled
@@ -146,10 +147,9 @@ pub async fn run(
             request.job
         ),
     };
-    // Ctrl-C from here on is ours: a start under way finishes (so nothing is
-    // left half made), the run is cancelled, a job cluster removed.
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("cannot listen for Ctrl-C")?;
+    // Ctrl-C and SIGTERM from here on are ours: a start under way finishes
+    // (so nothing is left half made), the run is cancelled, a job cluster removed.
+    let mut interrupt = Interrupts::listen()?;
     let started = std::time::Instant::now();
     let mut interrupted = false;
     let up = {
@@ -168,7 +168,8 @@ pub async fn run(
     let cluster_seconds = started.elapsed().as_secs_f64();
     let outcome = match up {
         Ok(()) if interrupted => Err(anyhow::anyhow!(
-            "interrupted (Ctrl-C) before job `{}` was submitted",
+            "interrupted ({}) before job `{}` was submitted",
+            interrupt.last(),
             request.job
         )),
         Ok(()) => {
@@ -177,7 +178,7 @@ pub async fn run(
                 _ = interrupt.recv() => {
                     on_line("interrupted: cancelling the run");
                     cancel_active_runs(&project, request.job, &target).await;
-                    Err(anyhow::anyhow!("interrupted (Ctrl-C): the run of job `{}` was cancelled", request.job))
+                    Err(anyhow::anyhow!("interrupted ({}): the run of job `{}` was cancelled", interrupt.last(), request.job))
                 }
             }
         }
@@ -597,6 +598,38 @@ pub struct RunRecord {
 
 pub use crate::engines::LogFile;
 
+/// SIGINT (Ctrl-C) and SIGTERM, taken over while a run is under way: both
+/// mean "stop, and clean up what you made".
+struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    last: &'static str,
+}
+
+impl Interrupts {
+    fn listen() -> Result<Interrupts> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Interrupts {
+            int: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            last: "Ctrl-C",
+        })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => self.last = "Ctrl-C",
+            _ = self.term.recv() => self.last = "SIGTERM",
+        }
+    }
+
+    /// Which signal came last, for messages.
+    fn last(&self) -> &'static str {
+        self.last
+    }
+}
+
 fn runs_dir(project: &Project, job: &str) -> PathBuf {
     project.dir.join("runs").join(job)
 }
@@ -621,7 +654,7 @@ fn save_record(
         );
     }
     let dir = runs_dir(project, &summary.job);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::home::ensure_dir(&dir)?;
     let record = RunRecord {
         cluster: cluster.to_string(),
         summary: summary.clone(),

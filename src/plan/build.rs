@@ -399,7 +399,11 @@ fn read_file(
     what: &str,
     path: &str,
 ) -> Result<NamedFile, PlanError> {
-    let full = input.base_dir.join(path);
+    let relative = crate::confine::project_path(path).map_err(|e| PlanError::Impossible {
+        address: address.to_string(),
+        message: format!("{what} `{path}`: {e}"),
+    })?;
+    let full = input.base_dir.join(relative);
     let content = std::fs::read_to_string(&full).map_err(|e| PlanError::Impossible {
         address: address.to_string(),
         message: format!("cannot read {what} {}: {e}", full.display()),
@@ -468,6 +472,11 @@ fn cluster_boot(
         .iter()
         .map(|s| read_file(input, address, "init script", s))
         .collect::<Result<Vec<_>, _>>()?;
+    let unconfined =
+        |m: &crate::spec::Mount, e: crate::confine::PathProblem| PlanError::Impossible {
+            address: address.to_string(),
+            message: format!("mount {:?} -> {:?}: {e}", m.source, m.target),
+        };
     let mounts = c
         .mounts
         .iter()
@@ -475,19 +484,19 @@ fn cluster_boot(
             let source = if m.source.contains("://") {
                 m.source.clone()
             } else {
-                let joined = input.base_dir.join(&m.source);
-                std::path::absolute(&joined)
-                    .unwrap_or(joined)
+                let relative =
+                    crate::confine::project_path(&m.source).map_err(|e| unconfined(m, e))?;
+                crate::confine::resolve_below(input.base_dir, &relative)
                     .display()
                     .to_string()
             };
-            MountSpec {
+            Ok(MountSpec {
                 source,
-                target: m.target.clone(),
+                target: crate::confine::node_target(&m.target).map_err(|e| unconfined(m, e))?,
                 read_only: m.read_only,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, PlanError>>()?;
     Ok(BootSpec {
         runtime: c.runtime(),
         engine: match c.engine_kind() {

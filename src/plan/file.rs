@@ -20,6 +20,11 @@ pub enum PlanFileError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "refusing to write the plan over {path}: it exists and is not a motorpool plan file \
+         (a spec, perhaps); choose another --out FILE"
+    )]
+    WouldReplace { path: String },
     #[error("{path} is not a motorpool plan file: {reason}")]
     NotAPlan { path: String, reason: String },
     #[error(
@@ -40,7 +45,22 @@ pub fn looks_like_plan(path: &Path) -> bool {
     head == Some(&b'{') && bytes.windows(16).any(|w| w == b"\"format_version\"")
 }
 
+/// `plan --out FILE` only ever replaces a saved plan: never a spec it read,
+/// nor any other file that happens to be there.
+pub fn check_replaceable(path: &Path) -> Result<(), PlanFileError> {
+    match fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(meta) if meta.is_file() && looks_like_plan(path) => Ok(()),
+        Ok(_) => Err(PlanFileError::WouldReplace {
+            path: path.display().to_string(),
+        }),
+    }
+}
+
+/// Writes the plan as a private file (0600): it holds what nodes start
+/// from, env values included.
 pub fn save(plan: &Plan, path: &Path) -> Result<(), PlanFileError> {
+    check_replaceable(path)?;
     let text = super::render::json(plan);
     crate::home::write_atomic(path, format!("{text}\n").as_bytes()).map_err(|source| {
         PlanFileError::Write {

@@ -108,11 +108,33 @@ fn text_change(out: &mut String, c: &Change) {
     }
     for op in &c.ops {
         let _ = writeln!(out, "      > {}", op.describe());
+        for line in op_details(op) {
+            let _ = writeln!(out, "          {line}");
+        }
     }
     if !c.depends_on.is_empty() {
         let _ = writeln!(out, "      after: {}", c.depends_on.join(", "));
     }
     let _ = writeln!(out);
+}
+
+/// What an op's nodes start from that a reviewer must see: each mount (a
+/// path of this machine, or a bucket, made visible inside every node).
+fn op_details(op: &super::Op) -> Vec<String> {
+    let super::Op::Bootstrap { spec } = op else {
+        return Vec::new();
+    };
+    spec.mounts
+        .iter()
+        .map(|m| {
+            let access = if m.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            };
+            format!("mount {:?} at {:?} ({access})", m.source, m.target)
+        })
+        .collect()
 }
 
 /// `--output json`.
@@ -149,6 +171,9 @@ pub fn markdown(plan: &Plan) -> String {
     for c in plan.actionable() {
         for op in &c.ops {
             let _ = writeln!(out, "{}: {}", c.address, op.describe());
+            for line in op_details(op) {
+                let _ = writeln!(out, "{}:     {line}", c.address);
+            }
         }
     }
     let _ = writeln!(out, "```\n</details>");

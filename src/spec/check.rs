@@ -92,10 +92,24 @@ pub(crate) struct Parts<'a> {
     pub provider_kind: Option<&'a str>,
     /// The provider block after `--target`, if the spec has one.
     pub provider_node: Option<&'a Node>,
+    /// The root spec file's directory: the project, where its paths resolve.
+    pub base_dir: &'a std::path::Path,
     pub pools: Section<'a, Pool>,
     pub policies: Section<'a, Policy>,
     pub clusters: Section<'a, Cluster>,
     pub jobs: Section<'a, Job>,
+}
+
+/// The prefix of motorpool's own tags, which a spec's `tags` cannot set.
+pub const RESERVED_TAG_PREFIX: &str = "motorpool-";
+
+/// `^[A-Za-z_][A-Za-z0-9_]*$`: a name every shell and `execve` keep as it is.
+pub fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// `^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`
@@ -471,7 +485,93 @@ impl<'s> Checker<'_, 's> {
                     key_span(n, "requirements"),
                     format!("a library in {what} sets both `pip` and `requirements`; choose one"),
                 ),
+                (None, Some(file)) => {
+                    let span = value_span(n, "requirements");
+                    self.project_file(file, span, &format!("requirements file of {what}"));
+                }
                 _ => {}
+            }
+        }
+    }
+
+    /// A file the plan reads from the project (an init script, a
+    /// requirements file): confined to the project, and there.
+    fn project_file(&mut self, path: &str, span: Span, what: &str) {
+        match crate::confine::project_path(path) {
+            Err(problem) => self.error(span, format!("{what}: {problem}")),
+            Ok(relative) => {
+                let full = self.parts.base_dir.join(&relative);
+                if !full.is_file() {
+                    self.error(
+                        span,
+                        format!(
+                            "{what}: `{path}` is not a file (looked for {})",
+                            full.display()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Init scripts, mounts, env and tags: what a cluster's nodes start from.
+    fn node_inputs(&mut self, c: &Cluster, node: &Node, what: &str) {
+        let items = |key: &str| match node.get(key).map(|n| &n.kind) {
+            Some(Kind::Seq(items)) => items.as_slice(),
+            _ => &[],
+        };
+        for (path, n) in c.init_scripts.iter().zip(items("init_scripts")) {
+            self.project_file(path, n.span, &format!("init script of {what}"));
+        }
+        for (m, n) in c.mounts.iter().zip(items("mounts")) {
+            if !m.source.contains("://")
+                && let Err(problem) = crate::confine::project_path(&m.source)
+            {
+                self.error(
+                    value_span(n, "source"),
+                    format!("the source of a mount of {what}: {problem}"),
+                );
+            }
+            if let Err(problem) = crate::confine::node_target(&m.target) {
+                self.error(
+                    value_span(n, "target"),
+                    format!("the target of a mount of {what}: {problem}"),
+                );
+            }
+        }
+        let entries = |key: &str| node.get(key).and_then(Node::entries).unwrap_or_default();
+        for e in entries("env") {
+            if !is_env_name(&e.key) {
+                self.error(
+                    e.key_span,
+                    format!(
+                        "invalid environment variable name {:?} in {what}: names use letters, \
+                         digits and `_`, and do not start with a digit",
+                        e.key
+                    ),
+                );
+            }
+            if e.value.as_str().is_some_and(|v| v.contains('\0')) {
+                self.error(
+                    e.value.span,
+                    format!(
+                        "the value of environment variable `{}` in {what} holds a NUL byte, \
+                         which no process environment can carry",
+                        e.key
+                    ),
+                );
+            }
+        }
+        for e in entries("tags") {
+            if e.key.to_ascii_lowercase().starts_with(RESERVED_TAG_PREFIX) {
+                self.error(
+                    e.key_span,
+                    format!(
+                        "tag `{}` in {what}: tags starting with `{RESERVED_TAG_PREFIX}` are \
+                         motorpool's own (they say what an instance is); choose another name",
+                        e.key
+                    ),
+                );
             }
         }
     }
@@ -786,6 +886,7 @@ impl<'s> Checker<'_, 's> {
         }
 
         self.libraries(&c.libraries, node.get("libraries"), what);
+        self.node_inputs(c, node, what);
 
         // The policy.
         let Some(pname) = &c.policy else {

@@ -225,6 +225,7 @@ fn run(
                 .filter(|k| crate::registry::Registry::global().provider(k).is_some()),
         },
         provider_node: root.get("provider"),
+        base_dir: &base_dir_of(root_file),
         pools: section(&root, &json, "pools", &broken, &broken_top, sink),
         policies: section(&root, &json, "policies", &broken, &broken_top, sink),
         clusters: section(&root, &json, "clusters", &broken, &broken_top, sink),
@@ -336,7 +337,12 @@ fn include(root: &mut Node, root_file: &Path, sink: &mut Sink) {
     let mut seen: HashSet<PathBuf> = HashSet::new();
     seen.insert(std::fs::canonicalize(root_file).unwrap_or_else(|_| root_file.to_path_buf()));
     for (pattern, span) in patterns {
-        let full = if Path::new(&pattern).is_absolute() || base.as_os_str().is_empty() {
+        // Only files of the project: never an absolute path, never `..` out of it.
+        if let Err(problem) = crate::confine::project_path(&pattern) {
+            sink.error(span, format!("include `{pattern}`: {problem}"));
+            continue;
+        }
+        let full = if base.as_os_str().is_empty() {
             pattern.clone()
         } else {
             format!(
@@ -551,7 +557,6 @@ clusters:
     autotermination_minutes: 30
     policy: small-only
     runtime: "1"
-    init_scripts: [ scripts/setup.sh ]
     libraries: [ { pip: "numpy==2.1.0" } ]
     env: { LOG_LEVEL: info }
     mounts: [ { source: ./data, target: /mnt/data } ]

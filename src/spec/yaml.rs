@@ -131,6 +131,32 @@ impl Node {
     }
 }
 
+/// The 1-based line and column (in characters) of the first character YAML
+/// does not allow in a stream: C0 controls but tab, newline and carriage
+/// return; DEL; C1 controls but NEL; surrogates cannot occur in a `str`,
+/// and U+FFFE / U+FFFF are not characters.
+fn first_unprintable(text: &str) -> Option<(usize, usize, char)> {
+    let allowed = |c: char| match c {
+        '\t' | '\n' | '\r' | '\u{85}' => true,
+        '\u{fffe}' | '\u{ffff}' => false,
+        c => !c.is_control(),
+    };
+    let mut line = 1;
+    let mut col = 1;
+    for c in text.chars() {
+        if !allowed(c) {
+            return Some((line, col, c));
+        }
+        if c == '\n' {
+            line += 1;
+            col = 1;
+        } else {
+            col += 1;
+        }
+    }
+    None
+}
+
 /// A short, quoted preview of a string for messages.
 pub(crate) fn preview(s: &str) -> String {
     const MAX: usize = 40;
@@ -511,6 +537,23 @@ impl Builder<'_> {
 /// Parses one YAML document into a spanned tree. Problems go to `sink`;
 /// `None` when the text is not valid YAML. An empty document is `Null`.
 pub(crate) fn parse(text: &str, file: FileId, sink: &mut Sink) -> Option<Node> {
+    // A byte-order mark is an encoding signature, not part of the first key.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // The scanner reads NUL as the end of the text: a NUL in a comment
+    // would make the rest of the file silently vanish (and `plan` then
+    // proposes to remove everything it held). YAML allows no such
+    // character anywhere, so refuse it, and every other non-printable one.
+    if let Some((line, col, c)) = first_unprintable(text) {
+        sink.error(
+            Span::new(file, line, col),
+            format!(
+                "the file holds the non-printable character {c:?} (U+{:04X}), which YAML does \
+                 not allow anywhere, comments included; is this a text file?",
+                u32::from(c)
+            ),
+        );
+        return None;
+    }
     let mut parser = Parser::new_from_str(text);
     let mut b = Builder {
         file,

@@ -17,4 +17,4 @@ if [ ! -f "$libs/.complete" ]; then
 fi
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 printf '%s\n' "$libs" > "$site/motorpool-libraries.pth"
-echo "libraries {{ key }}: {% for lib in pip %}{{ lib }} {% endfor %}"
+echo "libraries" {{ key }}":" {% for lib in pip %}{{ lib }} {% endfor %}

@@ -1,4 +1,4 @@
-# 3. os & runtime setup: the node's Python virtualenv and the motorpool runtime {{ runtime }}.
+# 3. os & runtime setup: the node's Python virtualenv and the motorpool runtime.
 venv="$MOTORPOOL_NODE_DIR/runtime/venv"
 mkdir -p "$MOTORPOOL_NODE_DIR/runtime"
 if [ ! -x "$venv/bin/python" ]; then
@@ -9,4 +9,4 @@ if [ ! -x "$venv/bin/python" ]; then
   mv "$venv.tmp" "$venv"
 fi
 ln -sfn -- {{ motorpool_binary }} "$MOTORPOOL_NODE_DIR/runtime/motorpool"
-echo "runtime {{ runtime }}: $("$venv/bin/python" --version 2>&1), $("$MOTORPOOL_NODE_DIR/runtime/motorpool" --version)"
+echo "runtime" {{ runtime }}": $("$venv/bin/python" --version 2>&1), $("$MOTORPOOL_NODE_DIR/runtime/motorpool" --version)"

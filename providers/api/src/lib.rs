@@ -5,7 +5,8 @@
 //! every provider stores on the instances it launches ([`tags`]), the typed
 //! errors ([`ProviderError`]) the engine uses to decide what to retry, and
 //! what a provider crate registers ([`plugin`]: its settings, capabilities
-//! and node-side bootstrap).
+//! and node-side bootstrap), and [`private_files`]: how anything that can
+//! hold a credential is written (0600 files in 0700 directories).
 //!
 //! It must not know about specs, plans or any cloud SDK: the engine depends on
 //! this crate, every provider crate depends on this crate, and nothing here
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod catalog;
 pub mod plugin;
+pub mod private_files;
 
 pub use catalog::{NodeType, cheapest_fit};
 pub use plugin::{

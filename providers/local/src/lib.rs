@@ -10,7 +10,9 @@
 //! tokens/<client token>          the ids a launch with that idempotency token made
 //! ```
 //!
-//! Every record write is atomic (temporary file + rename). Records are
+//! Every file here is private (0600 in 0700 directories, through
+//! `motorpool_provider::private_files`): records and user data hold the
+//! agent credential. Every record write is atomic (temporary file + rename). Records are
 //! written before their agents are spawned, so a launch killed half way
 //! leaves records that the next list reports (as terminated when their
 //! process never started). A record that says running but whose process is
@@ -22,18 +24,17 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use motorpool_provider::{
     Instance, InstanceState, LaunchRequest, NodeType, Page, Provider, ProviderError, Result, Retag,
-    TagFilter, Tags,
+    TagFilter, Tags, private_files,
 };
 use serde::{Deserialize, Serialize};
 
@@ -126,7 +127,6 @@ struct Inner {
     /// One lock per instance id (and per client token): the writers of a record
     /// in this process take turns. Across processes the engine's project lock rules.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    tmp_counter: AtomicU64,
 }
 
 /// The record of one instance: `instances/<id>/instance.json`.
@@ -237,7 +237,6 @@ impl LocalProvider {
                 start_timeout: DEFAULT_START_TIMEOUT,
                 stop_grace: DEFAULT_STOP_GRACE,
                 locks: Mutex::new(HashMap::new()),
-                tmp_counter: AtomicU64::new(0),
             }),
         })
     }
@@ -431,17 +430,13 @@ impl Inner {
 
     fn ensure_dirs(&self) -> Result<()> {
         for dir in [self.root.clone(), self.instances_dir(), self.tokens_dir()] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(|e| match fs::metadata(&dir) {
-                    Ok(meta) if !meta.is_dir() => ProviderError::Internal(format!(
-                        "{} is not a directory (the local provider keeps its instances there)",
-                        dir.display()
-                    )),
-                    _ => internal_io("cannot create", &dir, e),
-                })?;
+            private_files::create_dir(&dir).map_err(|e| match fs::metadata(&dir) {
+                Ok(meta) if !meta.is_dir() => ProviderError::Internal(format!(
+                    "{} is not a directory (the local provider keeps its instances there)",
+                    dir.display()
+                )),
+                _ => internal_io("cannot create", &dir, e),
+            })?;
         }
         Ok(())
     }
@@ -496,26 +491,7 @@ impl Inner {
     }
 
     fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
-        let written = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut file| io::Write::write_all(&mut file, bytes));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(internal_io("cannot write", &tmp, e));
-        }
-        fs::rename(&tmp, path).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            internal_io("cannot write", path, e)
-        })
+        private_files::write(path, bytes).map_err(|e| internal_io("cannot write", path, e))
     }
 
     /// The ids of every instance directory, sorted.
@@ -782,8 +758,16 @@ impl Inner {
         for _ in 0..100 {
             let id = format!("{ID_PREFIX}{:08x}", fastrand::u32(..));
             let dir = self.instance_dir(&id);
-            match fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => return Ok(id),
+            match fs::DirBuilder::new()
+                .mode(private_files::DIR_MODE)
+                .create(&dir)
+            {
+                Ok(()) => {
+                    // Exactly 0700, whatever the umask: it holds the user data.
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(private_files::DIR_MODE))
+                        .map_err(|e| internal_io("cannot create", &dir, e))?;
+                    return Ok(id);
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(internal_io("cannot create", &dir, e)),
             }
@@ -901,13 +885,11 @@ impl Inner {
             return Ok(());
         }
         let path = self.instance_dir(id).join(USER_DATA_FILE);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| internal_io("cannot create", &path, e))?;
+        let mut file = private_files::open(
+            &path,
+            OpenOptions::new().create(true).write(true).truncate(true),
+        )
+        .map_err(|e| internal_io("cannot create", &path, e))?;
         std::io::Write::write_all(&mut file, user_data.as_bytes())
             .map_err(|e| internal_io("cannot write", &path, e))
     }
@@ -928,11 +910,7 @@ impl Inner {
             Err(e) => return Err(internal_io("cannot remove the stale", &agent_file, e)),
         }
         let log_path = dir.join(LOG_FILE);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&log_path)
+        let log = private_files::open(&log_path, OpenOptions::new().create(true).append(true))
             .map_err(|e| internal_io("cannot open", &log_path, e))?;
         let log_err = log
             .try_clone()

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use motorpool_provider::{ProviderError, Result, TagFilter, Tags};
+use motorpool_provider::{ProviderError, Result, TagFilter, Tags, private_files};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
@@ -209,7 +209,7 @@ impl Store {
     /// A store for `dir` (`$home/sim`), creating the directory. Opens the
     /// database only on first use.
     pub fn open(dir: PathBuf) -> Result<Store> {
-        fs::create_dir_all(&dir).map_err(|e| {
+        private_files::create_dir(&dir).map_err(|e| {
             ProviderError::Internal(format!(
                 "sim: cannot create directory {}: {e}",
                 dir.display()
@@ -391,11 +391,16 @@ impl Store {
 
     fn connect(&self) -> Result<Connection> {
         let db = self.db_path.as_path();
-        fs::create_dir_all(&self.dir).map_err(|e| {
+        private_files::create_dir(&self.dir).map_err(|e| {
             ProviderError::Internal(format!(
                 "sim: cannot create directory {}: {e}",
                 self.dir.display()
             ))
+        })?;
+        // The records hold launch user data (credentials): the database is
+        // private, and SQLite gives its -wal and -shm files the same mode.
+        private_files::open(db, fs::OpenOptions::new().create(true).append(true)).map_err(|e| {
+            ProviderError::Internal(format!("sim: cannot open {}: {e}", db.display()))
         })?;
         let conn = Connection::open_with_flags(
             db,
