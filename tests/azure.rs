@@ -161,6 +161,14 @@ fn an_azure_cluster_comes_up_drifts_heals_and_goes_away() {
         boot_document(&fake, &motorpool::words::cluster_boot_name("azlife", "etl")).is_some(),
         "the cluster's startup is kept for drawn VMs"
     );
+    // What a VM was told: custom data the shell accepts, fetching the runtime
+    // from the spec's URL and checking its sha256.
+    common::assert_shell_parses(&live[0].custom_data);
+    assert!(
+        live[0].custom_data.contains(RUNTIME_URL) && live[0].custom_data.contains(RUNTIME_SHA256),
+        "{}",
+        live[0].custom_data
+    );
     let driver = with_tag(&live, "motorpool-role", "driver")[0];
     assert!(
         driver

@@ -183,6 +183,14 @@ fn a_gcp_cluster_comes_up_drifts_heals_and_goes_away() {
             machines.log(&node.id())
         );
     }
+    // What a node was told: a startup script the shell accepts, fetching the
+    // runtime from the spec's URL and checking its sha256.
+    let script = &live[0].metadata[motorpool_gcp::STARTUP_SCRIPT_ITEM];
+    common::assert_shell_parses(script);
+    assert!(
+        script.contains(RUNTIME_URL) && script.contains(RUNTIME_SHA256),
+        "{script}"
+    );
     // The driver published where it listens: a readable label, exact in metadata.
     let driver = with_label(&live, "motorpool-role", "driver")[0];
     let exact = tags_of(&fake, &driver.id());

@@ -262,3 +262,23 @@ pub fn read_part_files(dir: &Path) -> BTreeMap<String, u64> {
     }
     out
 }
+
+/// Panic unless `sh -n` accepts `script` (it parses; nothing is run).
+pub fn assert_shell_parses(script: &str) {
+    let file = tempfile::Builder::new()
+        .prefix("mp-script-")
+        .suffix(".sh")
+        .tempfile()
+        .expect("a temp file for the script");
+    std::fs::write(file.path(), script).expect("write the script");
+    let out = Command::new("sh")
+        .arg("-n")
+        .arg(file.path())
+        .output()
+        .expect("run sh -n");
+    assert!(
+        out.status.success(),
+        "sh -n refuses the script:\n{}\n--- script\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
