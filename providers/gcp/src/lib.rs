@@ -92,6 +92,9 @@ pub const IMAGE_ITEM: &str = "motorpool-image";
 /// The project metadata item prefix of cluster boot documents.
 pub const BOOT_ITEM_PREFIX: &str = "motorpool-boot-";
 
+/// The longest one request may take (`zoneOperations.wait` answers within 2 minutes).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(150);
+
 /// Instances per `aggregatedList` page unless configured (the API's maximum).
 pub const DEFAULT_PAGE_SIZE: u32 = 500;
 
@@ -265,7 +268,9 @@ async fn build_clients(config: &GcpConfig) -> Result<Clients> {
         ($client:ty) => {{
             let mut builder = <$client>::builder()
                 .with_credentials(credentials.clone())
-                .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry);
+                .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry)
+                // An answer that never comes is a failure to retry, not a hang.
+                .with_attempt_timeout(REQUEST_TIMEOUT);
             if let Some(endpoint) = &config.endpoint_url {
                 builder = builder.with_endpoint(endpoint.trim_end_matches('/'));
             }
