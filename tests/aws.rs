@@ -23,14 +23,7 @@ use motorpool_aws::aws_sdk_ec2::types::{Filter, InstanceAttributeName};
 /// Run motorpool with the test AWS environment (endpoint: the spec's, or
 /// `endpoint` as `AWS_ENDPOINT_URL` when given).
 fn mp(env: &Env, endpoint: Option<&str>, args: &[&str]) -> Run {
-    let mut cmd = env.command(args);
-    moto::with_aws_env(&mut cmd, endpoint);
-    let out = cmd.output().expect("run motorpool");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    env.mp_with(args, |cmd| moto::with_aws_env(cmd, endpoint))
 }
 
 /// Where the test specs say nodes download the runtime from: never fetched

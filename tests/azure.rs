@@ -42,14 +42,7 @@ fn without_azure_credentials(cmd: &mut Command) {
 }
 
 fn mp(env: &Env, args: &[&str]) -> Run {
-    let mut cmd = env.command(args);
-    without_azure_credentials(&mut cmd);
-    let out = cmd.output().expect("run motorpool");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    env.mp_with(args, without_azure_credentials)
 }
 
 fn spec(project: &str, fake: &FakeArm, extra: &str, body: &str) -> String {

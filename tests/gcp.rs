@@ -37,14 +37,7 @@ fn without_google_credentials(cmd: &mut Command) {
 }
 
 fn mp(env: &Env, args: &[&str]) -> Run {
-    let mut cmd = env.command(args);
-    without_google_credentials(&mut cmd);
-    let out = cmd.output().expect("run motorpool");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    env.mp_with(args, without_google_credentials)
 }
 
 /// A spec for motorpool project `project` on the fake; `extra` (starting

@@ -112,6 +112,14 @@ impl Env {
         Run::from(self.command(args).output().expect("run motorpool"))
     }
 
+    /// [`Env::mp`], with the command's environment adjusted by `prepare`
+    /// first (a cloud's test endpoint and credentials).
+    pub fn mp_with(&self, args: &[&str], prepare: impl FnOnce(&mut Command)) -> Run {
+        let mut cmd = self.command(args);
+        prepare(&mut cmd);
+        Run::from(cmd.output().expect("run motorpool"))
+    }
+
     /// Start motorpool in the background; the returned guard kills it on drop.
     pub fn spawn(&self, args: &[&str]) -> ChildGuard {
         let child = self
