@@ -6,7 +6,7 @@
 //! Each function here is one step a command takes; the rules live in the
 //! modules they call (`spec`, `observe`, `plan`, `apply`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,7 +128,14 @@ impl Project {
             steps: StepContext {
                 python: "python3".into(),
                 motorpool_binary: binary.display().to_string(),
-                cache_dir: self.home.root().join("cache").display().to_string(),
+                // The machine's cache of libraries and engines (its local
+                // nodes share it): `MOTORPOOL_CACHE_DIR`, or the home's.
+                cache_dir: std::env::var_os("MOTORPOOL_CACHE_DIR")
+                    .filter(|d| !d.is_empty())
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| self.home.root().join("cache"))
+                    .display()
+                    .to_string(),
                 timeout_seconds: crate::bootstrap::steps::DEFAULT_STEP_TIMEOUT_MINUTES * 60,
                 minute: minute_from_env(),
             },
@@ -285,6 +292,15 @@ pub struct NodeStatus {
     /// The startup steps the node's agent recorded (local provider).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepStatus>,
+    /// What the node runs (`motorpool-runtime`: `1`, `spark-4.0.1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// The engine the node's agent hosts, and what it says of itself
+    /// (Spark's driver: its master's URL and alive workers).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub engine: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub engine_info: BTreeMap<String, String>,
 }
 
 /// One recorded startup step of a node.
@@ -332,6 +348,9 @@ fn node_status(i: &motorpool_provider::Instance, resource: String) -> NodeStatus
         pid: i.pid,
         step: i.tag(tags::STEP).map(str::to_string),
         steps: Vec::new(),
+        runtime: i.tag(tags::RUNTIME).map(str::to_string),
+        engine: String::new(),
+        engine_info: BTreeMap::new(),
     }
 }
 
@@ -348,20 +367,30 @@ pub async fn add_steps(status: &mut Status, credential: &Credential) {
         .enumerate()
         .filter_map(|(index, n)| Some((index, n.address.clone()?)));
     let queries = reachable
-        .map(|(index, address)| async move { (index, agent_steps(&address, credential).await) });
-    let found: Vec<(usize, Option<Vec<StepStatus>>)> = futures_util::stream::iter(queries)
+        .map(|(index, address)| async move { (index, agent_state(&address, credential).await) });
+    let found: Vec<(usize, Option<AgentState>)> = futures_util::stream::iter(queries)
         .buffer_unordered(STEP_QUERIES_AT_ONCE)
         .collect()
         .await;
-    for (index, steps) in found {
-        if let Some(node) = status.nodes.get_mut(index) {
-            node.steps = steps.unwrap_or_default();
+    for (index, state) in found {
+        if let (Some(node), Some(state)) = (status.nodes.get_mut(index), state) {
+            node.steps = state.steps;
+            node.engine = state.engine;
+            node.engine_info = state.engine_info;
         }
     }
 }
 
-/// The steps one node's agent recorded; `None` when it does not answer.
-async fn agent_steps(address: &str, credential: &Credential) -> Option<Vec<StepStatus>> {
+/// What one node's agent says of itself.
+struct AgentState {
+    steps: Vec<StepStatus>,
+    engine: String,
+    engine_info: BTreeMap<String, String>,
+}
+
+/// The steps one node's agent recorded and the engine it hosts; `None`
+/// when it does not answer.
+async fn agent_state(address: &str, credential: &Credential) -> Option<AgentState> {
     let connect = crate::bootstrap::run::connect(address, credential);
     let mut agent = tokio::time::timeout(Duration::from_secs(2), connect)
         .await
@@ -373,8 +402,8 @@ async fn agent_steps(address: &str, credential: &Credential) -> Option<Vec<StepS
         .ok()?
         .ok()?
         .into_inner();
-    Some(
-        state
+    Some(AgentState {
+        steps: state
             .steps
             .into_iter()
             .map(|s| StepStatus {
@@ -382,8 +411,25 @@ async fn agent_steps(address: &str, credential: &Credential) -> Option<Vec<StepS
                 status: s.status,
                 duration_ms: s.duration_ms,
             })
-            .collect::<Vec<_>>(),
-    )
+            .collect(),
+        engine: state.engine,
+        engine_info: state.engine_info.into_iter().collect(),
+    })
+}
+
+/// A cluster's engine as its driver node tells it: `engine: spark-4.0.1,
+/// spark.master spark://..., ...`.
+fn engine_line(nodes: &[&NodeStatus]) -> Option<String> {
+    let driver = nodes
+        .iter()
+        .find(|n| n.role == crate::words::Role::Driver.as_str() && !n.engine_info.is_empty())?;
+    let what = driver.runtime.as_deref().unwrap_or(&driver.engine);
+    let info: Vec<String> = driver
+        .engine_info
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    Some(format!("  engine: {what}, {}", info.join(", ")))
 }
 
 /// The seven startup steps of a cluster: the slowest node's time for each.
@@ -434,6 +480,9 @@ pub fn render_status(status: &Status) -> String {
         if current.starts_with("cluster.") {
             let refs: Vec<&NodeStatus> = members.iter().collect();
             if let Some(line) = startup_line(&refs) {
+                let _ = writeln!(out, "{line}");
+            }
+            if let Some(line) = engine_line(&refs) {
                 let _ = writeln!(out, "{line}");
             }
         }

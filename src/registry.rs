@@ -40,7 +40,7 @@ impl Registry {
         ];
         Registry {
             providers,
-            engines: vec![Arc::new(BundledRuntime)],
+            engines: vec![Arc::new(BundledRuntime), Arc::new(crate::engines::Spark)],
         }
     }
 

@@ -142,13 +142,19 @@ pub struct MountSpec {
 
 /// Everything a pool's or a cluster's nodes need to start: plan data, so a
 /// saved plan starts exactly what was reviewed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BootSpec {
     /// What the nodes run, as recorded in the `motorpool-runtime` tag.
     pub runtime: String,
-    /// The cluster's engine; empty: the bundled runtime.
+    /// The cluster's engine (a pool's preloaded one); empty: the bundled runtime.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub engine: String,
+    /// The engine's version; empty: its default.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub engine_version: String,
+    /// The engine's settings (`spark_conf`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub engine_conf: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pip: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -168,6 +174,16 @@ pub struct BootSpec {
     /// Most minutes one step may take on a node (None: the engine's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub startup_timeout_minutes: Option<u32>,
+    /// The worker node type's cores and memory, for engines that size their
+    /// workers by the node (0: not told; a node type change replaces nodes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub worker_cores: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub worker_memory_mb: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl BootSpec {
@@ -179,6 +195,8 @@ impl BootSpec {
         copy.workers = 0;
         copy.autotermination_minutes = None;
         copy.startup_timeout_minutes = None;
+        copy.worker_cores = 0;
+        copy.worker_memory_mb = 0;
         let text = serde_json::to_string(&copy).unwrap_or_default();
         short_hash(&[&text])
     }

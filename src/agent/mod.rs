@@ -235,6 +235,17 @@ pub async fn run_until(
         });
         f
     });
+    let on_broken: Option<runtime_host::OnBroken> = node.clone().map(|n| {
+        let f: runtime_host::OnBroken = std::sync::Arc::new(move |what: String| {
+            let n = n.clone();
+            Box::pin(async move {
+                if let Err(e) = n.mark_broken(&what).await {
+                    eprintln!("motorpool agent: {e:#}");
+                }
+            })
+        });
+        f
+    });
     let svc = service::AgentService::new(
         service::AgentInfo {
             instance_id: opts.instance_id.clone(),
@@ -245,6 +256,7 @@ pub async fn run_until(
             dir: dir.clone(),
         },
         on_idle,
+        on_broken,
         service::RuntimeTls {
             server: server_tls.clone(),
             trust: trust.clone(),

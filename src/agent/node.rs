@@ -124,6 +124,18 @@ impl Node {
     }
 
     /// Set this instance's `motorpool-step` (and any `more` tags), saying so in the log.
+    /// The engine role this node hosts is no longer whole (`what` died):
+    /// tag the node `failed:formation`, which `plan` shows as drift and
+    /// `apply` heals by forming the cluster again.
+    pub async fn mark_broken(&self, what: &str) -> anyhow::Result<()> {
+        eprintln!(
+            "motorpool agent {}: {what}; marking the node for the next apply",
+            self.instance_id
+        );
+        self.report_step(&format!("failed:{}", Step::Formation.name()), &[])
+            .await
+    }
+
     async fn report_step(&self, step: &str, more: &[(&str, &str)]) -> anyhow::Result<()> {
         let mut set = BTreeMap::new();
         set.insert(tags::STEP.to_string(), step.to_string());
@@ -272,12 +284,7 @@ impl Node {
             templates: &templates,
             steps: &ctx,
             spec: &boot.spec,
-            formation: saga::Formation {
-                cluster: boot.cluster.clone(),
-                credential: boot.credential.clone(),
-                engine: boot.spec.engine.clone(),
-                autotermination_minutes: boot.spec.autotermination_minutes.unwrap_or(0),
-            },
+            formation: saga::Formation::new(&boot.cluster, boot.credential.clone(), &boot.spec),
             allocate: Duration::ZERO,
             ready_timeout: match boot.ready_timeout_seconds {
                 0 => DEFAULT_READY_TIMEOUT,

@@ -25,16 +25,28 @@ use crate::words::Role;
 /// What the agent hosts right now.
 struct Hosted {
     engine: String,
+    /// The engine's version and settings, as asked.
+    options: String,
     cluster: String,
     role: Role,
     /// A worker's driver.
     driver_address: String,
     running: Arc<dyn RunningRole>,
     watch: Option<tokio::task::JoinHandle<()>>,
+    health_watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Called when the driver's cluster has idled past its autotermination time.
 pub type OnIdle = Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// Called once when the hosted role stops being whole (a daemon it started
+/// died), with what is gone: the node marks itself, so that `plan` shows
+/// the drift and `apply` starts the role again.
+pub type OnBroken =
+    Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// How often a hosted role's health is looked at.
+const HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct RuntimeHost {
     dir: PathBuf,
@@ -42,6 +54,7 @@ pub struct RuntimeHost {
     steps: Arc<StepRunner>,
     hosted: Mutex<Option<Hosted>>,
     on_idle: Option<OnIdle>,
+    on_broken: Option<OnBroken>,
     /// How long a "minute" of autotermination is (shortened in tests).
     minute: std::time::Duration,
 }
@@ -79,6 +92,7 @@ impl RuntimeHost {
             steps,
             hosted: Mutex::new(None),
             on_idle: None,
+            on_broken: None,
             minute: minute_from_env(),
         }
     }
@@ -86,6 +100,12 @@ impl RuntimeHost {
     /// What to do when the hosted driver's cluster idles past its time.
     pub fn with_on_idle(mut self, on_idle: OnIdle) -> RuntimeHost {
         self.on_idle = Some(on_idle);
+        self
+    }
+
+    /// What to do when the hosted role stops being whole.
+    pub fn with_on_broken(mut self, on_broken: OnBroken) -> RuntimeHost {
+        self.on_broken = Some(on_broken);
         self
     }
 
@@ -120,15 +140,33 @@ impl RuntimeHost {
             RoleStart::Driver => (Role::Driver, String::new()),
             RoleStart::Worker { driver_address } => (Role::Worker, driver_address.clone()),
         };
+        let options = format!(
+            "{}|{:?}|{}|{}",
+            request.engine_version,
+            request
+                .engine_conf
+                .iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            request.node_cores,
+            request.node_memory_mb
+        );
         let mut hosted = self.hosted.lock().await;
-        // Asked again for what already runs: idempotent.
+        // Asked again for what already runs, and runs whole: idempotent.
         if let Some(h) = &*hosted
             && h.engine == engine_kind
+            && h.options == options
             && h.cluster == request.cluster
             && h.role == role_word
             && h.driver_address == driver_address
         {
-            return Ok(h.running.address());
+            match h.running.health().await {
+                Ok(()) => return Ok(h.running.address()),
+                Err(e) => eprintln!(
+                    "motorpool agent: the {} of cluster {} is not whole ({e}): starting it again",
+                    role.name(),
+                    request.cluster
+                ),
+            }
         }
         if let Some(old) = hosted.take() {
             stop_hosted(old).await;
@@ -145,6 +183,10 @@ impl RuntimeHost {
             listen: SocketAddr::new(ip, 0),
             tls: self.tls.server.clone(),
             cores: request.cores,
+            version: request.engine_version.clone(),
+            conf: request.engine_conf.clone().into_iter().collect(),
+            node_cores: request.node_cores,
+            node_memory_mb: request.node_memory_mb,
             minute: self.minute,
         };
         let running = engine
@@ -161,6 +203,10 @@ impl RuntimeHost {
             )),
             _ => None,
         };
+        let health_watch = self
+            .on_broken
+            .clone()
+            .map(|on_broken| Self::watch_health(running.clone(), on_broken));
         let joined = if role_word == Role::Driver {
             address.clone()
         } else {
@@ -168,11 +214,13 @@ impl RuntimeHost {
         };
         *hosted = Some(Hosted {
             engine: engine_kind.to_string(),
+            options,
             cluster: request.cluster.clone(),
             role: role_word,
             driver_address,
             running,
             watch,
+            health_watch,
         });
         let wire_role = if role_word == Role::Driver {
             roles::DRIVER
@@ -217,6 +265,32 @@ impl RuntimeHost {
         })
     }
 
+    /// Watch the role: the first time it is not whole, call `on_broken`.
+    fn watch_health(
+        role: Arc<dyn RunningRole>,
+        on_broken: OnBroken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HEALTH_INTERVAL).await;
+                if let Err(e) = role.health().await {
+                    eprintln!("motorpool agent: {e}");
+                    on_broken(e.to_string()).await;
+                    return;
+                }
+            }
+        })
+    }
+
+    /// The engine hosted here and what its role says of itself (empty when
+    /// nothing is hosted).
+    pub async fn describe(&self) -> (String, std::collections::BTreeMap<String, String>) {
+        match &*self.hosted.lock().await {
+            Some(h) => (h.engine.clone(), h.running.describe().await),
+            None => (String::new(), Default::default()),
+        }
+    }
+
     /// The hosted driver's view of its cluster.
     pub async fn driver_status(&self) -> Result<proto::DriverStatusResponse, Status> {
         match &*self.hosted.lock().await {
@@ -248,7 +322,7 @@ impl RuntimeHost {
 }
 
 async fn stop_hosted(hosted: Hosted) {
-    if let Some(w) = hosted.watch {
+    for w in [hosted.watch, hosted.health_watch].into_iter().flatten() {
         w.abort();
         let _ = w.await;
     }

@@ -45,12 +45,16 @@ impl AgentService {
     pub(crate) fn new(
         info: AgentInfo,
         on_idle: Option<super::runtime_host::OnIdle>,
+        on_broken: Option<super::runtime_host::OnBroken>,
         tls: RuntimeTls,
     ) -> Self {
         let steps = Arc::new(StepRunner::new(&info.dir));
         let mut runtime = RuntimeHost::new(info.dir.clone(), steps.clone(), tls);
         if let Some(on_idle) = on_idle {
             runtime = runtime.with_on_idle(on_idle);
+        }
+        if let Some(on_broken) = on_broken {
+            runtime = runtime.with_on_broken(on_broken);
         }
         let runtime = Arc::new(runtime);
         AgentService {
@@ -125,10 +129,13 @@ impl Agent for AgentService {
         _request: Request<proto::GetStateRequest>,
     ) -> Result<Response<proto::NodeState>, Status> {
         let state = self.steps.snapshot().await;
+        let (engine, engine_info) = self.runtime.describe().await;
         Ok(Response::new(proto::NodeState {
             steps: state.steps.iter().map(Into::into).collect(),
             runtime_role: state.runtime_role,
             driver_address: state.driver_address,
+            engine,
+            engine_info: engine_info.into_iter().collect(),
         }))
     }
 

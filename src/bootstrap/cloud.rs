@@ -115,6 +115,10 @@ mod tests {
             autotermination_minutes: Some(30),
             workers: 2,
             startup_timeout_minutes: Some(45),
+            engine_version: HOSTILE.into(),
+            engine_conf: [(HOSTILE.to_string(), HOSTILE.to_string())].into(),
+            worker_cores: 2,
+            worker_memory_mb: 2048,
         }
     }
 

@@ -373,14 +373,13 @@ pub async fn start_cluster(
         templates: &ctx.templates,
         steps: &ctx.steps,
         spec,
-        formation: Formation {
-            cluster: cluster.to_string(),
-            credential: crate::auth::cluster_credential(&ctx.project_secret, &ctx.project, cluster)
+        formation: Formation::new(
+            cluster,
+            crate::auth::cluster_credential(&ctx.project_secret, &ctx.project, cluster)
                 .expose()
                 .to_string(),
-            engine: spec.engine.clone(),
-            autotermination_minutes: spec.autotermination_minutes.unwrap_or(0),
-        },
+            spec,
+        ),
         allocate,
         ready_timeout: ctx.ready_timeout,
         progress,

@@ -120,10 +120,29 @@ pub struct Formation {
     /// The cluster's credential: it guards the engine's roles.
     pub credential: String,
     pub engine: String,
+    pub engine_version: String,
+    pub engine_conf: std::collections::BTreeMap<String, String>,
     pub autotermination_minutes: u32,
+    /// A worker node's cores and memory (0: not told).
+    pub worker_cores: u32,
+    pub worker_memory_mb: u32,
 }
 
 impl Formation {
+    /// What `spec`'s cluster forms with.
+    pub fn new(cluster: &str, credential: String, spec: &BootSpec) -> Formation {
+        Formation {
+            cluster: cluster.to_string(),
+            credential,
+            engine: spec.engine.clone(),
+            engine_version: spec.engine_version.clone(),
+            engine_conf: spec.engine_conf.clone(),
+            autotermination_minutes: spec.autotermination_minutes.unwrap_or(0),
+            worker_cores: spec.worker_cores,
+            worker_memory_mb: spec.worker_memory_mb,
+        }
+    }
+
     /// The agent's request to start the driver (`driver_address: None`) or
     /// a worker joining the driver at `driver_address`.
     pub fn start_request(
@@ -147,6 +166,10 @@ impl Formation {
                 0
             },
             engine: self.engine.clone(),
+            engine_version: self.engine_version.clone(),
+            engine_conf: self.engine_conf.clone().into_iter().collect(),
+            node_cores: self.worker_cores,
+            node_memory_mb: self.worker_memory_mb,
         }
     }
 }

@@ -67,11 +67,30 @@ pub fn runtime(
     ctx: &StepContext,
     spec: &BootSpec,
 ) -> Result<RunStepRequest, minijinja::Error> {
-    let script = t.render(
+    let mut script = t.render(
         "steps/runtime.sh",
         json!({ "runtime": spec.runtime, "python": ctx.python, "motorpool_binary": ctx.motorpool_binary }),
     )?;
-    let key = short_hash(&["runtime", &spec.runtime, &ctx.python, &ctx.motorpool_binary]);
+    // The cluster's engine installs itself here too (Java and pyspark for Spark).
+    let engine = crate::registry::Registry::global().engine(&spec.engine);
+    let mut version = String::new();
+    if let Some(setup) = engine.and_then(|e| e.setup(&spec.engine_version)) {
+        version = setup.version.clone();
+        // Rendering drops a template's last newline: the setup starts on a line of its own.
+        script.push('\n');
+        script.push_str(&t.render(
+            setup.template,
+            json!({ "cache_dir": ctx.cache_dir, "python": ctx.python, "version": setup.version, "package": setup.package }),
+        )?);
+    }
+    let key = short_hash(&[
+        "runtime",
+        &spec.runtime,
+        &ctx.python,
+        &ctx.motorpool_binary,
+        &spec.engine,
+        &version,
+    ]);
     Ok(request(
         Step::Runtime.name(),
         script,
@@ -242,6 +261,7 @@ mod tests {
             autotermination_minutes: None,
             workers: 0,
             startup_timeout_minutes: None,
+            ..BootSpec::default()
         }
     }
 

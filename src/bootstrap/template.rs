@@ -33,6 +33,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         "steps/mounts.sh",
         include_str!("../../templates/steps/mounts.sh"),
     ),
+    (
+        "engines/spark.sh",
+        include_str!("../../templates/engines/spark.sh"),
+    ),
 ];
 
 const SHELL: AutoEscape = AutoEscape::Custom("shell");
@@ -416,6 +420,7 @@ mod tests {
             autotermination_minutes: None,
             workers: 0,
             startup_timeout_minutes: None,
+            ..crate::words::BootSpec::default()
         };
         let ctx = crate::bootstrap::steps::StepContext {
             python: "python3".into(),

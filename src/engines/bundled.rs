@@ -23,8 +23,35 @@ pub const KIND: &str = crate::spec::DEFAULT_ENGINE;
 /// motorpool's own driver/executor runtime over gRPC.
 pub struct BundledRuntime;
 
+/// Starts the bundled driver for `context`'s cluster, with the engine
+/// that runs beside it (Spark) when there is one.
+pub(super) async fn start_driver(
+    context: &RoleContext,
+    engine: Option<Arc<dyn driver::EngineTasks>>,
+) -> Result<Driver, EngineError> {
+    let mut config = driver::DriverConfig::new(
+        context.listen,
+        context.credential.clone(),
+        context.dir.join("driver"),
+    );
+    config.minute = context.minute;
+    config.tls = context.tls.clone();
+    config.engine = engine;
+    let handle = driver::serve(config)
+        .await
+        .map_err(|e| EngineError::Start {
+            role: "driver",
+            reason: format!("{e:#}"),
+        })?;
+    Ok(Driver {
+        address: handle.address().to_string(),
+        handle: Mutex::new(Some(handle)),
+        credential: context.credential.clone(),
+    })
+}
+
 /// The driver, with what its status needs.
-struct Driver {
+pub(super) struct Driver {
     address: String,
     handle: Mutex<Option<driver::DriverHandle>>,
     credential: Credential,
@@ -113,32 +140,25 @@ impl EnginePlugin for BundledRuntime {
         }
     }
 
+    fn check_task(&self, task: &crate::spec::Task) -> Result<(), Unsupported> {
+        if task.spark.is_some() {
+            return Err(Unsupported(format!(
+                "a `spark:` task needs a cluster with `engine: {{ kind: {}, version: \"{}\" }}`; \
+                 this one runs the motorpool engine",
+                super::spark::KIND,
+                super::spark::DEFAULT_VERSION
+            )));
+        }
+        Ok(())
+    }
+
     async fn start_role(
         &self,
         role: RoleStart,
         context: RoleContext,
     ) -> Result<Arc<dyn RunningRole>, EngineError> {
         match role {
-            RoleStart::Driver => {
-                let mut config = driver::DriverConfig::new(
-                    context.listen,
-                    context.credential.clone(),
-                    context.dir.join("driver"),
-                );
-                config.minute = context.minute;
-                config.tls = context.tls;
-                let handle = driver::serve(config)
-                    .await
-                    .map_err(|e| EngineError::Start {
-                        role: "driver",
-                        reason: format!("{e:#}"),
-                    })?;
-                Ok(Arc::new(Driver {
-                    address: handle.address().to_string(),
-                    handle: Mutex::new(Some(handle)),
-                    credential: context.credential,
-                }))
-            }
+            RoleStart::Driver => Ok(Arc::new(start_driver(&context, None).await?)),
             RoleStart::Worker { driver_address } => {
                 let mut config = executor::ExecutorConfig::new(
                     driver_address,

@@ -15,6 +15,7 @@
 //! cluster is made (jobs): it is handed an address and a credential.
 
 pub mod bundled;
+pub mod spark;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use crate::runtime::client::JobSubmission;
 use crate::runtime::{Progress, RunSummary};
 
 pub use bundled::BundledRuntime;
+pub use spark::Spark;
 
 /// The engine a cluster gets when the spec names none.
 pub use crate::spec::DEFAULT_ENGINE;
@@ -85,6 +87,12 @@ pub struct RoleContext {
     pub tls: Option<crate::tls::ServerTls>,
     /// Cores a worker offers (0: all of the machine's).
     pub cores: u32,
+    /// The engine's version (empty: its default) and settings (`spark_conf`).
+    pub version: String,
+    pub conf: std::collections::BTreeMap<String, String>,
+    /// The worker node type's cores and memory (0: not told).
+    pub node_cores: u32,
+    pub node_memory_mb: u32,
     /// The length of a minute (tests shorten it).
     pub minute: Duration,
 }
@@ -102,6 +110,18 @@ pub trait RunningRole: Send + Sync {
     /// Jobs running on the driver now: the cluster is idle
     /// (autotermination) while none is. An error on a worker.
     async fn running_jobs(&self) -> Result<u32, EngineError>;
+
+    /// Whether everything the role started still runs (a daemon that died
+    /// is drift on its node); Err says what is gone.
+    async fn health(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// What the role says of itself beyond its address (Spark: the master's
+    /// URL): shown by `status`.
+    async fn describe(&self) -> std::collections::BTreeMap<String, String> {
+        std::collections::BTreeMap::new()
+    }
 
     /// Stop it and everything it started (a second call does nothing).
     async fn shutdown(&self);
@@ -140,6 +160,18 @@ pub struct LogFile {
     pub truncated: bool,
 }
 
+/// How an engine installs itself on a node in the runtime step: a template
+/// compiled into `bootstrap::template`, rendered with `cache_dir`, `python`,
+/// `version` and `package`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineSetup {
+    pub template: &'static str,
+    /// The version installed (the spec's, or the engine's default).
+    pub version: String,
+    /// What is installed (`pyspark==4.0.1`).
+    pub package: String,
+}
+
 /// What a cluster runs, as registered in [`crate::registry::Registry`].
 #[async_trait]
 pub trait EnginePlugin: Send + Sync {
@@ -153,6 +185,13 @@ pub trait EnginePlugin: Send + Sync {
     fn check_version(&self, version: &str) -> Result<(), Unsupported> {
         let _ = version;
         Ok(())
+    }
+
+    /// What the runtime step installs on a node for this engine at
+    /// `version` (empty: the default); None: nothing beyond the runtime.
+    fn setup(&self, version: &str) -> Option<EngineSetup> {
+        let _ = version;
+        None
     }
 
     /// Whether a job's task is of a form this engine runs; Err says why not.

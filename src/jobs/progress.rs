@@ -187,7 +187,11 @@ pub fn render_report(report: &RunReport) -> String {
             }
         }
     }
-    for t in s.tasks.iter().filter(|t| t.kind == "command") {
+    for t in s
+        .tasks
+        .iter()
+        .filter(|t| t.kind == "command" || t.kind == "spark")
+    {
         if let Some(text) = report.command_output(&t.name).filter(|t| !t.is_empty()) {
             let _ = writeln!(out, "\noutput of task `{}`:", t.name);
             out.push_str(text);

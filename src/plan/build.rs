@@ -445,9 +445,12 @@ fn pool_boot(
         .map(|p| p.libraries.as_slice())
         .unwrap_or(&[]);
     let (pip, requirements) = libraries(input, address, libs)?;
+    let engine = pool.preload.as_ref().and_then(|p| p.engine.as_ref());
     Ok(BootSpec {
         runtime: runtime.to_string(),
-        engine: String::new(),
+        engine: engine.map(|e| e.kind.clone()).unwrap_or_default(),
+        engine_version: engine.and_then(|e| e.version.clone()).unwrap_or_default(),
+        engine_conf: BTreeMap::new(),
         pip,
         requirements,
         init_scripts: vec![],
@@ -456,6 +459,8 @@ fn pool_boot(
         autotermination_minutes: None,
         workers: 0,
         startup_timeout_minutes: pool.startup_timeout_minutes,
+        worker_cores: 0,
+        worker_memory_mb: 0,
     })
 }
 
@@ -465,6 +470,7 @@ fn cluster_boot(
     address: &str,
     c: &Cluster,
     workers: u32,
+    worker_type: Option<&NodeType>,
 ) -> Result<BootSpec, PlanError> {
     let (pip, requirements) = libraries(input, address, &c.libraries)?;
     let init_scripts = c
@@ -503,6 +509,16 @@ fn cluster_boot(
             crate::engines::DEFAULT_ENGINE => String::new(),
             other => other.to_string(),
         },
+        engine_version: match c.engine_kind() {
+            crate::engines::DEFAULT_ENGINE => String::new(),
+            _ => c
+                .engine
+                .as_ref()
+                .and_then(|e| e.version())
+                .unwrap_or_default()
+                .to_string(),
+        },
+        engine_conf: c.spark_conf.clone(),
         pip,
         requirements,
         init_scripts,
@@ -511,6 +527,16 @@ fn cluster_boot(
         autotermination_minutes: c.autotermination_minutes,
         workers,
         startup_timeout_minutes: c.startup_timeout_minutes,
+        // Sizes only engines other than the bundled one read, so that a
+        // bundled cluster's boot document stays as it was.
+        worker_cores: match (c.engine_kind(), worker_type) {
+            (crate::engines::DEFAULT_ENGINE, _) | (_, None) => 0,
+            (_, Some(t)) => t.cpus,
+        },
+        worker_memory_mb: match (c.engine_kind(), worker_type) {
+            (crate::engines::DEFAULT_ENGINE, _) | (_, None) => 0,
+            (_, Some(t)) => (t.memory_gb * 1024.0) as u32,
+        },
     })
 }
 
@@ -1059,7 +1085,8 @@ impl<'a> Planner<'a> {
         base.insert(tags::SPEC.into(), hash.clone());
         base.insert(tags::RUNTIME.into(), runtime.clone());
         base.insert(tags::SIZE.into(), desired_workers.to_string());
-        let boot = cluster_boot(self.input, address, c, desired_workers)?;
+        let worker_node = self.input.catalog.iter().find(|t| t.name == worker_type);
+        let boot = cluster_boot(self.input, address, c, desired_workers, worker_node)?;
         Ok(ClusterShape {
             worker_source,
             driver_source,
@@ -1377,7 +1404,22 @@ impl<'a> Planner<'a> {
             .iter()
             .any(|i| i.tag(tags::BOOT).is_some_and(|h| h != boot.hash()));
         let refresh_only = self.input.mode == PlanMode::RefreshOnly;
-        if !unfinished.is_empty() && !joined && !refresh_only {
+        // A node that marked itself failed (its engine's daemon died) is
+        // drift, healed by forming the cluster again, also on refresh.
+        let failed: Vec<&Instance> = unfinished
+            .iter()
+            .copied()
+            .filter(|i| i.tag(tags::STEP).is_some_and(|s| s.starts_with("failed:")))
+            .collect();
+        for i in &failed {
+            let step = i.tag(tags::STEP).unwrap_or_default();
+            d.drift(format!(
+                "node {} failed at {} (its agent.log says why)",
+                i.id,
+                &step["failed:".len()..]
+            ));
+        }
+        if !unfinished.is_empty() && failed.is_empty() && !joined && !refresh_only {
             let last = unfinished[0].tag(tags::STEP).unwrap_or("none");
             d.reason(format!(
                 "startup incomplete on {} (last step finished: {last})",
@@ -1387,7 +1429,7 @@ impl<'a> Planner<'a> {
         if changed && !refresh_only {
             d.reason("startup changed (libraries, init scripts, env or mounts)");
         }
-        if joined || (!refresh_only && (changed || !unfinished.is_empty())) {
+        if joined || !failed.is_empty() || (!refresh_only && (changed || !unfinished.is_empty())) {
             d.op(Op::Bootstrap { spec: boot });
         }
     }

@@ -397,11 +397,22 @@ pub async fn cancel_run(
 
 /// How many runs the driver has going (staging or running).
 pub async fn active_run_count(driver_addr: &str, credential: &Credential) -> anyhow::Result<usize> {
+    Ok(cluster_status(driver_addr, credential)
+        .await?
+        .active_runs
+        .len())
+}
+
+/// The driver's view of its cluster: executors, active runs, and what an
+/// engine beside it says of itself.
+pub async fn cluster_status(
+    driver_addr: &str,
+    credential: &Credential,
+) -> anyhow::Result<proto::ClusterStatusResponse> {
     let mut client = connect_driver(driver_addr, credential).await?;
-    let status = client
+    Ok(client
         .cluster_status(proto::ClusterStatusRequest {})
         .await
         .map_err(|s| refused("cannot read the cluster's status", s))?
-        .into_inner();
-    Ok(status.active_runs.len())
+        .into_inner())
 }

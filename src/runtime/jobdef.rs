@@ -5,15 +5,18 @@
 //! fields ignored, meaning-changing additions named in `requires`). It must
 //! not plan or check a job: [`super::plan::plan_job`] does that on both sides.
 
-use crate::spec::{Job, MapStage, PythonFunction, PythonPer, ReduceStage, Task};
+use crate::spec::{Job, MapStage, PythonFunction, PythonPer, ReduceStage, SparkTask, Task};
 
 use super::proto;
 
 /// The `requires` name of a job with a Python map that takes a whole partition.
 pub const PYTHON_PER_PARTITION: &str = "python-per-partition";
 
+/// The `requires` name of a job with a `spark:` task.
+pub const SPARK: &str = "spark";
+
 /// Every `requires` name this driver knows how to honour.
-pub const FEATURES: &[&str] = &[PYTHON_PER_PARTITION];
+pub const FEATURES: &[&str] = &[PYTHON_PER_PARTITION, SPARK];
 
 /// Why a driver refuses a job it received.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +89,9 @@ pub fn to_proto(job: &Job) -> proto::JobDef {
                 command: r.command.clone(),
                 python: r.python.as_ref().map(python_to),
             });
+            if t.spark.is_some() && !requires.iter().any(|r| r == SPARK) {
+                requires.push(SPARK.to_string());
+            }
             proto::TaskDef {
                 name: name.clone(),
                 depends_on: t.depends_on.clone(),
@@ -95,6 +101,12 @@ pub fn to_proto(job: &Job) -> proto::JobDef {
                 map,
                 reduce,
                 output: t.output.clone(),
+                spark: t.spark.as_ref().map(|s| proto::SparkDef {
+                    script: s.script.clone(),
+                    args: s.args.clone(),
+                    py_files: s.py_files.clone(),
+                    conf: s.conf.clone().into_iter().collect(),
+                }),
             }
         })
         .collect();
@@ -143,6 +155,12 @@ pub fn from_proto(def: proto::JobDef) -> Result<Job, JobDefError> {
             output: t.output,
             retries: t.retries,
             timeout_minutes: t.timeout_minutes,
+            spark: t.spark.map(|s| SparkTask {
+                script: s.script,
+                args: s.args,
+                py_files: s.py_files,
+                conf: s.conf.into_iter().collect(),
+            }),
         };
         if job.tasks.insert(t.name.clone(), task).is_some() {
             return Err(JobDefError::DuplicateTask(t.name));

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::spec::{Job, PythonFunction, PythonPer};
+use crate::spec::{Job, PythonFunction, PythonPer, SparkTask};
 
 use super::proto::InputRange;
 use super::safe_relative;
@@ -60,6 +60,8 @@ pub struct ReducePlan {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskKind {
     Command(String),
+    /// A PySpark application, submitted on the driver node.
+    Spark(SparkTask),
     Map {
         map: MapPlan,
         reduce: Option<ReducePlan>,
@@ -84,12 +86,55 @@ impl PlannedTask {
     pub fn kind_name(&self) -> &'static str {
         match &self.kind {
             TaskKind::Command(_) => "command",
+            TaskKind::Spark(_) => "spark",
             TaskKind::Map { reduce: None, .. } => "map",
             TaskKind::Map {
                 reduce: Some(_), ..
             } => "map_reduce",
         }
     }
+}
+
+/// A Spark task's files stay in the job directory; its properties are Spark's.
+fn check_spark(spark: &SparkTask) -> anyhow::Result<()> {
+    safe_relative(&spark.script).map_err(|e| anyhow::anyhow!("`spark.script`: {e}"))?;
+    for f in &spark.py_files {
+        safe_relative(f).map_err(|e| anyhow::anyhow!("`spark.py_files` {f:?}: {e}"))?;
+    }
+    for key in spark.conf.keys() {
+        check_spark_property(key).map_err(|e| anyhow::anyhow!("`spark.conf`: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Properties motorpool sets itself: where the application runs, how its
+/// daemons authenticate, and the ports it picked.
+pub const SPARK_RESERVED: &[&str] = &[
+    "spark.master",
+    "spark.submit.deployMode",
+    "spark.authenticate",
+    "spark.authenticate.secret",
+    "spark.port.maxRetries",
+    "spark.pyspark.python",
+    "spark.pyspark.driver.python",
+];
+
+/// A Spark property a spec may set: `spark.` and a name, not one motorpool owns.
+pub fn check_spark_property(key: &str) -> Result<(), String> {
+    let name = key.strip_prefix("spark.").unwrap_or("");
+    if name.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(format!(
+            "`{key}` is not a Spark property (they look like `spark.sql.shuffle.partitions`)"
+        ));
+    }
+    if SPARK_RESERVED.contains(&key) {
+        return Err(format!("`{key}` is set by motorpool for the cluster"));
+    }
+    Ok(())
 }
 
 /// A job's tasks in an order where every task comes after those it depends on.
@@ -145,6 +190,22 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
             continue;
         }
         let kind = match (&t.command, &t.map) {
+            _ if t.spark.is_some() => {
+                let Some(spark) = &t.spark else { continue };
+                if t.command.is_some() || t.map.is_some() || t.reduce.is_some() {
+                    problems.push(format!(
+                        "{what} sets `spark` and `command` or `map`; choose one"
+                    ));
+                    continue;
+                }
+                match check_spark(spark) {
+                    Ok(()) => TaskKind::Spark(spark.clone()),
+                    Err(e) => {
+                        problems.push(format!("{what}: {e}"));
+                        continue;
+                    }
+                }
+            }
             (Some(c), None) => {
                 if t.reduce.is_some() {
                     problems.push(format!("`reduce` in {what} needs a `map`"));
@@ -234,7 +295,7 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
                 continue;
             }
             (None, None) => {
-                problems.push(format!("{what} needs one of `command` or `map`"));
+                problems.push(format!("{what} needs one of `command`, `map` or `spark`"));
                 continue;
             }
         };
@@ -248,7 +309,7 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
                 }
             },
         };
-        if output.is_some() && matches!(kind, TaskKind::Command(_)) {
+        if output.is_some() && matches!(kind, TaskKind::Command(_) | TaskKind::Spark(_)) {
             problems.push(format!(
                 "`output` of {what}: only a map (or map/reduce) task writes `part-NNNNN` files"
             ));

@@ -340,30 +340,32 @@ impl<'s> Checker<'_, 's> {
         }
     }
 
-    /// The cluster's engine: registered, at a version it runs; `runtime`
-    /// only with the bundled runtime, and not twice.
-    fn engine(&mut self, c: &Cluster, node: &Node, what: &str) {
+    /// An engine named at `engine_node` (`engine: spark` or `{ kind, version }`):
+    /// registered, at a version it runs. Its plugin when it is registered.
+    fn engine_named(
+        &mut self,
+        kind: &str,
+        version: Option<&str>,
+        engine_node: &Node,
+        what: &str,
+    ) -> Option<&'static dyn crate::engines::EnginePlugin> {
         let registry = crate::registry::Registry::global();
-        let Some(engine) = &c.engine else {
-            return;
-        };
-        let engine_node = node.get("engine").unwrap_or(node);
         let kind_span = match &engine_node.kind {
             Kind::Map(_) => value_span(engine_node, "kind"),
             _ => engine_node.span,
         };
-        let Some(plugin) = registry.engine(engine.kind()) else {
+        let Some(plugin) = registry.engine(kind) else {
             let msg = unknown_name(
-                &format!("unknown engine `{}` in {what}", engine.kind()),
-                engine.kind(),
+                &format!("unknown engine `{kind}` in {what}"),
+                kind,
                 &registry.engine_kinds(),
                 "engines",
                 "no engines are registered",
             );
             self.error(kind_span, msg);
-            return;
+            return None;
         };
-        if let Some(version) = engine.version()
+        if let Some(version) = version
             && let Err(problem) = plugin.check_version(version)
         {
             self.error(
@@ -371,6 +373,34 @@ impl<'s> Checker<'_, 's> {
                 format!("engine version `{version}` in {what}: {problem}"),
             );
         }
+        Some(plugin)
+    }
+
+    /// The cluster's engine: registered, at a version it runs; `runtime`
+    /// only with the bundled runtime, and not twice; `spark_conf` only on Spark.
+    fn engine(&mut self, c: &Cluster, node: &Node, what: &str) {
+        if !c.spark_conf.is_empty() {
+            self.spark_conf(&c.spark_conf, node.get("spark_conf").unwrap_or(node), what);
+            if c.engine_kind() != crate::engines::spark::KIND {
+                self.error(
+                    key_span(node, "spark_conf"),
+                    format!(
+                        "`spark_conf` in {what}: the cluster runs `{}`, not Spark; \
+                         add `engine: {{ kind: spark, version: \"{}\" }}` or remove it",
+                        c.engine_kind(),
+                        crate::engines::spark::DEFAULT_VERSION
+                    ),
+                );
+            }
+        }
+        let Some(engine) = &c.engine else {
+            return;
+        };
+        let engine_node = node.get("engine").unwrap_or(node);
+        let Some(plugin) = self.engine_named(engine.kind(), engine.version(), engine_node, what)
+        else {
+            return;
+        };
         if let Some(runtime) = &c.runtime {
             let span = value_span(node, "runtime");
             if plugin.kind() != DEFAULT_ENGINE {
@@ -492,6 +522,32 @@ impl<'s> Checker<'_, 's> {
                 _ => {}
             }
         }
+    }
+
+    /// Spark properties (a cluster's `spark_conf`, a task's `conf`): names
+    /// Spark knows the shape of, none that motorpool sets itself.
+    fn spark_conf(&mut self, conf: &BTreeMap<String, String>, node: &Node, what: &str) {
+        for key in conf.keys() {
+            if let Err(problem) = crate::runtime::plan::check_spark_property(key) {
+                self.error(key_span(node, key), format!("{what}: {problem}"));
+            }
+        }
+    }
+
+    /// A `spark:` task: its script and Python files in the project, its
+    /// properties Spark's.
+    fn spark_task(&mut self, s: &crate::spec::SparkTask, node: &Node, what: &str) {
+        self.project_file(
+            &s.script,
+            value_span(node, "script"),
+            &format!("the script of {what}"),
+        );
+        if let Some(Kind::Seq(items)) = node.get("py_files").map(|n| &n.kind) {
+            for (f, n) in s.py_files.iter().zip(items) {
+                self.project_file(f, n.span, &format!("a `py_files` entry of {what}"));
+            }
+        }
+        self.spark_conf(&s.conf, node.get("conf").unwrap_or(node), what);
     }
 
     /// A file the plan reads from the project (an init script, a
@@ -699,6 +755,13 @@ impl<'s> Checker<'_, 's> {
         if let Some(pre) = &p.preload {
             let libs = node.get("preload").and_then(|n| n.get("libraries"));
             self.libraries(&pre.libraries, libs, &what);
+            if let (Some(engine), Some(en)) = (
+                &pre.engine,
+                node.get("preload").and_then(|n| n.get("engine")),
+            ) {
+                let preload_what = format!("the preload of {what}");
+                self.engine_named(&engine.kind, engine.version.as_deref(), en, &preload_what);
+            }
         }
         self.startup_timeout(p.startup_timeout_minutes, node, &what);
     }
@@ -1057,8 +1120,15 @@ impl<'s> Checker<'_, 's> {
     }
 
     fn task(&mut self, t: &Task, node: &Node, at: Span, what: &str) {
-        let set = [("command", t.command.is_some()), ("map", t.map.is_some())];
+        let set = [
+            ("command", t.command.is_some()),
+            ("map", t.map.is_some()),
+            ("spark", t.spark.is_some()),
+        ];
         self.one_of(node, at, what, &set, false);
+        if let (Some(s), Some(sn)) = (&t.spark, node.get("spark")) {
+            self.spark_task(s, sn, what);
+        }
         if t.reduce.is_some() && t.map.is_none() {
             self.error(
                 key_span(node, "reduce"),

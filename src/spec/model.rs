@@ -254,6 +254,10 @@ pub struct Preload {
     pub runtime: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub libraries: Vec<Library>,
+    /// An engine installed ahead of time (`{ kind: spark, version: "4.0.1" }`):
+    /// Java and the pinned pyspark, the slow part of a Spark node's setup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineVersion>,
 }
 
 /// A library installed into a node's runtime: exactly one of `pip` or `requirements`.
@@ -357,6 +361,12 @@ pub struct Cluster {
     /// `engine: { kind: motorpool, version: ... }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// Spark properties for the cluster's daemons and every application
+    /// (`spark.sql.shuffle.partitions: "8"`); values are strings. Only on
+    /// a cluster with `engine: spark`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "text_only_map")]
+    pub spark_conf: BTreeMap<String, String>,
     /// Scripts run on every node, in order, after the libraries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub init_scripts: Vec<String>,
@@ -480,6 +490,10 @@ pub struct Task {
     pub map: Option<MapStage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reduce: Option<ReduceStage>,
+    /// A PySpark application handed to `spark-submit` on the driver node
+    /// (clusters with `engine: spark`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spark: Option<SparkTask>,
     /// Where `part-NNNNN` files are written, relative to the spec file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
@@ -487,6 +501,38 @@ pub struct Task {
     pub retries: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_minutes: Option<u32>,
+}
+
+/// The schema keyword that keeps a string from being written as a YAML
+/// number or boolean (elsewhere `2` is read as `"2"`).
+pub const TEXT_ONLY: &str = "x-motorpool-text-only";
+
+/// A map of strings whose values must be written as text: Spark properties,
+/// where YAML would silently turn `1e3` or `0x10` into other text.
+fn text_only_map(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": { "type": "string", TEXT_ONLY: true }
+    })
+}
+
+/// A PySpark application: `spark-submit [--py-files ...] [--conf k=v ...] script args...`
+/// from the job's directory on the driver node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SparkTask {
+    /// The application's main Python file, relative to the spec file.
+    pub script: String,
+    /// Arguments after the script (relative paths resolve in the job's directory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Python files or zips put on the application's path, relative to the spec file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub py_files: Vec<String>,
+    /// Spark properties for this application, over the cluster's `spark_conf`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "text_only_map")]
+    pub conf: BTreeMap<String, String>,
 }
 
 /// The map side: input split into partitions, each fed to a command or a Python function.

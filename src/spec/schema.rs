@@ -581,7 +581,8 @@ impl<'s> Validator<'s> {
             };
             if !types.is_empty() && !types.iter().any(|t| node_matches_type(node, t)) {
                 let coercible = types.contains(&"string")
-                    && matches!(node.kind, Kind::Bool(..) | Kind::Int(..) | Kind::Float(..));
+                    && matches!(node.kind, Kind::Bool(..) | Kind::Int(..) | Kind::Float(..))
+                    && obj.get(super::model::TEXT_ONLY) != Some(&Value::Bool(true));
                 if coercible {
                     if apply {
                         let text = node.scalar_text().unwrap_or_default();

@@ -1,5 +1,7 @@
-//! Command tasks: `sh -c COMMAND` on the driver node, in the run's job
-//! directory, stdout and stderr kept as `logs/<task>/attempt-N.{stdout,stderr}`.
+//! Command tasks: `sh -c COMMAND` (or an engine's command line, such as a
+//! `spark:` task's `spark-submit`) on the driver node, in the run's job
+//! directory, in a process group of its own, stdout and stderr kept as
+//! `logs/<task>/attempt-N.{stdout,stderr}`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -27,9 +29,27 @@ impl CommandResult {
     }
 }
 
+/// What a command attempt runs.
+#[derive(Debug, Clone)]
+pub(crate) enum Program {
+    /// `sh -c COMMAND`.
+    Shell(String),
+    /// A program and its arguments, with no shell in between.
+    Argv(Vec<String>),
+}
+
+impl Program {
+    fn describe(&self) -> String {
+        match self {
+            Program::Shell(c) => format!("sh -c {c}"),
+            Program::Argv(argv) => argv.first().cloned().unwrap_or_default(),
+        }
+    }
+}
+
 /// What a command attempt needs.
 pub(crate) struct CommandRun {
-    pub command: String,
+    pub program: Program,
     pub cwd: PathBuf,
     pub env: BTreeMap<String, String>,
     pub log_dir: PathBuf,
@@ -78,10 +98,22 @@ pub(crate) async fn run(spec: CommandRun, cancel: oneshot::Receiver<()>) -> Comm
             return fail(format!("cannot create the task's log files: {e}"));
         }
     };
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(&spec.command)
-        .current_dir(&spec.cwd)
+    let mut cmd = match &spec.program {
+        Program::Shell(command) => {
+            let mut cmd = tokio::process::Command::new("sh");
+            cmd.arg("-c").arg(command);
+            cmd
+        }
+        Program::Argv(argv) => {
+            let Some((program, args)) = argv.split_first() else {
+                return fail("an empty command line".to_string());
+            };
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(args);
+            cmd
+        }
+    };
+    cmd.current_dir(&spec.cwd)
         .envs(&spec.env)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
@@ -90,7 +122,7 @@ pub(crate) async fn run(spec: CommandRun, cancel: oneshot::Receiver<()>) -> Comm
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return fail(format!("cannot start `sh -c {}`: {e}", spec.command)),
+        Err(e) => return fail(format!("cannot start `{}`: {e}", spec.program.describe())),
     };
     let mut group = KillGroup::new(child.id());
     let (exit_code, error) = tokio::select! {

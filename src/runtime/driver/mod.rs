@@ -16,6 +16,11 @@
 //! state and reacts to events (an executor's statuses, a lost stream, a
 //! timer tick); the gRPC service ([`service`]) only moves bytes and turns
 //! calls into events.
+//!
+//! A driver that another engine runs beside (Spark) is given that engine's
+//! [`EngineTasks`]: how its tasks' command lines are made on this node and
+//! what the engine says of itself in `ClusterStatus`. The driver keeps the
+//! job's DAG, its runs, logs, retries, timeouts and cancellation either way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -38,8 +43,29 @@ mod store;
 
 pub(crate) use scheduler::Event;
 
+/// The command line of an engine's task on the driver's node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    /// The program and its arguments (no shell in between).
+    pub argv: Vec<String>,
+    /// Set over the run's environment.
+    pub env: BTreeMap<String, String>,
+}
+
+/// What an engine running beside this driver contributes (Spark: the
+/// `spark-submit` of a `spark:` task, its master's address and workers).
+#[async_trait::async_trait]
+pub trait EngineTasks: Send + Sync {
+    /// The command line of a `spark:` task, run in the job directory; Err
+    /// says why it cannot run here.
+    fn spark_submit(&self, task: &crate::spec::SparkTask) -> Result<Launch, String>;
+
+    /// What `ClusterStatus` reports of the engine (`spark.master`, ...).
+    async fn describe(&self) -> BTreeMap<String, String>;
+}
+
 /// How to run a driver.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DriverConfig {
     /// Where to listen: loopback, or any address with `tls`. Port 0 picks a free port.
     pub listen: SocketAddr,
@@ -55,6 +81,18 @@ pub struct DriverConfig {
     pub heartbeat_timeout: Duration,
     /// The length of one minute of `timeout_minutes` (tests shorten it).
     pub minute: Duration,
+    /// The engine beside this runtime, when there is one.
+    pub engine: Option<Arc<dyn EngineTasks>>,
+}
+
+impl std::fmt::Debug for DriverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriverConfig")
+            .field("listen", &self.listen)
+            .field("dir", &self.dir)
+            .field("engine", &self.engine.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl DriverConfig {
@@ -72,6 +110,7 @@ impl DriverConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             minute: Duration::from_secs(60),
+            engine: None,
         }
     }
 }
@@ -101,6 +140,8 @@ pub(crate) struct RunFiles {
 /// State shared by the service and the scheduler.
 pub(crate) struct Shared {
     pub dir: PathBuf,
+    /// The engine beside this runtime (Spark), when there is one.
+    pub engine: Option<Arc<dyn EngineTasks>>,
     pub events: mpsc::UnboundedSender<Event>,
     pub runs: Mutex<HashMap<String, RunFiles>>,
 }
@@ -217,6 +258,7 @@ pub async fn serve(config: DriverConfig) -> anyhow::Result<DriverHandle> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         dir: dir.clone(),
+        engine: config.engine.clone(),
         events: events_tx,
         runs: Mutex::new(HashMap::new()),
     });

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use super::Shared;
-use super::command::{self, CommandResult, CommandRun};
+use super::command::{self, CommandResult, CommandRun, Program};
 use super::store;
 use crate::runtime::plan::{self, Func, JobPlan, TaskKind};
 use crate::runtime::proto::{self, InputRange, StageKind, TaskState};
@@ -541,6 +541,7 @@ impl Scheduler {
                     executors,
                     active_runs,
                     version: crate::runtime::VERSION.to_string(),
+                    engine: Default::default(),
                 });
             }
             Event::Tick => self.tick(),
@@ -679,13 +680,13 @@ impl Scheduler {
         }
         Self::task_event(run, ti, "started", String::new());
         match &planned.kind {
-            TaskKind::Command(cmd) => {
+            TaskKind::Command(_) | TaskKind::Spark(_) => {
                 run.tasks[ti].command = Some(CmdRt {
                     attempt: 0,
                     failures: 0,
                     kill: None,
                 });
-                self.spawn_command(run, ti, cmd.clone());
+                self.spawn_command(run, ti);
             }
             TaskKind::Map { map, reduce } => {
                 if let Err(e) = self.plan_map_task(run, ti, map, reduce.as_ref()) {
@@ -866,7 +867,35 @@ impl Scheduler {
         Ok(())
     }
 
-    fn spawn_command(&mut self, run: &mut RunRt, ti: usize, cmd: String) {
+    /// What a command-like task runs on this node: its shell command, or
+    /// the command line the engine beside this runtime makes of it.
+    fn command_line(&self, kind: &TaskKind) -> Result<(Program, BTreeMap<String, String>), String> {
+        match kind {
+            TaskKind::Command(cmd) => Ok((Program::Shell(cmd.clone()), BTreeMap::new())),
+            TaskKind::Spark(spark) => {
+                let Some(engine) = &self.shared.engine else {
+                    return Err(
+                        "this cluster runs no Spark: a `spark:` task needs a cluster \
+                                with `engine: spark`"
+                            .to_string(),
+                    );
+                };
+                let launch = engine.spark_submit(spark)?;
+                Ok((Program::Argv(launch.argv), launch.env))
+            }
+            TaskKind::Map { .. } => Err("a map task is not a command".to_string()),
+        }
+    }
+
+    fn spawn_command(&mut self, run: &mut RunRt, ti: usize) {
+        let (program, engine_env) = match self.command_line(&run.plan.tasks[ti].kind) {
+            Ok(line) => line,
+            Err(e) => {
+                let name = run.plan.tasks[ti].name.clone();
+                self.task_failed(run, ti, format!("task `{name}`: {e}"), None);
+                return;
+            }
+        };
         let Some(c) = run.tasks[ti].command.as_mut() else {
             return;
         };
@@ -880,8 +909,9 @@ impl Scheduler {
         env.insert("MOTORPOOL_RUN_ID".into(), run.id.to_string());
         env.insert("MOTORPOOL_TASK".into(), name.clone());
         env.insert("MOTORPOOL_ATTEMPT".into(), attempt.to_string());
+        env.extend(engine_env);
         let spec = CommandRun {
-            command: cmd,
+            program,
             cwd: run.work.clone(),
             env,
             log_dir: store::task_log_dir(&run.run_dir, &name),
@@ -937,10 +967,7 @@ impl Scheduler {
                 "retrying",
                 format!("attempt {attempt} failed ({why}); {} left", max - failures),
             );
-            if let TaskKind::Command(cmd) = &run.plan.tasks[ti].kind {
-                let cmd = cmd.clone();
-                self.spawn_command(run, ti, cmd);
-            }
+            self.spawn_command(run, ti);
         }
     }
 
@@ -1573,9 +1600,9 @@ fn progress(run: &RunRt) -> proto::Progress {
     for (ti, t) in run.tasks.iter().enumerate() {
         let name = &run.plan.tasks[ti].name;
         match &run.plan.tasks[ti].kind {
-            TaskKind::Command(_) => stages.push(proto::StageProgress {
+            TaskKind::Command(_) | TaskKind::Spark(_) => stages.push(proto::StageProgress {
                 task: name.clone(),
-                stage: "command".into(),
+                stage: run.plan.tasks[ti].kind_name().into(),
                 total: 1,
                 done: u64::from(t.state == TState::Succeeded),
                 running: u64::from(

@@ -635,9 +635,12 @@ impl Driver for DriverService {
     ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
         let (reply, answer) = oneshot::channel();
         self.event(Event::Status { reply })?;
-        let status = answer
+        let mut status = answer
             .await
             .map_err(|_| Status::unavailable("the driver is stopping"))?;
+        if let Some(engine) = &self.shared.engine {
+            status.engine = engine.describe().await.into_iter().collect();
+        }
         Ok(Response::new(status))
     }
 
