@@ -364,6 +364,30 @@ fn a_worker_killed_mid_job_still_lets_the_job_finish() {
         "{}",
         run.stdout
     );
+
+    // SIGTERM to `motorpool run` cancels the application: its driver
+    // program and executors go, and the run is recorded as cancelled.
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    let run = env.spawn(&["run", "slow"]);
+    let started = wait_until(Duration::from_secs(120), || {
+        !jvms_of(&env, "CoarseGrainedExecutorBackend").is_empty()
+    });
+    assert!(started, "no executors came up");
+    // SAFETY: signals the motorpool this test started.
+    unsafe {
+        libc::kill(run.pid(), libc::SIGTERM);
+    }
+    let cancelled = run.wait();
+    assert_ne!(
+        cancelled.code, 0,
+        "{}{}",
+        cancelled.stdout, cancelled.stderr
+    );
+    let gone = wait_until(Duration::from_secs(30), || {
+        jvms_of(&env, "SparkSubmit").is_empty()
+            && jvms_of(&env, "CoarseGrainedExecutorBackend").is_empty()
+    });
+    assert!(gone, "the application kept running: {:?}", jvms(&env));
     env.mp(&["destroy", "--yes"]).expect_code(0);
     assert!(
         wait_until(Duration::from_secs(20), || jvms(&env).is_empty()),
@@ -373,16 +397,22 @@ fn a_worker_killed_mid_job_still_lets_the_job_finish() {
 }
 
 #[test]
-fn a_spark_job_cluster_is_gone_after_its_run() {
+fn a_spark_job_cluster_from_a_preloaded_pool_is_gone_after_its_run() {
     let env = spark_env();
     let dir = env.spec(
         r#"
 project: sparkjob
 provider: { kind: local }
+pools:
+  lot:
+    node_type: small
+    min_idle: 2
+    max_capacity: 4
+    preload: { engine: { kind: spark, version: "4.0.1" } }
 jobs:
   once:
     new_cluster:
-      node_type: small
+      pool: lot
       workers: 1
       engine: { kind: spark, version: "4.0.1" }
     tasks:
@@ -391,16 +421,35 @@ jobs:
 "#,
     );
     write_job_files(&dir);
+    // The pool's idle instances install Java and pyspark ahead of time.
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    let warm = wait_until(Duration::from_secs(300), || {
+        let nodes = env.nodes();
+        nodes.len() == 2 && nodes.iter().all(|n| n["step"] == "runtime")
+    });
+    assert!(warm, "{:?}", env.nodes());
+
     let run = env.mp(&["run", "once"]).expect_code(0);
+    assert!(
+        run.stderr.contains("removing job cluster"),
+        "{}",
+        run.stderr
+    );
     // Spark's default shuffle partitions: the cluster sets none.
     assert_eq!(result_line(&run.stdout), reference(&dir, "200"));
-    let status = env.mp(&["status", "--output", "json"]).expect_code(0);
-    assert_eq!(status.json()["nodes"].as_array().map(Vec::len), Some(0));
+    // The drawn instances went back to the pool, their daemons stopped.
+    let nodes = env.nodes();
+    assert!(
+        nodes.iter().all(|n| n["resource"] == "pool.lot"),
+        "{nodes:?}"
+    );
     assert!(
         wait_until(Duration::from_secs(20), || jvms(&env).is_empty()),
         "JVMs left: {:?}",
         jvms(&env)
     );
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+    assert!(env.processes().is_empty(), "{:?}", env.processes());
 }
 
 #[test]
