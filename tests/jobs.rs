@@ -126,6 +126,12 @@ jobs:
     // The command task saw the reduce's output and the cluster's env; its output is shown.
     let line = format!("hello from etl: {} distinct words", expected.len());
     assert!(run.stdout.contains(&line), "{}", run.stdout);
+    // It was also shown as the task printed it, under the task's name.
+    assert!(
+        run.stderr.contains(&format!("[total] {line}")),
+        "{}",
+        run.stderr
+    );
 
     // Again, as JSON: the cluster is ready, so nothing starts; the summary has the run's numbers.
     let run = env

@@ -299,6 +299,8 @@ fn a_spark_cluster_runs_pyspark_on_loopback_and_its_master_heals() {
     );
     assert_eq!(result_line(&run.stdout), reference(&dir, "6"));
     assert!(run.stdout.contains("the aggregate ran"), "{}", run.stdout);
+    // The driver program's output came live too, under its task's name.
+    assert!(run.stderr.contains("[aggregate] RESULT "), "{}", run.stderr);
     let logs = env.mp(&["logs", "daily"]).expect_code(0);
     assert!(logs.stdout.contains("RESULT "), "{}", logs.stdout);
 

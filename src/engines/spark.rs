@@ -136,6 +136,8 @@ impl Install {
         if !self.python_path.is_empty() {
             env.insert("PYTHONPATH".into(), self.python_path.clone());
         }
+        // A driver program's prints reach `motorpool run` as they happen.
+        env.insert("PYTHONUNBUFFERED".into(), "1".into());
         env
     }
 
@@ -904,6 +906,59 @@ mod tests {
             .collect();
         assert_eq!(alive, ["w1"]);
         assert_eq!(state.activeapps.len(), 1);
+    }
+
+    fn context() -> RoleContext {
+        RoleContext {
+            cluster: "analytics".into(),
+            credential: crate::auth::Credential::new("cluster-secret"),
+            dir: "/nodes/n1/runtime".into(),
+            listen: "127.0.0.1:0".parse().expect("address"),
+            tls: None,
+            cores: 0,
+            version: DEFAULT_VERSION.into(),
+            conf: BTreeMap::new(),
+            node_cores: 2,
+            node_memory_mb: 4096,
+            minute: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn daemons_authenticate_and_encrypt_beyond_loopback_only() {
+        let ctx = context();
+        let local = shared_properties(&ctx, "127.0.0.1".parse().expect("ip"));
+        assert_eq!(local.get("spark.port.maxRetries").map(String::as_str), Some("0"));
+        assert!(!local.contains_key("spark.authenticate"));
+
+        let private = shared_properties(&ctx, "10.0.0.5".parse().expect("ip"));
+        assert_eq!(private.get("spark.authenticate").map(String::as_str), Some("true"));
+        assert_eq!(
+            private.get("spark.network.crypto.enabled").map(String::as_str),
+            Some("true")
+        );
+        let secret = private
+            .get("spark.authenticate.secret")
+            .expect("a secret");
+        // Derived: the same on every node of the cluster, never the credential itself.
+        assert_ne!(secret, "cluster-secret");
+        assert_eq!(secret.len(), 64);
+        let again = shared_properties(&context(), "10.0.0.6".parse().expect("ip"));
+        assert_eq!(again.get("spark.authenticate.secret"), Some(secret));
+    }
+
+    #[test]
+    fn properties_files_escape_what_java_reads_specially() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.properties");
+        let props: BTreeMap<String, String> =
+            [("spark.a".to_string(), "x=y:z\\nnew".to_string())].into();
+        write_properties(&path, &props).expect("written");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, "spark.a=x\\=y\\:z\\\\nnew\n");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "only its owner reads the secret");
     }
 
     #[test]

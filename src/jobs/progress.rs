@@ -1,6 +1,7 @@
 //! How `motorpool run` shows a run: a bar per stage on a terminal
 //! (indicatif, on stderr), plain lines otherwise (at most one a second, and
-//! one when a stage ends), and the report at the end.
+//! one when a stage ends), what running tasks print (live, on stderr, each
+//! line under its task's name), and the report at the end.
 //!
 //! This module only renders; it decides nothing about the run.
 
@@ -22,6 +23,8 @@ pub struct RunProgress {
     /// Per stage: what the last plain line said (done count).
     said: BTreeMap<(String, String), u64>,
     last_line: Option<Instant>,
+    /// Per task: output received after its last newline.
+    partial: BTreeMap<String, String>,
 }
 
 impl RunProgress {
@@ -33,10 +36,15 @@ impl RunProgress {
             bars: BTreeMap::new(),
             said: BTreeMap::new(),
             last_line: None,
+            partial: BTreeMap::new(),
         }
     }
 
     pub fn update(&mut self, progress: &Progress) {
+        if let Some((task, text)) = &progress.output {
+            self.print_output(task, text);
+            return;
+        }
         match self.mode {
             ProgressMode::Quiet => {}
             ProgressMode::Bars => self.draw_bars(progress),
@@ -69,6 +77,25 @@ impl RunProgress {
             if s.total > 0 && s.done == s.total {
                 bar.finish_with_message("done");
             }
+        }
+    }
+
+    /// A running task's output, live on stderr, each line under its task's
+    /// name (the report on stdout repeats it whole at the end).
+    fn print_output(&mut self, task: &str, text: &str) {
+        if self.mode == ProgressMode::Quiet {
+            return;
+        }
+        let partial = self.partial.entry(task.to_string()).or_default();
+        partial.push_str(text);
+        let Some(end) = partial.rfind('\n') else {
+            return;
+        };
+        let complete: String = partial.drain(..=end).collect();
+        let lines: Vec<String> = complete.lines().map(|l| format!("[{task}] {l}")).collect();
+        match &self.multi {
+            Some(multi) => multi.suspend(|| lines.iter().for_each(|l| eprintln!("{l}"))),
+            None => lines.iter().for_each(|l| eprintln!("{l}")),
         }
     }
 

@@ -136,6 +136,11 @@ pub async fn run_job(
         match ev.and_then(|e| e.event) {
             Some(proto::job_event::Event::Progress(p)) => on_progress(&Progress::from(p)),
             Some(proto::job_event::Event::Task(_)) => {}
+            Some(proto::job_event::Event::Output(o)) => on_progress(&Progress::output(
+                &run_id,
+                o.task,
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+            )),
             Some(proto::job_event::Event::Finished(f)) => break f,
             None => bail!("the driver ended run {run_id}'s progress stream before the run ended"),
         }

@@ -100,6 +100,10 @@ pub struct Progress {
     pub run_id: String,
     pub elapsed_ms: u64,
     pub stages: Vec<StageProgress>,
+    /// What a running command-like task just printed on stdout (its task
+    /// and text), as it runs; None in a progress update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<(String, String)>,
 }
 
 impl Progress {
@@ -128,6 +132,19 @@ impl From<proto::Progress> for Progress {
                     failed_attempts: s.failed_attempts,
                 })
                 .collect(),
+            output: None,
+        }
+    }
+}
+
+impl Progress {
+    /// What a task printed, as a progress event of its run.
+    pub fn output(run_id: &str, task: String, text: String) -> Progress {
+        Progress {
+            run_id: run_id.to_string(),
+            elapsed_ms: 0,
+            stages: Vec::new(),
+            output: Some((task, text)),
         }
     }
 }

@@ -220,7 +220,12 @@ struct CmdRt {
     attempt: u32,
     failures: u32,
     kill: Option<oneshot::Sender<()>>,
+    /// How much of this attempt's stdout watchers have been sent.
+    streamed: u64,
 }
+
+/// The most stdout one task streams to watchers per tick.
+const STREAM_CHUNK: usize = 64 << 10;
 
 struct TaskRt {
     state: TState,
@@ -685,6 +690,7 @@ impl Scheduler {
                     attempt: 0,
                     failures: 0,
                     kill: None,
+                    streamed: 0,
                 });
                 self.spawn_command(run, ti);
             }
@@ -900,6 +906,7 @@ impl Scheduler {
             return;
         };
         c.attempt += 1;
+        c.streamed = 0;
         let attempt = c.attempt;
         let (kill_tx, kill_rx) = oneshot::channel();
         c.kill = Some(kill_tx);
@@ -938,6 +945,10 @@ impl Scheduler {
         if t.state != TState::Running || c.attempt != attempt {
             return;
         }
+        // What the attempt printed last reaches watchers before its end.
+        stream_task_output(run, ti);
+        let t = &mut run.tasks[ti];
+        let Some(c) = t.command.as_mut() else { return };
         c.kill = None;
         t.task_time_us += result.duration.as_micros() as u64;
         t.exit_code = result.exit_code;
@@ -1410,6 +1421,9 @@ impl Scheduler {
                         return;
                     }
                 }
+                if !run.watchers.is_empty() {
+                    stream_output(run);
+                }
                 if run.dirty && now.duration_since(run.last_progress) >= PROGRESS_EVERY {
                     run.dirty = false;
                     run.last_progress = now;
@@ -1593,6 +1607,53 @@ fn lose_map_output(map: &mut StageRt, mi: usize) {
     p.reruns += 1;
     map.done = map.done.saturating_sub(1);
     map.pending.push_back(mi as u32);
+}
+
+/// Sends watchers what each running command-like task printed on stdout
+/// since the last tick.
+fn stream_output(run: &mut RunRt) {
+    for ti in 0..run.tasks.len() {
+        let running = run.tasks[ti].state == TState::Running
+            && run.tasks[ti].command.as_ref().is_some_and(|c| c.kill.is_some());
+        if running {
+            stream_task_output(run, ti);
+        }
+    }
+}
+
+/// Sends watchers what task `ti`'s current attempt printed on stdout since
+/// the last time (read from the attempt's log file).
+fn stream_task_output(run: &mut RunRt, ti: usize) {
+    use std::io::{Read as _, Seek as _};
+    if run.watchers.is_empty() {
+        return;
+    }
+    let name = run.plan.tasks[ti].name.clone();
+    let Some(c) = run.tasks[ti].command.as_mut() else {
+        return;
+    };
+    let path = store::task_log_dir(&run.run_dir, &name).join(format!("attempt-{}.stdout", c.attempt));
+    let Ok(mut file) = std::fs::File::open(&path) else {
+        return;
+    };
+    loop {
+        if file.seek(std::io::SeekFrom::Start(c.streamed)).is_err() {
+            return;
+        }
+        let mut chunk = Vec::new();
+        if file.by_ref().take(STREAM_CHUNK as u64).read_to_end(&mut chunk).is_err() || chunk.is_empty() {
+            return;
+        }
+        c.streamed += chunk.len() as u64;
+        let ev = proto::TaskOutput {
+            task: name.clone(),
+            stdout: chunk,
+        };
+        run.watchers.retain(|w| {
+            w.send(job_event(proto::job_event::Event::Output(ev.clone())))
+                .is_ok()
+        });
+    }
 }
 
 fn progress(run: &RunRt) -> proto::Progress {
