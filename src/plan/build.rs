@@ -338,6 +338,16 @@ struct ClusterShape {
     boot: BootSpec,
 }
 
+/// What [`Planner::restart_if_autoterminated`] decided for a cluster.
+enum Restart {
+    /// It did not stop itself: plan on its members as observed.
+    NotStopped,
+    /// It stopped itself and stays so: nothing more to plan.
+    StaysStopped,
+    /// It starts again: its members as they will be.
+    Starts(Vec<Instance>),
+}
+
 /// The name in a change's address (`cluster.etl` -> `etl`).
 fn address_name(address: &str) -> &str {
     address.split_once('.').map_or(address, |(_, name)| name)
@@ -355,13 +365,16 @@ fn mend_cluster_tags(d: &mut Draft, shape: &ClusterShape, staying: &[&Instance])
     }
     let wanted = user_tags_of(&shape.base);
     for i in staying {
-        let have = user_tags(i);
         for (k, v) in &wanted {
-            if have.get(k) != Some(v) {
+            if i.tags.get(k) != Some(v) {
                 set.insert(k.clone(), v.clone());
             }
         }
-        remove.extend(have.into_keys().filter(|k| !wanted.contains_key(k)));
+        for k in i.tags.keys() {
+            if !k.starts_with("motorpool-") && !wanted.contains_key(k) && !remove.contains(k) {
+                remove.insert(k.clone());
+            }
+        }
     }
     let user_changed = set.keys().any(|k| !k.starts_with("motorpool-")) || !remove.is_empty();
     if user_changed {
@@ -579,9 +592,9 @@ impl<'a> Planner<'a> {
                 },
             );
         }
-        // Live cluster instances drawn from each pool.
+        // Live cluster instances drawn from each pool (none without pools).
         for ((kind, _), members) in &input.observed.resources {
-            if *kind != ResourceKind::Cluster {
+            if *kind != ResourceKind::Cluster || pools.is_empty() {
                 continue;
             }
             for i in members
@@ -942,10 +955,15 @@ impl<'a> Planner<'a> {
         d.change.hourly_cost_after = self.price(&shape.driver_type)
             + shape.desired_workers as f64 * self.price(&shape.worker_type);
 
-        let Some(members_now) = self.restart_if_autoterminated(&mut d, name, c, &live) else {
-            return Ok(d.finish());
+        let restarted: Vec<Instance>;
+        let live: Vec<&Instance> = match self.restart_if_autoterminated(&mut d, name, c, &live) {
+            Restart::StaysStopped => return Ok(d.finish()),
+            Restart::NotStopped => live,
+            Restart::Starts(members) => {
+                restarted = members;
+                restarted.iter().collect()
+            }
         };
-        let live: Vec<&Instance> = members_now.iter().collect();
         if live.is_empty() {
             if self.input.mode == PlanMode::RefreshOnly && gone.is_empty() {
                 return Ok(d.finish()); // never applied: not drift
@@ -1075,25 +1093,25 @@ impl<'a> Planner<'a> {
     }
 
     /// A cluster that stopped itself (autotermination) stays stopped until
-    /// the user asks (`None`: nothing more to plan); asked, its instances
-    /// start again, and the members as they will be are returned.
+    /// the user asks; asked, its instances start again, and the members as
+    /// they will be are returned (copies: only such a cluster's members are
+    /// copied, every other cluster is planned on the observed ones).
     fn restart_if_autoterminated(
         &mut self,
         d: &mut Draft,
         name: &str,
         c: &Cluster,
         live: &[&Instance],
-    ) -> Option<Vec<Instance>> {
-        let mut members_now: Vec<Instance> = live.iter().map(|i| (*i).clone()).collect();
+    ) -> Restart {
         if !live.iter().any(|i| i.tag(tags::AUTOTERMINATED).is_some()) {
-            return Some(members_now);
+            return Restart::NotStopped;
         }
         if !self.input.start.contains(name) || self.input.mode == PlanMode::RefreshOnly {
             d.reason(format!(
                 "stopped itself after {} idle minutes (autotermination); `motorpool apply --start {name}` or `motorpool run` starts it again",
                 c.autotermination_minutes.unwrap_or(0)
             ));
-            return None;
+            return Restart::StaysStopped;
         }
         d.reason("starts again (it had stopped itself after idling)");
         let stopped: Vec<&Instance> = live
@@ -1107,11 +1125,12 @@ impl<'a> Planner<'a> {
             set: Tags::new(),
             remove: vec![tags::AUTOTERMINATED.to_string()],
         });
+        let mut members_now: Vec<Instance> = live.iter().map(|i| (*i).clone()).collect();
         for m in members_now.iter_mut() {
             m.state = InstanceState::Running;
             m.tags.remove(tags::AUTOTERMINATED);
         }
-        Some(members_now)
+        Restart::Starts(members_now)
     }
 
     /// No live instance: make the cluster (again), then start it.
@@ -1253,7 +1272,8 @@ impl<'a> Planner<'a> {
                     r
                 }
             };
-            if i.tag(tags::SPEC).is_none() {
+            let spec_tag = i.tag(tags::SPEC);
+            if spec_tag.is_none() {
                 d.drift(format!("tag {} removed from {}", tags::SPEC, i.id));
                 let mut set = Tags::new();
                 set.insert(tags::SPEC.into(), shape.hash.clone());
@@ -1269,7 +1289,7 @@ impl<'a> Planner<'a> {
                 &shape.worker_type
             };
             // Built from this spec (or its spec tag lost), yet another type: changed behind our back.
-            let from_this_spec = i.tag(tags::SPEC).is_none_or(|h| h == shape.hash);
+            let from_this_spec = spec_tag.is_none_or(|h| h == shape.hash);
             if &i.node_type != expected && from_this_spec {
                 d.drift(format!(
                     "{} {} retyped ({expected} -> {})",
@@ -1373,9 +1393,10 @@ impl<'a> Planner<'a> {
             .copied()
             .filter(|i| i.tag(tags::STEP) != Some(Step::Ready.name()))
             .collect();
+        let boot_hash = boot.hash();
         let changed = staying
             .iter()
-            .any(|i| i.tag(tags::BOOT).is_some_and(|h| h != boot.hash()));
+            .any(|i| i.tag(tags::BOOT).is_some_and(|h| h != boot_hash));
         let refresh_only = self.input.mode == PlanMode::RefreshOnly;
         if !unfinished.is_empty() && !joined && !refresh_only {
             let last = unfinished[0].tag(tags::STEP).unwrap_or("none");
@@ -1563,6 +1584,10 @@ fn add_dependencies(changes: &mut [Change], observed: &Observed) {
         .filter(|c| c.kind == ResourceKind::Pool)
         .map(|c| (c.name.clone(), c.action))
         .collect();
+    if pool_actions.is_empty() {
+        // Only a pool's change depends on clusters or has clusters depend on it.
+        return;
+    }
     let mut cluster_pools: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for c in changes.iter().filter(|c| c.kind == ResourceKind::Cluster) {
         let mut pools = BTreeSet::new();
