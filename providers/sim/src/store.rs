@@ -494,41 +494,38 @@ fn decode_tags(db: &Path, text: &str) -> Result<Tags> {
 /// account decodes every record's tags: this reads them without a generic
 /// parser, and builds the map from sorted pairs rather than key by key.
 fn decode_plain_tags(text: &str) -> Option<Tags> {
-    let body = text.strip_prefix('{')?.strip_suffix('}')?;
-    if body.contains('\\') {
-        return None;
-    }
-    let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(16);
-    let mut rest = body;
+    let mut rest = text.strip_prefix('{')?.strip_suffix('}')?;
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(12);
     while !rest.is_empty() {
         if !pairs.is_empty() {
             rest = rest.strip_prefix(',')?;
         }
         let (key, after) = plain_string(rest)?;
         let (value, after) = plain_string(after.strip_prefix(':')?)?;
-        if pairs.last().is_some_and(|&(last, _)| last >= key) {
+        if pairs.last().is_some_and(|(last, _)| last.as_str() >= key) {
             return None;
         }
-        pairs.push((key, value));
+        pairs.push((key.to_string(), value.to_string()));
         rest = after;
     }
-    Some(
-        pairs
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    )
+    // In order already: the map is built without comparing keys to place them.
+    Some(pairs.into_iter().collect())
 }
 
 /// A JSON string without escapes at the start of `text`, and what follows it.
 fn plain_string(text: &str) -> Option<(&str, &str)> {
     let text = text.strip_prefix('"')?;
-    let end = text.find('"')?;
-    let value = &text[..end];
-    if value.bytes().any(|b| b < 0x20) {
-        return None; // not JSON: serde_json says so
+    let mut end = 0;
+    loop {
+        match *text.as_bytes().get(end)? {
+            b'"' => break,
+            // An escape, or a control character (not JSON: serde_json says so).
+            b'\\' | 0..0x20 => return None,
+            _ => end += 1,
+        }
     }
-    Some((value, &text[end + 1..]))
+    // A quote is one byte, never inside a longer UTF-8 character.
+    Some((text.get(..end)?, text.get(end + 1..)?))
 }
 
 fn encode_tags(tags: &Tags) -> Result<String> {
