@@ -67,8 +67,55 @@ pub struct PlanInput<'a> {
     pub start: &'a BTreeSet<String>,
 }
 
+/// Observed states this large have their fingerprint hashed on a thread of
+/// its own while the changes are drafted (below it, a thread costs more
+/// than it saves).
+const FINGERPRINT_THREAD_FROM: usize = 5_000;
+
 /// Build the plan.
 pub fn build(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
+    // The fingerprint reads only the observed state, and at 100,000
+    // instances it takes about as long as drafting the clusters' changes:
+    // the two run side by side when a thread can be had.
+    let (changes, fingerprint) = std::thread::scope(|scope| {
+        let hashing = (input.observed.instance_count() >= FINGERPRINT_THREAD_FROM)
+            .then(|| {
+                std::thread::Builder::new()
+                    .name("fingerprint".into())
+                    .spawn_scoped(scope, || input.observed.fingerprint())
+                    .ok()
+            })
+            .flatten();
+        let changes = draft_changes(input);
+        let fingerprint = match hashing {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            None => input.observed.fingerprint(),
+        };
+        (changes, fingerprint)
+    });
+    let mut changes = changes?;
+    assign_tokens(&mut changes, &input.spec.project, &fingerprint);
+
+    let summary = Summary::of(&changes);
+    Ok(Plan {
+        format_version: FORMAT_VERSION.to_string(),
+        project: input.spec.project.clone(),
+        provider: input.spec.provider.clone(),
+        refresh_only: input.mode == PlanMode::RefreshOnly,
+        destroy: input.mode == PlanMode::Destroy,
+        created_at: input.now,
+        observed_fingerprint: fingerprint,
+        observed_instances: input.observed.instance_count() as u32,
+        observed_pages: input.observed.pages,
+        changes,
+        summary,
+    })
+}
+
+/// Every change, without client tokens yet (they hash the fingerprint).
+fn draft_changes(input: &PlanInput<'_>) -> Result<Vec<Change>, PlanError> {
     let mut planner = Planner::new(input)?;
     let mut changes = Vec::new();
 
@@ -103,23 +150,7 @@ pub fn build(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             c.ops.clear();
         }
     }
-    let fingerprint = input.observed.fingerprint();
-    assign_tokens(&mut changes, &input.spec.project, &fingerprint);
-
-    let summary = Summary::of(&changes);
-    Ok(Plan {
-        format_version: FORMAT_VERSION.to_string(),
-        project: input.spec.project.clone(),
-        provider: input.spec.provider.clone(),
-        refresh_only: input.mode == PlanMode::RefreshOnly,
-        destroy: input.mode == PlanMode::Destroy,
-        created_at: input.now,
-        observed_fingerprint: fingerprint,
-        observed_instances: input.observed.instance_count() as u32,
-        observed_pages: input.observed.pages,
-        changes,
-        summary,
-    })
+    Ok(changes)
 }
 
 impl PlanInput<'_> {
