@@ -936,7 +936,8 @@ mod tests {
             assert_eq!(decoded(text), by_serde(text), "{text}");
         }
         // What the engine writes takes the direct way.
-        let written = r#"{"motorpool-kind":"cluster","motorpool-name":"c0001","motorpool-step":"ready"}"#;
+        let written =
+            r#"{"motorpool-kind":"cluster","motorpool-name":"c0001","motorpool-step":"ready"}"#;
         assert_eq!(decode_plain_tags(written), by_serde(written));
         assert!(decode_plain_tags(r#"{"a":"x\"y"}"#).is_none());
     }
