@@ -57,21 +57,39 @@ impl Observed {
             project: project.to_string(),
             ..Observed::default()
         };
+        // In id order, instances of one resource mostly come in runs (one
+        // launch's batch): a run goes into its resource's list at once, so
+        // the map is searched, and a key made, once per run rather than once
+        // per instance. Each list stays in id order.
+        let mut run: Vec<Instance> = Vec::new();
+        let mut run_key: Option<(ResourceKind, String)> = None;
         for inst in instances {
-            let kind = match inst.tag(tags::KIND) {
-                Some("pool") => Some(ResourceKind::Pool),
-                Some("cluster") => Some(ResourceKind::Cluster),
-                _ => None,
+            let Some((kind, name)) = resource_of(&inst) else {
+                observed.orphans.push(inst);
+                continue;
             };
-            match (kind, inst.tag(tags::NAME)) {
-                (Some(kind), Some(name)) if !name.is_empty() => {
-                    let key = (kind, name.to_string());
-                    observed.resources.entry(key).or_default().push(inst);
-                }
-                _ => observed.orphans.push(inst),
+            let same = run_key
+                .as_ref()
+                .is_some_and(|(k, n)| *k == kind && n == name);
+            if !same {
+                let key = (kind, name.to_string());
+                observed.add_run(run_key.replace(key), &mut run);
             }
+            run.push(inst);
         }
+        observed.add_run(run_key, &mut run);
         observed
+    }
+
+    /// Move `run` (instances of `key`, after any already there) into `resources`.
+    fn add_run(&mut self, key: Option<(ResourceKind, String)>, run: &mut Vec<Instance>) {
+        let Some(key) = key else { return };
+        let members = self.resources.entry(key).or_default();
+        if members.is_empty() {
+            *members = std::mem::take(run);
+        } else {
+            members.append(run);
+        }
     }
 
     pub fn members(&self, kind: ResourceKind, name: &str) -> &[Instance] {
@@ -122,6 +140,19 @@ impl Observed {
             h.update(b"\n");
         }
         hex(&h.finalize()[..16])
+    }
+}
+
+/// The resource an instance's kind and name tags say it belongs to.
+fn resource_of(inst: &Instance) -> Option<(ResourceKind, &str)> {
+    let kind = match inst.tag(tags::KIND) {
+        Some("pool") => ResourceKind::Pool,
+        Some("cluster") => ResourceKind::Cluster,
+        _ => return None,
+    };
+    match inst.tag(tags::NAME) {
+        Some(name) if !name.is_empty() => Some((kind, name)),
+        _ => None,
     }
 }
 
@@ -214,6 +245,34 @@ mod tests {
         assert_eq!(obs.members(ResourceKind::Pool, "general").len(), 1);
         assert_eq!(obs.orphans.len(), 1);
         assert_eq!(obs.instance_count(), 4);
+    }
+
+    #[test]
+    fn interleaved_resources_group_as_one_instance_at_a_time_would() {
+        // Runs of one resource broken up by others, orphans, and ids out of order.
+        let names = ["a", "a", "b", "a", "", "b", "b", "a", "c", "a"];
+        let mut all = Vec::new();
+        for (n, name) in names.iter().enumerate() {
+            for k in 0..3 {
+                let kind = if k == 2 { "pool" } else { "cluster" };
+                all.push(inst(&format!("i-{:02}", 97 - 3 * n - k), kind, name));
+            }
+        }
+        let obs = Observed::from_instances("p", all.clone());
+        let mut expected: BTreeMap<(ResourceKind, String), Vec<Instance>> = BTreeMap::new();
+        let mut orphans = Vec::new();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        for i in all {
+            match resource_of(&i) {
+                Some((kind, name)) => expected
+                    .entry((kind, name.to_string()))
+                    .or_default()
+                    .push(i),
+                None => orphans.push(i),
+            }
+        }
+        assert_eq!(obs.resources, expected);
+        assert_eq!(obs.orphans, orphans);
     }
 
     #[test]

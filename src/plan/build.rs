@@ -67,8 +67,55 @@ pub struct PlanInput<'a> {
     pub start: &'a BTreeSet<String>,
 }
 
+/// Observed states this large have their fingerprint hashed on a thread of
+/// its own while the changes are drafted (below it, a thread costs more
+/// than it saves).
+const FINGERPRINT_THREAD_FROM: usize = 5_000;
+
 /// Build the plan.
 pub fn build(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
+    // The fingerprint reads only the observed state, and at 100,000
+    // instances it takes about as long as drafting the clusters' changes:
+    // the two run side by side when a thread can be had.
+    let (changes, fingerprint) = std::thread::scope(|scope| {
+        let hashing = (input.observed.instance_count() >= FINGERPRINT_THREAD_FROM)
+            .then(|| {
+                std::thread::Builder::new()
+                    .name("fingerprint".into())
+                    .spawn_scoped(scope, || input.observed.fingerprint())
+                    .ok()
+            })
+            .flatten();
+        let changes = draft_changes(input);
+        let fingerprint = match hashing {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            None => input.observed.fingerprint(),
+        };
+        (changes, fingerprint)
+    });
+    let mut changes = changes?;
+    assign_tokens(&mut changes, &input.spec.project, &fingerprint);
+
+    let summary = Summary::of(&changes);
+    Ok(Plan {
+        format_version: FORMAT_VERSION.to_string(),
+        project: input.spec.project.clone(),
+        provider: input.spec.provider.clone(),
+        refresh_only: input.mode == PlanMode::RefreshOnly,
+        destroy: input.mode == PlanMode::Destroy,
+        created_at: input.now,
+        observed_fingerprint: fingerprint,
+        observed_instances: input.observed.instance_count() as u32,
+        observed_pages: input.observed.pages,
+        changes,
+        summary,
+    })
+}
+
+/// Every change, without client tokens yet (they hash the fingerprint).
+fn draft_changes(input: &PlanInput<'_>) -> Result<Vec<Change>, PlanError> {
     let mut planner = Planner::new(input)?;
     let mut changes = Vec::new();
 
@@ -103,23 +150,7 @@ pub fn build(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             c.ops.clear();
         }
     }
-    let fingerprint = input.observed.fingerprint();
-    assign_tokens(&mut changes, &input.spec.project, &fingerprint);
-
-    let summary = Summary::of(&changes);
-    Ok(Plan {
-        format_version: FORMAT_VERSION.to_string(),
-        project: input.spec.project.clone(),
-        provider: input.spec.provider.clone(),
-        refresh_only: input.mode == PlanMode::RefreshOnly,
-        destroy: input.mode == PlanMode::Destroy,
-        created_at: input.now,
-        observed_fingerprint: fingerprint,
-        observed_instances: input.observed.instance_count() as u32,
-        observed_pages: input.observed.pages,
-        changes,
-        summary,
-    })
+    Ok(changes)
 }
 
 impl PlanInput<'_> {
@@ -338,6 +369,16 @@ struct ClusterShape {
     boot: BootSpec,
 }
 
+/// What [`Planner::restart_if_autoterminated`] decided for a cluster.
+enum Restart {
+    /// It did not stop itself: plan on its members as observed.
+    NotStopped,
+    /// It stopped itself and stays so: nothing more to plan.
+    StaysStopped,
+    /// It starts again: its members as they will be.
+    Starts(Vec<Instance>),
+}
+
 /// The name in a change's address (`cluster.etl` -> `etl`).
 fn address_name(address: &str) -> &str {
     address.split_once('.').map_or(address, |(_, name)| name)
@@ -355,13 +396,16 @@ fn mend_cluster_tags(d: &mut Draft, shape: &ClusterShape, staying: &[&Instance])
     }
     let wanted = user_tags_of(&shape.base);
     for i in staying {
-        let have = user_tags(i);
         for (k, v) in &wanted {
-            if have.get(k) != Some(v) {
+            if i.tags.get(k) != Some(v) {
                 set.insert(k.clone(), v.clone());
             }
         }
-        remove.extend(have.into_keys().filter(|k| !wanted.contains_key(k)));
+        for k in i.tags.keys() {
+            if !k.starts_with("motorpool-") && !wanted.contains_key(k) && !remove.contains(k) {
+                remove.insert(k.clone());
+            }
+        }
     }
     let user_changed = set.keys().any(|k| !k.starts_with("motorpool-")) || !remove.is_empty();
     if user_changed {
@@ -605,9 +649,9 @@ impl<'a> Planner<'a> {
                 },
             );
         }
-        // Live cluster instances drawn from each pool.
+        // Live cluster instances drawn from each pool (none without pools).
         for ((kind, _), members) in &input.observed.resources {
-            if *kind != ResourceKind::Cluster {
+            if *kind != ResourceKind::Cluster || pools.is_empty() {
                 continue;
             }
             for i in members
@@ -968,10 +1012,15 @@ impl<'a> Planner<'a> {
         d.change.hourly_cost_after = self.price(&shape.driver_type)
             + shape.desired_workers as f64 * self.price(&shape.worker_type);
 
-        let Some(members_now) = self.restart_if_autoterminated(&mut d, name, c, &live) else {
-            return Ok(d.finish());
+        let restarted: Vec<Instance>;
+        let live: Vec<&Instance> = match self.restart_if_autoterminated(&mut d, name, c, &live) {
+            Restart::StaysStopped => return Ok(d.finish()),
+            Restart::NotStopped => live,
+            Restart::Starts(members) => {
+                restarted = members;
+                restarted.iter().collect()
+            }
         };
-        let live: Vec<&Instance> = members_now.iter().collect();
         if live.is_empty() {
             if self.input.mode == PlanMode::RefreshOnly && gone.is_empty() {
                 return Ok(d.finish()); // never applied: not drift
@@ -1102,25 +1151,25 @@ impl<'a> Planner<'a> {
     }
 
     /// A cluster that stopped itself (autotermination) stays stopped until
-    /// the user asks (`None`: nothing more to plan); asked, its instances
-    /// start again, and the members as they will be are returned.
+    /// the user asks; asked, its instances start again, and the members as
+    /// they will be are returned (copies: only such a cluster's members are
+    /// copied, every other cluster is planned on the observed ones).
     fn restart_if_autoterminated(
         &mut self,
         d: &mut Draft,
         name: &str,
         c: &Cluster,
         live: &[&Instance],
-    ) -> Option<Vec<Instance>> {
-        let mut members_now: Vec<Instance> = live.iter().map(|i| (*i).clone()).collect();
+    ) -> Restart {
         if !live.iter().any(|i| i.tag(tags::AUTOTERMINATED).is_some()) {
-            return Some(members_now);
+            return Restart::NotStopped;
         }
         if !self.input.start.contains(name) || self.input.mode == PlanMode::RefreshOnly {
             d.reason(format!(
                 "stopped itself after {} idle minutes (autotermination); `motorpool apply --start {name}` or `motorpool run` starts it again",
                 c.autotermination_minutes.unwrap_or(0)
             ));
-            return None;
+            return Restart::StaysStopped;
         }
         d.reason("starts again (it had stopped itself after idling)");
         let stopped: Vec<&Instance> = live
@@ -1134,11 +1183,12 @@ impl<'a> Planner<'a> {
             set: Tags::new(),
             remove: vec![tags::AUTOTERMINATED.to_string()],
         });
+        let mut members_now: Vec<Instance> = live.iter().map(|i| (*i).clone()).collect();
         for m in members_now.iter_mut() {
             m.state = InstanceState::Running;
             m.tags.remove(tags::AUTOTERMINATED);
         }
-        Some(members_now)
+        Restart::Starts(members_now)
     }
 
     /// No live instance: make the cluster (again), then start it.
@@ -1280,7 +1330,8 @@ impl<'a> Planner<'a> {
                     r
                 }
             };
-            if i.tag(tags::SPEC).is_none() {
+            let spec_tag = i.tag(tags::SPEC);
+            if spec_tag.is_none() {
                 d.drift(format!("tag {} removed from {}", tags::SPEC, i.id));
                 let mut set = Tags::new();
                 set.insert(tags::SPEC.into(), shape.hash.clone());
@@ -1296,7 +1347,7 @@ impl<'a> Planner<'a> {
                 &shape.worker_type
             };
             // Built from this spec (or its spec tag lost), yet another type: changed behind our back.
-            let from_this_spec = i.tag(tags::SPEC).is_none_or(|h| h == shape.hash);
+            let from_this_spec = spec_tag.is_none_or(|h| h == shape.hash);
             if &i.node_type != expected && from_this_spec {
                 d.drift(format!(
                     "{} {} retyped ({expected} -> {})",
@@ -1400,9 +1451,10 @@ impl<'a> Planner<'a> {
             .copied()
             .filter(|i| i.tag(tags::STEP) != Some(Step::Ready.name()))
             .collect();
+        let boot_hash = boot.hash();
         let changed = staying
             .iter()
-            .any(|i| i.tag(tags::BOOT).is_some_and(|h| h != boot.hash()));
+            .any(|i| i.tag(tags::BOOT).is_some_and(|h| h != boot_hash));
         let refresh_only = self.input.mode == PlanMode::RefreshOnly;
         // A node that marked itself failed (its engine's daemon died) is
         // drift, healed by forming the cluster again, also on refresh.
@@ -1605,6 +1657,10 @@ fn add_dependencies(changes: &mut [Change], observed: &Observed) {
         .filter(|c| c.kind == ResourceKind::Pool)
         .map(|c| (c.name.clone(), c.action))
         .collect();
+    if pool_actions.is_empty() {
+        // Only a pool's change depends on clusters or has clusters depend on it.
+        return;
+    }
     let mut cluster_pools: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for c in changes.iter().filter(|c| c.kind == ResourceKind::Cluster) {
         let mut pools = BTreeSet::new();

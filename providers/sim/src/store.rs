@@ -458,25 +458,74 @@ fn lost_writer() -> ProviderError {
 /// The columns a [`Rec`] is read from, in [`read_rec`]'s order (after `n`).
 const REC_COLUMNS: &str = "i.node_type, i.image, i.stopped, i.launched_ms, i.started_ms, i.tags";
 
-/// A [`Rec`] from a row whose columns from `at` on are [`REC_COLUMNS`]; the
-/// tags stay JSON text, decoded by the caller (which knows the file's name).
-fn read_rec(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<(Rec, String)> {
-    let started: Option<i64> = row.get(at + 4)?;
-    Ok((
-        Rec {
-            node_type: row.get(at)?,
-            image: row.get(at + 1)?,
-            stopped: row.get::<_, i64>(at + 2)? != 0,
-            tags: Tags::new(),
-            launched_ms: to_u64(row.get(at + 3)?),
-            started_ms: started.map(to_u64),
-        },
-        row.get(at + 5)?,
-    ))
+/// A [`Rec`] from a row whose columns from `at` on are [`REC_COLUMNS`]. The
+/// tags are decoded from the row's own text (not copied out first).
+fn read_rec(db: &Path, row: &rusqlite::Row<'_>, at: usize) -> Result<Rec> {
+    let err = |e| db_error(db, e);
+    let started: Option<i64> = row.get(at + 4).map_err(err)?;
+    let tags = row
+        .get_ref(at + 5)
+        .map_err(err)?
+        .as_str()
+        .map_err(|e| corrupt(db, &e))?;
+    Ok(Rec {
+        node_type: row.get(at).map_err(err)?,
+        image: row.get(at + 1).map_err(err)?,
+        stopped: row.get::<_, i64>(at + 2).map_err(err)? != 0,
+        tags: decode_tags(db, tags)?,
+        launched_ms: to_u64(row.get(at + 3).map_err(err)?),
+        started_ms: started.map(to_u64),
+    })
 }
 
+/// The tags column as [`encode_tags`] wrote it: a JSON object of strings.
 fn decode_tags(db: &Path, text: &str) -> Result<Tags> {
-    serde_json::from_str(text).map_err(|e| corrupt(db, &e))
+    match decode_plain_tags(text) {
+        Some(tags) => Ok(tags),
+        None => serde_json::from_str(text).map_err(|e| corrupt(db, &e)),
+    }
+}
+
+/// What `serde_json` makes of `text`, for the text `encode_tags` writes for
+/// tags without escapes: `{"k":"v","k2":"v2"}`, no white space, keys in
+/// increasing order. `None` for anything else (an escape, a control
+/// character, white space, keys out of order or repeated, not an object of
+/// strings), which [`decode_tags`] leaves to `serde_json`. Listing a large
+/// account decodes every record's tags: this reads them without a generic
+/// parser, and builds the map from sorted pairs rather than key by key.
+fn decode_plain_tags(text: &str) -> Option<Tags> {
+    let mut rest = text.strip_prefix('{')?.strip_suffix('}')?;
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(12);
+    while !rest.is_empty() {
+        if !pairs.is_empty() {
+            rest = rest.strip_prefix(',')?;
+        }
+        let (key, after) = plain_string(rest)?;
+        let (value, after) = plain_string(after.strip_prefix(':')?)?;
+        if pairs.last().is_some_and(|(last, _)| last.as_str() >= key) {
+            return None;
+        }
+        pairs.push((key.to_string(), value.to_string()));
+        rest = after;
+    }
+    // In order already: the map is built without comparing keys to place them.
+    Some(pairs.into_iter().collect())
+}
+
+/// A JSON string without escapes at the start of `text`, and what follows it.
+fn plain_string(text: &str) -> Option<(&str, &str)> {
+    let text = text.strip_prefix('"')?;
+    let mut end = 0;
+    loop {
+        match *text.as_bytes().get(end)? {
+            b'"' => break,
+            // An escape, or a control character (not JSON: serde_json says so).
+            b'\\' | 0..0x20 => return None,
+            _ => end += 1,
+        }
+    }
+    // A quote is one byte, never inside a longer UTF-8 character.
+    Some((text.get(..end)?, text.get(end + 1..)?))
 }
 
 fn encode_tags(tags: &Tags) -> Result<String> {
@@ -544,17 +593,11 @@ fn list_page(
             values.push(v);
         }
         let mut stmt = conn.prepare_cached(&sql).map_err(err)?;
-        let rows = stmt
-            .query_map(values.as_slice(), |row| {
-                let n: i64 = row.get(0)?;
-                read_rec(row, 1).map(|r| (to_u64(n), r))
-            })
-            .map_err(err)?;
-        let mut page = Vec::new();
-        for row in rows {
-            let (n, (mut rec, tags)) = row.map_err(err)?;
-            rec.tags = decode_tags(db, &tags)?;
-            page.push((n, rec));
+        let mut rows = stmt.query(values.as_slice()).map_err(err)?;
+        let mut page = Vec::with_capacity(limit.saturating_add(1).min(4096));
+        while let Some(row) = rows.next().map_err(err)? {
+            let n: i64 = row.get(0).map_err(err)?;
+            page.push((to_u64(n), read_rec(db, row, 1)?));
         }
         Ok(page)
     })();
@@ -600,19 +643,16 @@ impl Tx<'_> {
 
     /// The instance numbered `n`, if it exists.
     pub fn get(&self, n: u64) -> Result<Option<Rec>> {
-        let found = self
+        let mut stmt = self
             .conn
             .prepare_cached(&format!(
                 "SELECT {REC_COLUMNS} FROM instances i WHERE i.n = ?1"
             ))
-            .and_then(|mut s| s.query_row([to_i64(n)], |row| read_rec(row, 0)).optional())
             .map_err(|e| self.err(e))?;
-        match found {
+        let mut rows = stmt.query([to_i64(n)]).map_err(|e| self.err(e))?;
+        match rows.next().map_err(|e| self.err(e))? {
             None => Ok(None),
-            Some((mut rec, tags)) => {
-                rec.tags = decode_tags(self.db, &tags)?;
-                Ok(Some(rec))
-            }
+            Some(row) => read_rec(self.db, row, 0).map(Some),
         }
     }
 
@@ -804,13 +844,12 @@ impl Store {
         let mut stmt = conn
             .prepare(&format!("SELECT i.n, {REC_COLUMNS} FROM instances i"))
             .map_err(err)?;
-        let rows = stmt
-            .query_map([], |r| Ok((to_u64(r.get(0)?), read_rec(r, 1)?)))
-            .map_err(err)?;
+        let mut rows = stmt.query([]).map_err(err)?;
         let (mut live, mut max_n) = (0u64, 0u64);
-        for row in rows {
-            let (n, (rec, tags)) = row.map_err(err)?;
-            let tags = decode_tags(db, &tags)?;
+        while let Some(row) = rows.next().map_err(err)? {
+            let n = to_u64(row.get(0).map_err(err)?);
+            let rec = read_rec(db, row, 1)?;
+            let tags = rec.tags;
             let indexed = from_rows.remove(&n).unwrap_or_default();
             if indexed != tags {
                 return Err(broken(format!(
@@ -846,5 +885,75 @@ impl Store {
             return Err(broken(format!("next number {next} after {max_n}")));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `decode_tags` as it was: `serde_json` alone.
+    fn by_serde(text: &str) -> Option<Tags> {
+        serde_json::from_str(text).ok()
+    }
+
+    fn decoded(text: &str) -> Option<Tags> {
+        decode_tags(Path::new("state.db"), text).ok()
+    }
+
+    #[test]
+    fn tags_decode_as_serde_json_reads_them() {
+        let odd = [
+            r#"{}"#,
+            r#"{"a":"1"}"#,
+            r#"{"a":"1","b":""}"#,
+            r#"{"":"x"}"#,
+            r#"{"a":"x,\"b\":\"y"}"#,
+            r#"{"a":"b:c,d}","e":"{f}"}"#,
+            r#"{"k":"back\\slash","n":"line\nbreak","u":"\u00e9"}"#,
+            r#"{"é":"ü","😀":"✓"}"#,
+            r#"{"b":"1","a":"2"}"#,
+            r#"{"a":"1","a":"2"}"#,
+            r#"{ "a" : "1" }"#,
+            r#"{"a":"1",}"#,
+            r#"{,}"#,
+            r#"{"a":"1"}}"#,
+            r#"{"a":1}"#,
+            r#"{"a":null}"#,
+            r#"{"a":"1""#,
+            "{\"a\":\"\u{1}\"}",
+            "{\"a\":\"\t\"}",
+            r#"[]"#,
+            r#""#,
+            r#"{"#,
+            r#"}"#,
+            r#"{"a"}"#,
+            r#"{"a":}"#,
+            r#"{"a":"1" ,"b":"2"}"#,
+        ];
+        for text in odd {
+            assert_eq!(decoded(text), by_serde(text), "{text}");
+        }
+        // What the engine writes takes the direct way.
+        let written =
+            r#"{"motorpool-kind":"cluster","motorpool-name":"c0001","motorpool-step":"ready"}"#;
+        assert_eq!(decode_plain_tags(written), by_serde(written));
+        assert!(decode_plain_tags(r#"{"a":"x\"y"}"#).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn encoded_tags_decode_to_themselves(tags in proptest::collection::btree_map(
+            "\\PC{0,12}|[ -~]{0,12}|[a-z\"\\\\,:{}]{0,6}", "\\PC{0,12}|[ -~]{0,12}|[\\x00-\\x7f]{0,6}", 0..12
+        )) {
+            let text = encode_tags(&tags).expect("encodes");
+            prop_assert_eq!(decoded(&text), Some(tags));
+        }
+
+        #[test]
+        fn any_text_decodes_as_serde_json_reads_it(text in "\\{(\"[a-c\\\\,:{} \"]{0,3}\"[:,]?){0,4}\\}?") {
+            prop_assert_eq!(decoded(&text), by_serde(&text));
+        }
     }
 }
