@@ -66,11 +66,11 @@ def wait_warm(binary, home, specdir, cache, count, limit=900):
     sys.exit("the pool did not warm up in time")
 
 
-CLUSTER = f"""
-    node_type: small
+ENGINE = f"""
     workers: 2
     engine: {{ kind: spark, version: "{VERSION}" }}
 """
+CLUSTER = "\n    node_type: small" + ENGINE
 
 
 def startup(binary, tmp):
@@ -89,7 +89,7 @@ def startup(binary, tmp):
     write(os.path.join(spec, "motorpool.yaml"), pool)
     mp(binary, home, spec, cache, "apply", "--yes", fresh_pip=True)
     wait_warm(binary, home, spec, cache, 3)
-    write(os.path.join(spec, "motorpool.yaml"), pool + f"clusters:\n  analytics:\n    pool: lot{CLUSTER}")
+    write(os.path.join(spec, "motorpool.yaml"), pool + f"clusters:\n  analytics:\n    pool: lot{ENGINE}")
     warm, _ = mp(binary, home, spec, cache, "apply", "--yes")
     mp(binary, home, spec, cache, "destroy", "--yes")
     print(f"  drawn from a pool that preloaded it:          {warm:8.2f} s")
@@ -171,7 +171,7 @@ jobs:
   spark:
     cluster: spark
     tasks:
-      count: {{ spark: {{ script: jobs/wc_spark.py, args: [data/text.txt] }} }}
+      count: {{ spark: {{ script: jobs/wc_spark.py, args: ["{os.path.join(spec, 'data', 'text.txt')}"] }} }}
 """)
     # Both clusters up first (not timed).
     mp(binary, home, spec, cache, "apply", "--yes")

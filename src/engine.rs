@@ -254,6 +254,7 @@ pub fn plan_against(
     mode: PlanMode,
     start: &BTreeSet<String>,
 ) -> Result<Plan> {
+    let nonce = format!("{:016x}", fastrand::u64(..));
     let input = PlanInput {
         spec,
         observed,
@@ -263,6 +264,7 @@ pub fn plan_against(
         now: unix_now(),
         base_dir,
         start,
+        nonce: &nonce,
     };
     Ok(plan::build(&input)?)
 }

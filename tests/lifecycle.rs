@@ -121,6 +121,32 @@ fn local_cluster_comes_up_drifts_heals_and_goes_away() {
     );
 }
 
+/// The same spec applied again after a destroy, within the same second:
+/// the second plan's launches must not reuse the first one's client tokens
+/// (a cloud answers a reused token with the first, terminated, instances).
+#[test]
+fn apply_after_destroy_makes_the_project_again() {
+    let env = Env::new();
+    env.spec(
+        r#"
+project: again
+provider: { kind: local }
+pools:
+  lot: { node_type: small, min_idle: 1, max_capacity: 4 }
+clusters:
+  etl: { pool: lot, workers: 1 }
+"#,
+    );
+    for round in 0..2 {
+        env.mp(&["apply", "--yes"]).expect_code(0);
+        let nodes = env.nodes();
+        assert_eq!(nodes.len(), 3, "round {round}: {nodes:?}");
+        env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+        env.mp(&["destroy", "--yes"]).expect_code(0);
+        assert!(env.nodes().is_empty(), "round {round}");
+    }
+}
+
 #[test]
 fn apply_and_destroy_without_a_terminal_or_yes_refuse_and_change_nothing() {
     let env = Env::new();

@@ -122,6 +122,7 @@ fn plan_for(clusters: &[(&str, &str, u32)]) -> Plan {
         now: 0,
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
+        nonce: "",
     })
     .expect("plan")
 }

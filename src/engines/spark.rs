@@ -928,18 +928,24 @@ mod tests {
     fn daemons_authenticate_and_encrypt_beyond_loopback_only() {
         let ctx = context();
         let local = shared_properties(&ctx, "127.0.0.1".parse().expect("ip"));
-        assert_eq!(local.get("spark.port.maxRetries").map(String::as_str), Some("0"));
+        assert_eq!(
+            local.get("spark.port.maxRetries").map(String::as_str),
+            Some("0")
+        );
         assert!(!local.contains_key("spark.authenticate"));
 
         let private = shared_properties(&ctx, "10.0.0.5".parse().expect("ip"));
-        assert_eq!(private.get("spark.authenticate").map(String::as_str), Some("true"));
         assert_eq!(
-            private.get("spark.network.crypto.enabled").map(String::as_str),
+            private.get("spark.authenticate").map(String::as_str),
             Some("true")
         );
-        let secret = private
-            .get("spark.authenticate.secret")
-            .expect("a secret");
+        assert_eq!(
+            private
+                .get("spark.network.crypto.enabled")
+                .map(String::as_str),
+            Some("true")
+        );
+        let secret = private.get("spark.authenticate.secret").expect("a secret");
         // Derived: the same on every node of the cluster, never the credential itself.
         assert_ne!(secret, "cluster-secret");
         assert_eq!(secret.len(), 64);

@@ -16,8 +16,9 @@
 //!    when gone from the spec.
 //! 4. Instances whose kind or name tag was removed are terminated.
 //!
-//! Client tokens are derived from the plan's own content, so building the same
-//! plan twice from the same state gives the same tokens.
+//! Client tokens are derived from the plan's own content and its nonce, so
+//! building the same plan twice with one nonce gives the same tokens, and two
+//! plans never share one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -65,6 +66,12 @@ pub struct PlanInput<'a> {
     pub base_dir: &'a Path,
     /// Clusters the user asked to start again after they stopped themselves.
     pub start: &'a BTreeSet<String>,
+    /// Unique to this plan (random, from the engine): part of every client
+    /// token, so that two plans from the same observed state (nothing, after
+    /// a destroy) never share a token, which a cloud would answer with the
+    /// instances of the first one, terminated. A saved plan keeps its tokens,
+    /// and an interrupted apply replays its own from the journal.
+    pub nonce: &'a str,
 }
 
 /// Observed states this large have their fingerprint hashed on a thread of
@@ -96,7 +103,7 @@ pub fn build(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         (changes, fingerprint)
     });
     let mut changes = changes?;
-    assign_tokens(&mut changes, &input.spec.project, &fingerprint);
+    assign_tokens(&mut changes, &input.spec.project, &fingerprint, input.nonce);
 
     let summary = Summary::of(&changes);
     Ok(Plan {
@@ -1708,9 +1715,9 @@ fn add_dependencies(changes: &mut [Change], observed: &Observed) {
     }
 }
 
-/// Client tokens from the plan's content: the same plan from the same state
-/// gives the same tokens, so a retried launch never makes a second batch.
-fn assign_tokens(changes: &mut [Change], project: &str, fingerprint: &str) {
+/// Client tokens from the plan's content and nonce: a retried launch of one
+/// plan never makes a second batch, and no two plans share a token.
+fn assign_tokens(changes: &mut [Change], project: &str, fingerprint: &str, nonce: &str) {
     for c in changes.iter_mut() {
         for (index, op) in c.ops.iter_mut().enumerate() {
             if let Op::Launch {
@@ -1724,6 +1731,7 @@ fn assign_tokens(changes: &mut [Change], project: &str, fingerprint: &str) {
                 let digest = spec_hash(&[
                     project,
                     fingerprint,
+                    nonce,
                     &c.address,
                     &index.to_string(),
                     role.as_str(),

@@ -74,6 +74,7 @@ fn plan_at(spec: &Spec, observed: Vec<Instance>, mode: PlanMode, now: u64) -> Pl
         now,
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
+        nonce: "",
     })
     .expect("plan builds")
 }
@@ -282,6 +283,7 @@ fn a_pool_never_exceeds_max_capacity() {
         now: 10,
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
+        nonce: "",
     })
     .expect_err("over capacity");
     assert!(err.to_string().contains("max_capacity 5"), "{err}");

@@ -1614,7 +1614,10 @@ fn lose_map_output(map: &mut StageRt, mi: usize) {
 fn stream_output(run: &mut RunRt) {
     for ti in 0..run.tasks.len() {
         let running = run.tasks[ti].state == TState::Running
-            && run.tasks[ti].command.as_ref().is_some_and(|c| c.kill.is_some());
+            && run.tasks[ti]
+                .command
+                .as_ref()
+                .is_some_and(|c| c.kill.is_some());
         if running {
             stream_task_output(run, ti);
         }
@@ -1632,7 +1635,8 @@ fn stream_task_output(run: &mut RunRt, ti: usize) {
     let Some(c) = run.tasks[ti].command.as_mut() else {
         return;
     };
-    let path = store::task_log_dir(&run.run_dir, &name).join(format!("attempt-{}.stdout", c.attempt));
+    let path =
+        store::task_log_dir(&run.run_dir, &name).join(format!("attempt-{}.stdout", c.attempt));
     let Ok(mut file) = std::fs::File::open(&path) else {
         return;
     };
@@ -1641,7 +1645,13 @@ fn stream_task_output(run: &mut RunRt, ti: usize) {
             return;
         }
         let mut chunk = Vec::new();
-        if file.by_ref().take(STREAM_CHUNK as u64).read_to_end(&mut chunk).is_err() || chunk.is_empty() {
+        if file
+            .by_ref()
+            .take(STREAM_CHUNK as u64)
+            .read_to_end(&mut chunk)
+            .is_err()
+            || chunk.is_empty()
+        {
             return;
         }
         c.streamed += chunk.len() as u64;
