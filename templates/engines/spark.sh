@@ -1,12 +1,10 @@
 # 3. os & runtime setup, Spark: Java 17 or newer, and the pinned pyspark
 # installed once per machine (a pool does this ahead of time: it is the slow part).
-java_major() {
-  java -version 2>&1 | sed -n 's/.* version "\([0-9][0-9]*\).*/\1/p' | head -n 1
-}
+java_major=""
 have_java() {
   command -v java >/dev/null 2>&1 || return 1
-  major=$(java_major)
-  [ -n "$major" ] && [ "$major" -ge 17 ]
+  java_major=$(java -version 2>&1 | sed -n 's/.* version "\([0-9][0-9]*\).*/\1/p' | head -n 1)
+  [ -n "$java_major" ] && [ "$java_major" -ge 17 ]
 }
 if ! have_java; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -36,4 +34,6 @@ if [ ! -f "$engine/.complete" ]; then
 fi
 mkdir -p "$MOTORPOOL_NODE_DIR/runtime"
 ln -sfn -- "$engine" "$MOTORPOOL_NODE_DIR/runtime/engine"
-echo "engine spark" {{ version }}": $("$engine/venv/bin/python" -c 'import pyspark; print("pyspark", pyspark.__version__)'), java $(java_major)"
+# What is installed, read from the package's metadata (importing pyspark costs a second).
+installed=$(cd "$engine"/venv/lib/python3*/site-packages && ls -d pyspark-*.dist-info)
+echo "engine spark" {{ version }}": ${installed%.dist-info}, java $java_major"

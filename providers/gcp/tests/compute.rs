@@ -289,15 +289,24 @@ fn a_reader_never_sees_a_lossy_label_without_its_exact_value() {
     // must give the old value or the new one, never `10_0_0_9_7078`.
     let fake = FakeGce::start();
     let p = std::sync::Arc::new(fake.provider(|_| {}));
-    let rt = rt();
+    // One runtime for the writer and the reader, as in a node's agent: the
+    // provider's pooled connections run on its worker threads, so a
+    // connection one thread opened still answers while that thread waits
+    // (two current-thread runtimes sharing one client hang on each other).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
     let made = rt
         .block_on(p.launch(&launch(1, "reader", "eta")))
         .expect("launch");
     let id = made[0].id.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (reader_p, reader_id, reader_stop) = (p.clone(), id.clone(), stop.clone());
+    let handle = rt.handle().clone();
     let reader = std::thread::spawn(move || {
-        let rt = self::rt();
+        let rt = handle;
         let mut seen = BTreeSet::new();
         while !reader_stop.load(std::sync::atomic::Ordering::SeqCst) {
             let found = rt
