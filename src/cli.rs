@@ -305,7 +305,11 @@ fn parse_load_options(target: Option<String>, raw_vars: &[String]) -> Result<Loa
             Some((k, val)) if !k.trim().is_empty() => {
                 vars.push((k.trim().to_string(), val.to_string()))
             }
-            _ => bail!("--var takes NAME=VALUE, got `{v}`"),
+            // The argument is not echoed: it may be a secret without its name.
+            _ => bail!(
+                "--var takes NAME=VALUE, got an argument of {} characters without a name and `=`",
+                v.chars().count()
+            ),
         }
     }
     Ok(LoadOptions { target, vars })

@@ -147,6 +147,56 @@ clusters:
     }
 }
 
+/// A value given with `--var` may be a secret: errors name the variable
+/// and say what is wrong, but never print the value.
+#[test]
+fn errors_about_a_var_never_print_its_value() {
+    let env = Env::new();
+    env.spec(
+        r#"
+project: vars
+provider: { kind: local }
+variables:
+  workers: { default: 1 }
+clusters:
+  etl: { node_type: small, workers: "${var.workers}" }
+"#,
+    );
+    let secret = "s3cr3t-value";
+    for (args, says) in [
+        (
+            vec![
+                "validate".to_string(),
+                "--var".into(),
+                format!("workers={secret}"),
+            ],
+            "expected an integer, found a string (from `${var.workers}`)",
+        ),
+        (
+            vec![
+                "validate".to_string(),
+                "--var".into(),
+                format!("nosuch={secret}"),
+            ],
+            "unknown variable `nosuch`",
+        ),
+        (
+            vec!["plan".to_string(), "--var".into(), secret.to_string()],
+            "--var takes NAME=VALUE",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = env.mp(&args).expect_code(1);
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+        assert!(
+            !run.stderr.contains(secret) && !run.stdout.contains(secret),
+            "{args:?} printed the value: {}{}",
+            run.stdout,
+            run.stderr
+        );
+    }
+}
+
 #[test]
 fn apply_and_destroy_without_a_terminal_or_yes_refuse_and_change_nothing() {
     let env = Env::new();

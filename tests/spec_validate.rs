@@ -269,7 +269,7 @@ fn command_line_problems_are_reported_as_such() {
     assert_eq!((d.line, d.col), (27, 14));
     assert_eq!(
         d.message,
-        "expected an integer, found a string (\"many\") (from `${var.workers}`) for `workers` in cluster `etl`"
+        "expected an integer, found a string (from `${var.workers}`) for `workers` in cluster `etl`"
     );
 }
 

@@ -486,12 +486,13 @@ impl<'s> Validator<'s> {
         });
     }
 
+    /// What a value is, for messages; a variable's value is never shown (it
+    /// may be a secret given with `--var`), only its kind and name.
     fn found(node: &Node) -> String {
-        let mut s = node.describe();
-        if let Some(var) = &node.var {
-            s.push_str(&format!(" (from `${{var.{var}}}`)"));
+        match &node.var {
+            Some(var) => format!("{} (from `${{var.{var}}}`)", node.describe_kind()),
+            None => node.describe(),
         }
-        s
     }
 
     fn check(

@@ -217,7 +217,7 @@ pub(crate) fn apply_variables(
     for (k, v) in &opts.vars {
         if !declared_at.contains_key(k) {
             let msg = unknown_name(
-                &format!("unknown variable `{k}` (--var {k}={v})"),
+                &format!("unknown variable `{k}` (--var {k}=...)"),
                 k,
                 &names(&vars),
                 "declared variables",

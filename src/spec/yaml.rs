@@ -106,6 +106,21 @@ impl Node {
         }
     }
 
+    /// "a string", "an integer", ...: only what kind of value this is, for
+    /// a value that may be a secret (one given with `--var`).
+    pub fn describe_kind(&self) -> &'static str {
+        match &self.kind {
+            Kind::Null => "nothing (an empty value)",
+            Kind::Bool(..) => "a boolean",
+            Kind::Int(..) => "an integer",
+            Kind::Float(..) => "a number",
+            Kind::Str(_) => "a string",
+            Kind::Seq(_) => "a list",
+            Kind::Map(_) => "a mapping",
+            Kind::Invalid => "an invalid value",
+        }
+    }
+
     /// The text of a scalar, as it would appear in a string.
     pub fn scalar_text(&self) -> Option<String> {
         match &self.kind {
