@@ -255,7 +255,7 @@ fn command_line_problems_are_reported_as_such() {
     assert_eq!(
         shown,
         "<command line>: error: unknown target `staging` (--target) (known targets: prod, ci)\n\
-         <command line>: error: unknown variable `wrkers` (--var wrkers=3), did you mean `workers`? \
+         <command line>: error: unknown variable `wrkers` (--var wrkers=...), did you mean `workers`? \
          (declared variables: workers, log_level, autoterminate, nightly_partitions)"
     );
     // A value of the wrong type is reported where the variable is used.
