@@ -168,6 +168,15 @@ fn jvms(env: &Env) -> Vec<i32> {
         .collect()
 }
 
+/// Every Spark JVM of this test is gone (within 20 s: daemons get a grace period).
+fn assert_no_jvm_left(env: &Env) {
+    assert!(
+        wait_until(Duration::from_secs(20), || jvms(env).is_empty()),
+        "JVMs left: {:?}",
+        jvms(env)
+    );
+}
+
 fn jvms_of(env: &Env, class: &str) -> Vec<i32> {
     let theirs: BTreeSet<i32> = processes_mentioning(class).into_iter().collect();
     jvms(env)
@@ -334,11 +343,7 @@ fn a_spark_cluster_runs_pyspark_on_loopback_and_its_master_heals() {
     assert_eq!(result_line(&again.stdout), reference(&dir, "6"));
 
     env.mp(&["destroy", "--yes"]).expect_code(0);
-    assert!(
-        wait_until(Duration::from_secs(20), || jvms(&env).is_empty()),
-        "JVMs left: {:?}",
-        jvms(&env)
-    );
+    assert_no_jvm_left(&env);
 }
 
 #[test]
@@ -391,11 +396,7 @@ fn a_worker_killed_mid_job_still_lets_the_job_finish() {
     });
     assert!(gone, "the application kept running: {:?}", jvms(&env));
     env.mp(&["destroy", "--yes"]).expect_code(0);
-    assert!(
-        wait_until(Duration::from_secs(20), || jvms(&env).is_empty()),
-        "JVMs left: {:?}",
-        jvms(&env)
-    );
+    assert_no_jvm_left(&env);
 }
 
 #[test]
@@ -445,11 +446,7 @@ jobs:
         nodes.iter().all(|n| n["resource"] == "pool.lot"),
         "{nodes:?}"
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || jvms(&env).is_empty()),
-        "JVMs left: {:?}",
-        jvms(&env)
-    );
+    assert_no_jvm_left(&env);
     env.mp(&["destroy", "--yes"]).expect_code(0);
     assert!(env.processes().is_empty(), "{:?}", env.processes());
 }

@@ -101,15 +101,11 @@ impl RunningRole for Executor {
     }
 
     async fn workers(&self) -> Result<Vec<String>, EngineError> {
-        Err(EngineError::Unreachable(
-            "an executor knows no cluster status: ask the driver".into(),
-        ))
+        Err(super::ask_the_driver("an executor"))
     }
 
     async fn running_jobs(&self) -> Result<u32, EngineError> {
-        Err(EngineError::Unreachable(
-            "an executor knows no cluster status: ask the driver".into(),
-        ))
+        Err(super::ask_the_driver("an executor"))
     }
 
     async fn shutdown(&self) {

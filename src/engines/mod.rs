@@ -127,6 +127,12 @@ pub trait RunningRole: Send + Sync {
     async fn shutdown(&self);
 }
 
+/// What a worker role answers when asked for what only the driver knows
+/// (its workers, its running jobs).
+pub(crate) fn ask_the_driver(role: &str) -> EngineError {
+    EngineError::Unreachable(format!("{role} knows no cluster status: ask the driver"))
+}
+
 /// How the CLI reaches a cluster's driver.
 #[derive(Debug, Clone)]
 pub struct DriverAccess {

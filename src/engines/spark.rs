@@ -237,6 +237,16 @@ fn conf_dir(dir: &Path, level: &str) -> Result<PathBuf, String> {
     Ok(dir.to_path_buf())
 }
 
+/// What one daemon starts with beyond what every Spark daemon of a node shares.
+struct DaemonStart {
+    name: &'static str,
+    class: &'static str,
+    /// Arguments after `--host`, `--port`, `--webui-port` and `--properties-file`.
+    args: Vec<String>,
+    /// Set over the node's Spark environment.
+    env: BTreeMap<String, String>,
+}
+
 /// One Spark daemon (`spark-class CLASS ARGS`), in a process group of its own.
 struct Daemon {
     name: &'static str,
@@ -287,6 +297,51 @@ impl Daemon {
             group,
             log,
         })
+    }
+
+    /// Starts a daemon on the role's address at two ports picked here (its
+    /// RPC port and its web UI), with the cluster's shared properties in a
+    /// file only this user reads and [`daemon_env`], and waits until
+    /// `ready(rpc, ui)`; a daemon that is not ready is stopped. Returns it
+    /// and its two addresses.
+    async fn start<F, Fut>(
+        install: &Install,
+        context: &RoleContext,
+        start: DaemonStart,
+        ready: F,
+    ) -> Result<(Daemon, SocketAddr, SocketAddr), String>
+    where
+        F: Fn(SocketAddr, SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let ip = context.listen.ip();
+        let spark_dir = context.dir.join("spark");
+        let conf = conf_dir(&spark_dir.join("conf-daemon"), "info")?;
+        let rpc = SocketAddr::new(ip, free_port(ip)?);
+        let ui = SocketAddr::new(ip, free_port(ip)?);
+        let properties = spark_dir.join(format!("{}.properties", start.name));
+        write_properties(&properties, &shared_properties(context, ip))?;
+        let mut env = install.env(ip, &conf);
+        env.extend(daemon_env());
+        env.extend(start.env);
+        let mut args = vec![
+            "--host".to_string(),
+            ip.to_string(),
+            "--port".into(),
+            rpc.port().to_string(),
+            "--webui-port".into(),
+            ui.port().to_string(),
+            "--properties-file".into(),
+            properties.display().to_string(),
+        ];
+        args.extend(start.args);
+        let log = spark_dir.join(format!("{}.log", start.name));
+        let mut daemon = Daemon::spawn(start.name, install, start.class, &args, &env, log)?;
+        if let Err(e) = daemon.wait_until(|| ready(rpc, ui)).await {
+            daemon.stop().await;
+            return Err(e);
+        }
+        Ok((daemon, rpc, ui))
     }
 
     /// Whether it still runs.
@@ -427,6 +482,21 @@ async fn master_state(address: SocketAddr) -> Result<MasterState, String> {
         .map_err(|e| format!("the Spark master's status is not JSON: {e}"))
 }
 
+/// What `status` and `ClusterStatus` say of a master: its URL, its UI and
+/// (when it answers) its ALIVE workers.
+async fn describe_master(url: &str, ui: SocketAddr) -> BTreeMap<String, String> {
+    let mut d = BTreeMap::new();
+    d.insert(MASTER_KEY.into(), url.to_string());
+    d.insert(MASTER_UI_KEY.into(), format!("http://{ui}"));
+    if let Ok(state) = master_state(ui).await {
+        d.insert(
+            ALIVE_WORKERS_KEY.into(),
+            state.alive_workers().len().to_string(),
+        );
+    }
+    d
+}
+
 /// What the bundled driver needs to run `spark:` tasks on this node.
 struct SparkSubmit {
     install: Install,
@@ -479,16 +549,7 @@ impl EngineTasks for SparkSubmit {
     }
 
     async fn describe(&self) -> BTreeMap<String, String> {
-        let mut d = BTreeMap::new();
-        d.insert(MASTER_KEY.into(), self.master_url.clone());
-        d.insert(MASTER_UI_KEY.into(), format!("http://{}", self.master_ui));
-        if let Ok(state) = master_state(self.master_ui).await {
-            d.insert(
-                ALIVE_WORKERS_KEY.into(),
-                state.alive_workers().len().to_string(),
-            );
-        }
-        d
+        describe_master(&self.master_url, self.master_ui).await
     }
 }
 
@@ -533,16 +594,7 @@ impl RunningRole for SparkDriver {
     }
 
     async fn describe(&self) -> BTreeMap<String, String> {
-        let mut d = BTreeMap::new();
-        d.insert(MASTER_KEY.into(), self.master_url.clone());
-        d.insert(MASTER_UI_KEY.into(), format!("http://{}", self.master_ui));
-        if let Ok(state) = master_state(self.master_ui).await {
-            d.insert(
-                ALIVE_WORKERS_KEY.into(),
-                state.alive_workers().len().to_string(),
-            );
-        }
-        d
+        describe_master(&self.master_url, self.master_ui).await
     }
 
     async fn shutdown(&self) {
@@ -566,15 +618,11 @@ impl RunningRole for SparkWorker {
     }
 
     async fn workers(&self) -> Result<Vec<String>, EngineError> {
-        Err(EngineError::Unreachable(
-            "a Spark worker knows no cluster status: ask the driver".into(),
-        ))
+        Err(super::ask_the_driver("a Spark worker"))
     }
 
     async fn running_jobs(&self) -> Result<u32, EngineError> {
-        Err(EngineError::Unreachable(
-            "a Spark worker knows no cluster status: ask the driver".into(),
-        ))
+        Err(super::ask_the_driver("a Spark worker"))
     }
 
     async fn health(&self) -> Result<(), EngineError> {
@@ -601,45 +649,22 @@ impl Spark {
         let fail = start_error("Spark master");
         let install = Install::find(&context.dir).map_err(&fail)?;
         let ip = context.listen.ip();
-        let spark_dir = context.dir.join("spark");
-        let conf = conf_dir(&spark_dir.join("conf-daemon"), "info").map_err(&fail)?;
-        let app_conf = conf_dir(&spark_dir.join("conf-app"), "warn").map_err(&fail)?;
-        let port = free_port(ip).map_err(&fail)?;
-        let ui_port = free_port(ip).map_err(&fail)?;
-        let mut properties = shared_properties(&context, ip);
-        let daemon_properties = spark_dir.join("master.properties");
-        write_properties(&daemon_properties, &properties).map_err(&fail)?;
-        let env = install.env(ip, &conf);
-        let args = vec![
-            "--host".to_string(),
-            ip.to_string(),
-            "--port".into(),
-            port.to_string(),
-            "--webui-port".into(),
-            ui_port.to_string(),
-            "--properties-file".into(),
-            daemon_properties.display().to_string(),
-        ];
-        let mut env = env;
-        env.extend(daemon_env());
-        let mut master = Daemon::spawn(
-            "master",
+        let app_conf = conf_dir(&context.dir.join("spark/conf-app"), "warn").map_err(&fail)?;
+        let (master, master_rpc, master_ui) = Daemon::start(
             &install,
-            "org.apache.spark.deploy.master.Master",
-            &args,
-            &env,
-            spark_dir.join("master.log"),
+            &context,
+            DaemonStart {
+                name: "master",
+                class: "org.apache.spark.deploy.master.Master",
+                args: Vec::new(),
+                env: BTreeMap::new(),
+            },
+            |_, ui| async move { master_state(ui).await.is_ok() },
         )
+        .await
         .map_err(&fail)?;
-        let master_ui = SocketAddr::new(ip, ui_port);
-        let master_url = format!("spark://{}", SocketAddr::new(ip, port));
-        if let Err(e) = master
-            .wait_until(|| async move { master_state(master_ui).await.is_ok() })
-            .await
-        {
-            master.stop().await;
-            return Err(fail(e));
-        }
+        let master_url = format!("spark://{master_rpc}");
+        let mut properties = shared_properties(&context, ip);
         // Applications: their UI and ports picked by the OS (nothing is
         // shared between two at once), executors sized to fit a worker.
         properties.insert("spark.ui.port".into(), "0".into());
@@ -695,17 +720,10 @@ impl Spark {
             .get(MASTER_KEY)
             .cloned()
             .ok_or_else(|| fail("the driver runs no Spark master".into()))?;
-        let ip = context.listen.ip();
         let spark_dir = context.dir.join("spark");
-        let conf = conf_dir(&spark_dir.join("conf-daemon"), "info").map_err(&fail)?;
         let work = spark_dir.join("work");
         std::fs::create_dir_all(&work)
             .map_err(|e| fail(format!("cannot create {}: {e}", work.display())))?;
-        let port = free_port(ip).map_err(&fail)?;
-        let ui_port = free_port(ip).map_err(&fail)?;
-        let properties = shared_properties(&context, ip);
-        let daemon_properties = spark_dir.join("worker.properties");
-        write_properties(&daemon_properties, &properties).map_err(&fail)?;
         let cores = match (context.node_cores, context.cores) {
             (0, 0) => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             (0, c) | (c, _) => c,
@@ -714,43 +732,31 @@ impl Spark {
             0 => 1024,
             mb => worker_memory_mb(mb),
         };
-        let mut env = install.env(ip, &conf);
-        env.extend(daemon_env());
-        env.insert(
-            "SPARK_LOCAL_DIRS".into(),
-            spark_dir.join("local").display().to_string(),
-        );
-        let args = vec![
-            "--host".to_string(),
-            ip.to_string(),
-            "--port".into(),
-            port.to_string(),
-            "--webui-port".into(),
-            ui_port.to_string(),
-            "--cores".into(),
-            cores.to_string(),
-            "--memory".into(),
-            format!("{memory}m"),
-            "--work-dir".into(),
-            work.display().to_string(),
-            "--properties-file".into(),
-            daemon_properties.display().to_string(),
-            master_url,
-        ];
-        let mut worker = Daemon::spawn(
-            "worker",
+        let (worker, address, _) = Daemon::start(
             &install,
-            "org.apache.spark.deploy.worker.Worker",
-            &args,
-            &env,
-            spark_dir.join("worker.log"),
+            &context,
+            DaemonStart {
+                name: "worker",
+                class: "org.apache.spark.deploy.worker.Worker",
+                args: vec![
+                    "--cores".into(),
+                    cores.to_string(),
+                    "--memory".into(),
+                    format!("{memory}m"),
+                    "--work-dir".into(),
+                    work.display().to_string(),
+                    master_url,
+                ],
+                env: [(
+                    "SPARK_LOCAL_DIRS".to_string(),
+                    spark_dir.join("local").display().to_string(),
+                )]
+                .into(),
+            },
+            |rpc, _| accepts(rpc),
         )
+        .await
         .map_err(&fail)?;
-        let address = SocketAddr::new(ip, port);
-        if let Err(e) = worker.wait_until(|| accepts(address)).await {
-            worker.stop().await;
-            return Err(fail(e));
-        }
         Ok(SparkWorker {
             address: address.to_string(),
             daemon: Mutex::new(Some(worker)),
