@@ -193,6 +193,11 @@ struct AgentArgs {
     /// The agent's JSON config (its credential): the instance's user data.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The port the driver or executor this agent hosts listens on (on the
+    /// agent's IP); 0 picks a free one. Cloud nodes use a fixed port, so a
+    /// firewall can name it.
+    #[arg(long, default_value_t = 0)]
+    runtime_port: u16,
 }
 
 #[derive(Args)]
@@ -278,6 +283,7 @@ async fn run(cli: Cli) -> Result<u8> {
                 listen: args.listen,
                 instance_id: args.instance_id,
                 config: args.config,
+                runtime_port: args.runtime_port,
             })
             .await?;
             Ok(SUCCESS)

@@ -27,6 +27,27 @@ use crate::plan::{self, Plan, PlanInput, PlanMode};
 use crate::providers::{self, ProviderClient};
 use crate::spec::{self, LoadOptions, LoadedSpec, ProviderBlock, Spec};
 
+/// Where this machine dials a node whose provider knows no address for it
+/// (a cloud node): the address its agent published, or, for a driver whose
+/// provider gives it a public address (`public_driver`), that address's IP
+/// with the published port. The driver runs inside the agent, so the same
+/// host serves both.
+fn dial_address(instance: &motorpool_provider::Instance, public_driver: bool) -> Option<String> {
+    use motorpool_provider::tags;
+    let published = instance.tag(tags::AGENT_ADDRESS)?;
+    let is_driver = instance.tag(tags::ROLE) == Some(crate::words::Role::Driver.as_str());
+    match (
+        &instance.ips.public,
+        published.parse::<std::net::SocketAddr>(),
+    ) {
+        (Some(public), Ok(at)) if public_driver && is_driver => public
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| std::net::SocketAddr::new(ip, at.port()).to_string()),
+        _ => Some(published.to_string()),
+    }
+}
+
 /// How long new nodes may take to report ready unless the spec says otherwise.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -78,9 +99,44 @@ impl Project {
     }
 
     pub async fn observe(&self) -> Result<Observed> {
-        observe::observe(&self.client, &self.name)
+        let mut observed = observe::observe(&self.client, &self.name)
             .await
-            .with_context(|| format!("cannot list the instances of project `{}`", self.name))
+            .with_context(|| format!("cannot list the instances of project `{}`", self.name))?;
+        let public_driver =
+            providers::plugin(&self.provider)?.public_driver(&self.provider.settings_value());
+        for instance in observed
+            .resources
+            .values_mut()
+            .flatten()
+            .chain(observed.orphans.iter_mut())
+        {
+            if instance.address.is_none() {
+                instance.address = dial_address(instance, public_driver);
+            }
+        }
+        Ok(observed)
+    }
+
+    /// Why this machine cannot talk to node `id`'s agent, with what to set
+    /// when the node's address is one only its cloud's network reaches.
+    pub fn unreachable(
+        &self,
+        id: &str,
+        error: crate::bootstrap::run::AgentUnreachable,
+    ) -> anyhow::Error {
+        let hint = providers::plugin(&self.provider)
+            .ok()
+            .and_then(|p| p.reach_hint())
+            .filter(|_| {
+                matches!(
+                    error,
+                    crate::bootstrap::run::AgentUnreachable::Connect { .. }
+                )
+            });
+        match hint {
+            Some(hint) => anyhow::anyhow!("node {id}: {error}\n  hint: {hint}"),
+            None => anyhow::anyhow!("node {id}: {error}"),
+        }
     }
 
     /// Build a plan against what the provider reports now.
@@ -111,7 +167,7 @@ impl Project {
     }
 
     /// What cluster startup needs: credentials, where things are, the templates.
-    pub fn boot_context(&self) -> Result<BootContext> {
+    pub async fn boot_context(&self, launches: bool) -> Result<BootContext> {
         let secret = self.home.project_secret(&self.name)?;
         let node_tls = crate::tls::ProjectCa::derive(&secret)
             .and_then(|ca| ca.node_tls(crate::tls::forced_by_env()?))
@@ -142,7 +198,7 @@ impl Project {
             templates: Templates::new(),
             ready_timeout: self.ready_timeout(),
             home: self.home.root().to_path_buf(),
-            cloud: self.cloud_nodes(&node_provider)?,
+            cloud: self.cloud_nodes(&node_provider, launches).await?,
             node_provider,
             node_tls: Some(node_tls),
         })
@@ -173,15 +229,27 @@ impl Project {
     /// startup or nothing runs, and when the spec does not say (validate
     /// requires it once the spec launches anything; a launch without it is
     /// refused).
-    fn cloud_nodes(&self, provider: &NodeProvider) -> Result<Option<CloudNodes>> {
+    async fn cloud_nodes(
+        &self,
+        provider: &NodeProvider,
+        launches: bool,
+    ) -> Result<Option<CloudNodes>> {
         if !self.client.capabilities().needs_runtime_download() {
             return Ok(None);
         }
-        let shared = &self.provider.shared;
-        let (Some(url), Some(sha)) = (&shared.runtime_url, &shared.runtime_sha256) else {
-            return Ok(None);
-        };
         let plugin = providers::plugin(&self.provider)?;
+        let shared = &self.provider.shared;
+        let (url, sha) = match (&shared.runtime_url, &shared.runtime_sha256) {
+            (Some(url), Some(sha)) => (url.clone(), sha.clone()),
+            _ if launches && plugin.publishes_runtime(&self.provider.settings_value()) => {
+                let published =
+                    crate::runtime_upload::publish(&self.client, &self.name, &self.home)
+                        .await
+                        .context("cannot publish the motorpool runtime for the nodes")?;
+                (published.url, published.sha256)
+            }
+            _ => return Ok(None),
+        };
         let Some(template) = plugin.user_data_template() else {
             bail!(
                 "the {} provider's nodes start themselves but it brings no user-data template",
@@ -189,8 +257,8 @@ impl Project {
             );
         };
         Ok(Some(CloudNodes {
-            runtime_url: url.clone(),
-            runtime_sha256: sha.clone(),
+            runtime_url: url,
+            runtime_sha256: sha,
             provider: provider.clone(),
             template,
             user_data_limit: plugin.capabilities().user_data_limit,
@@ -238,7 +306,12 @@ impl Project {
     }
 
     pub async fn apply(&self, plan: &Plan, options: &ApplyOptions) -> Result<ApplyReport> {
-        let boot = Arc::new(self.boot_context()?);
+        let launches = plan
+            .changes
+            .iter()
+            .flat_map(|c| &c.ops)
+            .any(|op| matches!(op, crate::plan::Op::Launch { .. }));
+        let boot = Arc::new(self.boot_context(launches).await?);
         apply::apply(plan, self.client.clone(), &self.dir, options, Some(boot))
             .await
             .context("cannot write the apply journal")
@@ -285,8 +358,14 @@ pub struct NodeStatus {
     pub role: String,
     pub state: String,
     pub node_type: String,
+    /// Where its agent is dialled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Its addresses as its cloud reports them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -347,6 +426,8 @@ fn node_status(i: &motorpool_provider::Instance, resource: String) -> NodeStatus
         state: i.state.to_string(),
         node_type: i.node_type.clone(),
         address: i.address.clone(),
+        private_ip: i.ips.private.clone(),
+        public_ip: i.ips.public.clone(),
         pid: i.pid,
         step: i.tag(tags::STEP).map(str::to_string),
         steps: Vec::new(),
@@ -497,11 +578,24 @@ pub fn render_status(status: &Status) -> String {
                 n.state,
                 n.node_type,
                 n.address.as_deref().unwrap_or("-"),
-                n.pid.map(|p| format!("pid {p}")).unwrap_or_default()
+                node_extra(n)
             );
         }
     }
     out
+}
+
+/// The last column of a node's line: its agent's pid (local), or the
+/// addresses its cloud reports.
+fn node_extra(n: &NodeStatus) -> String {
+    if let Some(pid) = n.pid {
+        return format!("pid {pid}");
+    }
+    let ips: Vec<String> = [("private", &n.private_ip), ("public", &n.public_ip)]
+        .into_iter()
+        .filter_map(|(kind, ip)| Some(format!("{kind} {}", ip.as_deref()?)))
+        .collect();
+    ips.join(", ")
 }
 
 /// `motorpool logs CLUSTER`: every node's step outputs, driver first, steps in the order they ran.

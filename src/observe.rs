@@ -221,6 +221,7 @@ mod tests {
             tags: t,
             address: None,
             pid: None,
+            ips: Default::default(),
             launched_at: 0,
         }
     }

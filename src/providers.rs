@@ -270,6 +270,14 @@ impl ProviderClient {
     pub async fn delete_cluster_boot(&self, name: &str) -> Result<(), ProviderError> {
         self.call(|| self.inner.delete_cluster_boot(name)).await
     }
+
+    /// Publish the runtime for the nodes; see [`Provider::publish_runtime`].
+    pub async fn publish_runtime(
+        &self,
+        runtime: &motorpool_provider::RuntimeUpload,
+    ) -> Result<Option<String>, ProviderError> {
+        self.call(|| self.inner.publish_runtime(runtime)).await
+    }
 }
 
 #[cfg(test)]

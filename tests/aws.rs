@@ -661,6 +661,29 @@ fn aws_settings_are_checked_with_their_positions() {
             run.stderr
         );
     }
+    // A runtime bucket stands in for runtime_url and its checksum; its
+    // name and the public driver ranges are checked where they are written.
+    env.spec(
+        "project: awsbucket\n\
+         provider: { kind: aws, runtime_bucket: Bad_Bucket, public_driver_cidrs: [10.0.0.0/8, 203.0.113.7] }\n\
+         pools:\n  general: { node_type: t3.micro, max_capacity: 2 }\n",
+    );
+    let run = mp(&env, None, &["validate"]).expect_code(1);
+    for expected in [
+        "motorpool.yaml:2:40: error: `runtime_bucket`: `Bad_Bucket` is not an S3 bucket name",
+        "motorpool.yaml:2:86: error: `203.0.113.7` in `public_driver_cidrs`: not a CIDR block",
+    ] {
+        assert!(
+            run.stderr.contains(expected),
+            "no `{expected}` in:\n{}",
+            run.stderr
+        );
+    }
+    assert!(
+        !run.stderr.contains("needs `runtime_url`"),
+        "{}",
+        run.stderr
+    );
     // resources: picks the cheapest EC2 type that fits.
     env.spec(&spec(
         "awsfit",
@@ -668,4 +691,389 @@ fn aws_settings_are_checked_with_their_positions() {
         "pools:\n  general: { resources: { cpus: 4, memory_gb: 30 }, max_capacity: 2 }\n",
     ));
     mp(&env, None, &["validate"]).expect_code(0);
+}
+
+// ---------------------------------------------------------------------------
+// Jobs on AWS clusters whose nodes boot from their user data.
+
+/// Plays the machines as fresh nodes: each running instance runs the user
+/// data moto holds, for real ([`Machines::boot_user_data`]).
+fn booted_machines(moto: &Moto, project: &str) -> Machines {
+    let (url, project) = (moto.url(), project.to_string());
+    let agent_url = url.clone();
+    let mut ec2: Option<Ec2> = None;
+    Machines::boot_user_data(
+        move || {
+            let ec2 = ec2.get_or_insert_with(|| Ec2::at(&url));
+            ec2.instances(&project)
+                .into_iter()
+                .map(|i| Machine {
+                    running: i.state == "running",
+                    user_data: if i.state == "running" {
+                        ec2.user_data(&i.id)
+                    } else {
+                        None
+                    },
+                    id: i.id,
+                })
+                .collect()
+        },
+        moto::REGION,
+        move |cmd| moto::with_aws_env(cmd, Some(&agent_url)),
+    )
+}
+
+/// The objects in `bucket` (key -> metadata `sha256`), and the bucket's tags.
+fn bucket(moto: &Moto, bucket: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let config = moto::provider(&moto.url(), |_| {}).config().clone();
+    rt.block_on(async {
+        let s3 = motorpool_aws::s3_client(&config)
+            .await
+            .expect("an S3 client");
+        let listed = s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("list the bucket");
+        let mut objects = BTreeMap::new();
+        for key in listed.contents().iter().filter_map(|o| o.key()) {
+            let head = s3
+                .head_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .expect("head");
+            let sha = head
+                .metadata()
+                .and_then(|m| m.get("sha256"))
+                .cloned()
+                .unwrap_or_default();
+            objects.insert(key.to_string(), sha);
+        }
+        let tags = s3
+            .get_bucket_tagging()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("bucket tags")
+            .tag_set()
+            .iter()
+            .map(|t| (t.key().to_string(), t.value().to_string()))
+            .collect();
+        (objects, tags)
+    })
+}
+
+const WC_PY: &str = "def words(line):\n    for w in line.split():\n        yield w, 1\n\n\
+                     def add(a, b):\n    return a + b\n";
+
+/// Input files in `dir/data`, and the counts one process finds in them.
+fn write_words(dir: &std::path::Path) -> BTreeMap<String, u64> {
+    std::fs::create_dir_all(dir.join("data")).expect("data dir");
+    let vocab = [
+        "pool", "cluster", "job", "driver", "worker", "shuffle", "s3",
+    ];
+    let mut counts = BTreeMap::new();
+    for f in 0..3 {
+        let mut text = String::new();
+        for line in 0..400usize {
+            let n = 1 + (line * 7 + f * 3) % 5;
+            let words: Vec<&str> = (0..n)
+                .map(|k| vocab[(line + k * f + k) % vocab.len()])
+                .collect();
+            for w in &words {
+                *counts.entry(w.to_string()).or_insert(0) += 1;
+            }
+            text.push_str(&words.join(" "));
+            text.push('\n');
+        }
+        std::fs::write(dir.join("data").join(format!("part{f}.txt")), text).expect("input");
+    }
+    counts
+}
+
+#[test]
+fn an_aws_job_runs_on_nodes_booted_from_their_user_data_with_the_runtime_apply_uploaded() {
+    let moto = Moto::start();
+    let ec2 = Ec2::new(&moto);
+    let machines = booted_machines(&moto, "awsjobs");
+    let env = Env::new();
+    let runtime_bucket = format!("mp-runtime-{}", fastrand::u32(..));
+    env.spec(&format!(
+        "project: awsjobs\n\
+         provider: {{ kind: aws, region: {region}, image: {AMI}, endpoint_url: \"{url}\", \
+         runtime_bucket: {runtime_bucket}, ready_timeout_minutes: 4 }}\n\
+         clusters:\n  etl: {{ node_type: t3.micro, workers: 2 }}\n\
+         jobs:\n  wc:\n    cluster: etl\n    tasks:\n      count:\n\
+         \x20       map: {{ input: \"data/*.txt\", partitions: 4, python: {{ file: wc.py, function: words }} }}\n\
+         \x20       reduce: {{ partitions: 2, python: {{ file: wc.py, function: add }} }}\n\
+         \x20       output: out/wc\n\
+         \x20 adhoc:\n    new_cluster: {{ node_type: t3.micro, workers: 1 }}\n    tasks:\n\
+         \x20     hello: {{ command: \"echo hello from a job cluster\" }}\n",
+        region = moto::REGION,
+        url = moto.url(),
+    ));
+    std::fs::write(env.dir.path().join("wc.py"), WC_PY).expect("wc.py");
+    let expected = write_words(env.dir.path());
+
+    // No runtime_url: apply uploads this very binary, stripped, to the bucket.
+    let applied = mp(&env, None, &["apply", "--yes"]).expect_code(0);
+    let (objects, tags) = bucket(&moto, &runtime_bucket);
+    assert_eq!(objects.len(), 1, "one runtime object: {objects:?}");
+    let (key, sha) = objects.iter().next().expect("the runtime");
+    assert!(
+        key.starts_with("motorpool/runtime/") && key.ends_with(&format!("/{sha}/motorpool")),
+        "{key}"
+    );
+    assert_eq!(
+        tags.get("motorpool-project").map(String::as_str),
+        Some("awsjobs"),
+        "the bucket was made as the project's: {tags:?}"
+    );
+    // Every node downloaded exactly that file, checked it, and runs it.
+    let live = ec2.live("awsjobs");
+    assert_eq!(live.len(), 3, "{live:#?}\n{}", applied.stdout);
+    for node in &live {
+        let log = machines.log(&node.id);
+        assert_eq!(
+            machines.steps_reported(&node.id),
+            ["runtime", "formation", "libraries", "security", "ready"],
+            "{}:\n{log}",
+            node.id
+        );
+        let published = node
+            .tags
+            .get("motorpool-agent-address")
+            .unwrap_or_else(|| panic!("{} published no address: {node:?}", node.id));
+        assert!(
+            published.starts_with("127.") && published.ends_with(":7443"),
+            "the agent published the loopback address it listens on: {published}"
+        );
+    }
+
+    // status and logs reach the cloud nodes at the addresses their agents published.
+    let status = mp(&env, None, &["status", "--output", "json"]).expect_code(0);
+    let nodes = status.json()["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(nodes.len(), 3, "{nodes:#?}");
+    for n in &nodes {
+        assert!(
+            n["address"].as_str().is_some_and(|a| a.ends_with(":7443")),
+            "{n:#}"
+        );
+        assert!(
+            n["private_ip"]
+                .as_str()
+                .is_some_and(|ip| !ip.starts_with("127.")),
+            "EC2's own private address is reported (and never dialled): {n:#}"
+        );
+    }
+    let logs = mp(&env, None, &["logs", "etl"]).expect_code(0);
+    assert!(logs.stdout.contains("(driver)"), "{}", logs.stdout);
+
+    // A map/reduce job on the AWS cluster: the answer equals one process's.
+    mp(&env, None, &["run", "wc"]).expect_code(0);
+    let got = common::read_part_files(&env.dir.path().join("out/wc"));
+    assert_eq!(got, expected);
+
+    // A job cluster made on AWS for one run, and removed after it; its
+    // output and logs are kept.
+    let adhoc = mp(&env, None, &["run", "adhoc"]).expect_code(0);
+    assert!(
+        adhoc.stdout.contains("hello from a job cluster"),
+        "{}",
+        adhoc.stdout
+    );
+    let after = ec2.live("awsjobs");
+    assert_eq!(after.len(), 3, "the job cluster is gone: {after:#?}");
+    let kept = mp(&env, None, &["logs", "adhoc"]).expect_code(0);
+    assert!(
+        kept.stdout.contains("hello from a job cluster"),
+        "{}",
+        kept.stdout
+    );
+
+    // A second apply uploads nothing new.
+    mp(&env, None, &["apply", "--yes"]).expect_code(0);
+    assert_eq!(bucket(&moto, &runtime_bucket).0.len(), 1);
+    mp(&env, None, &["destroy", "--yes"]).expect_code(0);
+    assert!(ec2.live("awsjobs").is_empty());
+}
+
+#[test]
+fn a_runtime_that_does_not_match_its_checksum_stops_the_node_with_a_step_failure() {
+    let moto = Moto::start();
+    let ec2 = Ec2::new(&moto);
+    let _machines = booted_machines(&moto, "awsbadsum");
+    // The runtime is served on loopback; the spec's checksum is another file's.
+    let served = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        served.path().join("motorpool"),
+        b"#!/bin/sh\necho not motorpool\n",
+    )
+    .expect("file");
+    let server = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = server.local_addr().expect("addr").port();
+    let body = std::fs::read(served.path().join("motorpool")).expect("read");
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for mut stream in server.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(&body);
+        }
+    });
+    let env = Env::new();
+    let wrong = "0".repeat(64);
+    env.spec(&format!(
+        "project: awsbadsum\n\
+         provider: {{ kind: aws, region: {region}, image: {AMI}, endpoint_url: \"{url}\", \
+         runtime_url: \"http://127.0.0.1:{port}/motorpool\", runtime_sha256: \"{wrong}\", \
+         ready_timeout_minutes: 2 }}\n\
+         clusters:\n  etl: {{ node_type: t3.micro, workers: 1 }}\n",
+        region = moto::REGION,
+        url = moto.url(),
+    ));
+    let run = mp(&env, None, &["apply", "--yes"]).expect_code(1);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    // Whatever apply did with them after (they failed), both nodes said why.
+    let launched = ec2.instances("awsbadsum");
+    assert_eq!(launched.len(), 2, "{launched:#?}");
+    for node in &launched {
+        assert_eq!(
+            node.tags.get("motorpool-step").map(String::as_str),
+            Some("failed:runtime"),
+            "{node:?}"
+        );
+        assert!(
+            all.contains(&format!(
+                "{} (failed at runtime: the downloaded runtime's SHA-256 is",
+                node.id
+            )),
+            "the failure names the node and why: {all}"
+        );
+    }
+    assert!(
+        all.contains(&format!("not the runtime_sha256 {wrong}")),
+        "{all}"
+    );
+    mp(&env, None, &["destroy", "--yes"]).expect_code(0);
+}
+
+#[test]
+fn public_drivers_get_a_public_address_open_only_to_the_listed_ranges() {
+    let moto = Moto::start();
+    let ec2 = Ec2::new(&moto);
+    // Nothing here is dialled: the nodes' tags are played, and the public
+    // addresses moto hands out are only read back.
+    let _nodes = fake_nodes(&moto, "awspub");
+    let env = Env::new();
+    env.spec(&spec_with(
+        "awspub",
+        Some(&moto.url()),
+        ", public_driver_cidrs: [\"203.0.113.7/32\", \"198.51.100.0/24\"]",
+        "clusters:\n  etl: { node_type: t3.micro, workers: 1 }\n",
+    ));
+    mp(&env, None, &["apply", "--yes"]).expect_code(0);
+    let (driver, worker) = ec2.rt.block_on(async {
+        let out = ec2
+            .client
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:motorpool-project")
+                    .values("awspub")
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe");
+        let all: Vec<_> = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .cloned()
+            .collect();
+        let role = |i: &motorpool_aws::aws_sdk_ec2::types::Instance| {
+            i.tags()
+                .iter()
+                .find(|t| t.key() == Some("motorpool-role"))
+                .and_then(|t| t.value())
+                .map(str::to_string)
+        };
+        let pick = |r: &str| {
+            all.iter()
+                .find(|i| role(i).as_deref() == Some(r))
+                .cloned()
+                .unwrap_or_else(|| panic!("no {r}: {all:#?}"))
+        };
+        (pick("driver"), pick("worker"))
+    });
+    // The groups of the instance's network interface (EC2 reports them there too).
+    let groups = |i: &motorpool_aws::aws_sdk_ec2::types::Instance| -> Vec<String> {
+        i.network_interfaces()
+            .iter()
+            .flat_map(|n| n.groups())
+            .chain(i.security_groups())
+            .filter_map(|g| g.group_name().map(str::to_string))
+            .collect()
+    };
+    assert!(driver.public_ip_address().is_some(), "{driver:#?}");
+    assert!(
+        groups(&driver).contains(&"motorpool-awspub-driver-access".to_string()),
+        "{:?}",
+        groups(&driver)
+    );
+    assert!(
+        !groups(&worker).contains(&"motorpool-awspub-driver-access".to_string()),
+        "a worker stays private: {:?}",
+        groups(&worker)
+    );
+    let rules = ec2.rt.block_on(async {
+        ec2.client
+            .describe_security_groups()
+            .filters(
+                Filter::builder()
+                    .name("group-name")
+                    .values("motorpool-awspub-driver-access")
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("groups")
+            .security_groups()
+            .iter()
+            .flat_map(|g| g.ip_permissions())
+            .flat_map(|p| {
+                p.ip_ranges().iter().map(move |r| {
+                    (
+                        p.from_port(),
+                        p.to_port(),
+                        r.cidr_ip().unwrap_or_default().to_string(),
+                    )
+                })
+            })
+            .collect::<BTreeSet<_>>()
+    });
+    assert_eq!(
+        rules,
+        BTreeSet::from([
+            (Some(7443), Some(7444), "198.51.100.0/24".to_string()),
+            (Some(7443), Some(7444), "203.0.113.7/32".to_string()),
+        ])
+    );
+    mp(&env, None, &["destroy", "--yes"]).expect_code(0);
 }

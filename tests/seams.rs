@@ -176,6 +176,7 @@ impl Provider for TestCloud {
                     tags: request.tags.clone(),
                     address: None,
                     pid: None,
+                    ips: Default::default(),
                     launched_at: 0,
                 };
                 file.instances.insert(instance.id.clone(), instance.clone());

@@ -57,6 +57,8 @@ pub struct AgentOptions {
     pub instance_id: String,
     /// A JSON [`AgentConfig`] (the instance's user data on the local provider).
     pub config: Option<PathBuf>,
+    /// The port of the driver or executor the agent hosts (0: any free one).
+    pub runtime_port: u16,
 }
 
 /// What an agent is told at launch (the local provider's user data; on clouds,
@@ -221,6 +223,7 @@ pub async fn run_until(
                 trust.as_ref(),
             ),
             watch_interval: node::POOL_WATCH_INTERVAL,
+            published_address: (!local.ip().is_unspecified()).then(|| local.to_string()),
         })),
         None => None,
     };
@@ -261,6 +264,7 @@ pub async fn run_until(
             server: server_tls.clone(),
             trust: trust.clone(),
             listen_ip: opts.listen.ip(),
+            runtime_port: opts.runtime_port,
         },
     );
     if let (Some(n), Some(c)) = (node.clone(), config.as_ref()) {

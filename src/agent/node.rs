@@ -58,6 +58,10 @@ pub struct Node {
     /// How often an idle pool instance reads its own record (to learn it
     /// was drawn into a cluster).
     pub watch_interval: Duration,
+    /// Where this agent listens, published with every step it reports
+    /// ([`tags::AGENT_ADDRESS`]) so the CLI can dial a node its cloud gives
+    /// no known address; None when it listens on every interface.
+    pub published_address: Option<String>,
 }
 
 fn now_unix() -> u64 {
@@ -139,6 +143,9 @@ impl Node {
     async fn report_step(&self, step: &str, more: &[(&str, &str)]) -> anyhow::Result<()> {
         let mut set = BTreeMap::new();
         set.insert(tags::STEP.to_string(), step.to_string());
+        if let Some(address) = &self.published_address {
+            set.insert(tags::AGENT_ADDRESS.to_string(), address.clone());
+        }
         for (k, v) in more {
             set.insert(k.to_string(), v.to_string());
         }
@@ -702,6 +709,7 @@ mod tests {
                 provider: Arc::new(ProviderClient::new(counting.clone(), plugin.capabilities())),
                 agent_credential: Credential::new("agent"),
                 watch_interval: interval,
+                published_address: None,
             };
             let runner = Arc::new(StepRunner::new(&dir));
             let runtime = RuntimeHost::new(
@@ -711,6 +719,7 @@ mod tests {
                     server: None,
                     trust: None,
                     listen_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+                    runtime_port: 0,
                 },
             );
             watchers.spawn(async move {

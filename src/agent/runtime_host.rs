@@ -180,7 +180,7 @@ impl RuntimeHost {
             cluster: request.cluster.clone(),
             credential,
             dir: self.dir.join("runtime"),
-            listen: SocketAddr::new(ip, 0),
+            listen: SocketAddr::new(ip, self.tls.runtime_port),
             tls: self.tls.server.clone(),
             cores: request.cores,
             version: request.engine_version.clone(),

@@ -32,6 +32,8 @@ pub struct RuntimeTls {
     pub trust: Option<crate::tls::Trust>,
     /// The agent's listen IP; the runtime listens on the same one.
     pub listen_ip: std::net::IpAddr,
+    /// The runtime's port on that IP (0: any free one).
+    pub runtime_port: u16,
 }
 
 #[derive(Clone)]

@@ -66,6 +66,7 @@ async fn agent_writes_agent_json_and_answers_identity_and_health() {
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         instance_id: "local-0000abcd".to_string(),
         config: None,
+        runtime_port: 0,
     });
 
     let file = wait_for_agent_file(&dir).await;
@@ -124,6 +125,7 @@ async fn agent_refuses_a_non_loopback_address_without_tls() {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             instance_id: "local-1".to_string(),
             config: None,
+            runtime_port: 0,
         },
         std::future::pending(),
     )
@@ -146,6 +148,7 @@ async fn agent_reports_a_busy_port_and_writes_no_agent_json() {
             listen: addr,
             instance_id: "local-1".to_string(),
             config: None,
+            runtime_port: 0,
         },
         std::future::pending(),
     )

@@ -67,6 +67,7 @@ impl Provider for Recorder {
                     tags: r.tags.clone(),
                     address: None,
                     pid: None,
+                    ips: Default::default(),
                     launched_at: 0,
                 }
             })

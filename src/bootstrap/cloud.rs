@@ -19,8 +19,7 @@ use serde_json::json;
 use super::template::Templates;
 use crate::words::NodeProvider;
 
-/// The port the agent listens on, on a cloud node's private address (with TLS).
-pub const CLOUD_AGENT_PORT: u16 = 7443;
+pub use motorpool_provider::{CLOUD_AGENT_PORT, CLOUD_RUNTIME_PORT};
 
 /// How cloud nodes get their runtime and reach their provider (from the
 /// spec's provider block and the provider's plugin).
@@ -62,6 +61,9 @@ pub fn user_data(
             "runtime_sha256": settings.runtime_sha256.to_ascii_lowercase(),
             "agent_config": agent_config,
             "port": CLOUD_AGENT_PORT,
+            "runtime_port": CLOUD_RUNTIME_PORT,
+            // How the node reaches its provider (an endpoint override, ...).
+            "node": settings.provider.settings,
         }),
     )?;
     if let Some(limit) = settings.user_data_limit
@@ -76,15 +78,18 @@ pub fn user_data(
 }
 
 /// The agent config (JSON) inside user data made by [`user_data`] (tests,
-/// tools): the one word after `printf '%s\n'` on the line that writes it.
+/// tools): the one word after `printf '%s\n'` on the line that writes it
+/// (to `/var/lib/motorpool/agent-config.json`, under `"$root"` or not).
 pub fn agent_config_of(user_data: &str) -> Option<String> {
-    let line = user_data
-        .lines()
-        .find(|l| l.ends_with("> /var/lib/motorpool/agent-config.json"))?;
-    let word = line
-        .strip_prefix("printf '%s\\n' '")?
-        .strip_suffix("' > /var/lib/motorpool/agent-config.json")?;
-    Some(word.replace(r"'\''", "'"))
+    const TARGETS: [&str; 2] = [
+        "' > /var/lib/motorpool/agent-config.json",
+        "' > \"$root/var/lib/motorpool/agent-config.json\"",
+    ];
+    user_data.lines().find_map(|line| {
+        let word = line.strip_prefix("printf '%s\\n' '")?;
+        let word = TARGETS.iter().find_map(|t| word.strip_suffix(t))?;
+        Some(word.replace(r"'\''", "'"))
+    })
 }
 
 #[cfg(test)]

@@ -408,6 +408,10 @@ async fn wait_for_ready_tags(
             .iter()
             .map(|i| (i.id.as_str(), (i.tag(tags::STEP), i.state)))
             .collect();
+        let reasons: BTreeMap<&str, &str> = listed
+            .iter()
+            .filter_map(|i| Some((i.id.as_str(), i.tag(tags::FAILURE)?)))
+            .collect();
         let waiting: Vec<String> = ids
             .iter()
             .filter(|id| steps.get(id.as_str()).and_then(|(s, _)| *s) != Some(Step::Ready.name()))
@@ -429,14 +433,17 @@ async fn wait_for_ready_tags(
             .filter_map(|id| {
                 let step = steps.get(id.as_str()).and_then(|(s, _)| *s)?;
                 let at = step.strip_prefix("failed:")?;
-                Some(format!("{id} (failed at {at})"))
+                Some(match reasons.get(id.as_str()) {
+                    Some(why) => format!("{id} (failed at {at}: {why})"),
+                    None => format!("{id} (failed at {at}; its agent log says why)"),
+                })
             })
             .collect();
         if !failed.is_empty() {
             return Err(StartupError::at(
                 Step::Ready,
                 format!(
-                    "startup failed on {}: {}; the node's agent log says why",
+                    "startup failed on {}: {}",
                     crate::words::plural(failed.len() as u32, "node"),
                     failed.join(", ")
                 ),

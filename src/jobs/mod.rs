@@ -409,11 +409,14 @@ async fn driver_address(project: &Project, cluster: &str) -> Result<String> {
     let driver = driver_of(observed.members(ResourceKind::Cluster, cluster), cluster)?;
     let address = driver.address.as_deref().with_context(|| {
         format!(
-            "the driver node {} of cluster `{cluster}` has no address this machine can reach",
+            "the driver node {} of cluster `{cluster}` has published no address yet: its agent \
+             has not started (see `motorpool status`)",
             driver.id
         )
     })?;
-    let mut agent = crate::bootstrap::run::connect(address, &project.agent_credential()?).await?;
+    let mut agent = crate::bootstrap::run::connect(address, &project.agent_credential()?)
+        .await
+        .map_err(|e| project.unreachable(&driver.id, e))?;
     let state = agent
         .get_state(crate::agent::proto::GetStateRequest {})
         .await
@@ -431,7 +434,20 @@ async fn driver_address(project: &Project, cluster: &str) -> Result<String> {
             driver.id
         );
     }
-    Ok(state.driver_address)
+    Ok(on_host_of(address, &state.driver_address))
+}
+
+/// The driver runs inside its node's agent, so it is reached on the host
+/// this machine dials the agent at (a cloud node's published address)
+/// with the port the driver listens on.
+fn on_host_of(agent: &str, driver: &str) -> String {
+    match (
+        agent.parse::<std::net::SocketAddr>(),
+        driver.parse::<std::net::SocketAddr>(),
+    ) {
+        (Ok(agent), Ok(driver)) => std::net::SocketAddr::new(agent.ip(), driver.port()).to_string(),
+        _ => driver.to_string(),
+    }
 }
 
 fn cluster_credential(project: &Project, cluster: &str) -> Result<Credential> {

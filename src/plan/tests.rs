@@ -129,6 +129,7 @@ fn simulate(plan: &Plan, mut world: Vec<Instance>, now: u64) -> Vec<Instance> {
                             tags: stamp(t, now),
                             address: None,
                             pid: None,
+                            ips: Default::default(),
                             launched_at: now,
                         });
                     }

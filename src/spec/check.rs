@@ -271,7 +271,6 @@ impl<'s> Checker<'_, 's> {
         let Some(plugin) = self.plugin else {
             return;
         };
-        self.shared_provider_settings(node, plugin.capabilities().needs_runtime_download());
         let own = match super::to_json(node) {
             serde_json::Value::Object(mut map) => {
                 map.remove("kind");
@@ -282,6 +281,8 @@ impl<'s> Checker<'_, 's> {
             }
             _ => return,
         };
+        let needs_runtime_url = plugin.capabilities().needs_runtime_download();
+        self.shared_provider_settings(node, needs_runtime_url, plugin.publishes_runtime(&own));
         for problem in plugin.check_settings(&own) {
             let span = setting_span(node, &problem.path, problem.on_key);
             self.error(span, problem.message);
@@ -291,13 +292,15 @@ impl<'s> Checker<'_, 's> {
     /// What nodes need that every provider shares: the runtime's URL and
     /// checksum (where nodes download it, when the spec launches anything),
     /// and a sane ready timeout.
-    fn shared_provider_settings(&mut self, node: &Node, downloads_runtime: bool) {
+    fn shared_provider_settings(&mut self, node: &Node, downloads_runtime: bool, publishes: bool) {
         let launches_nodes = !self.parts.pools.items.is_empty()
             || !self.parts.clusters.items.is_empty()
             || !self.parts.jobs.items.is_empty();
         let url = node.get("runtime_url").and_then(Node::as_str);
         let sha = node.get("runtime_sha256").and_then(Node::as_str);
-        if launches_nodes && downloads_runtime {
+        // A provider that publishes the runtime itself needs neither, or both.
+        let required = !publishes || url.is_some() || sha.is_some();
+        if launches_nodes && downloads_runtime && required {
             for (key, value) in [("runtime_url", url), ("runtime_sha256", sha)] {
                 if value.is_none() && node.get(key).is_none() {
                     self.error(

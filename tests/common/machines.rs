@@ -8,6 +8,10 @@
 //! cloud's API. An instance that stops running loses its agent. Every agent
 //! is killed on drop, also when the test fails.
 //!
+//! With [`Machines::boot_user_data`] a machine runs its user data itself
+//! instead, as a fresh node would ([`super::cloud_init`]): the script
+//! downloads the runtime, checks it and starts the agent through `systemctl`.
+//!
 //! [`FakeNodes`] plays the nodes without running them: it tags every pool
 //! instance warm and every cluster instance ready through the provider, as
 //! their agents would. For tests about launching, not about startup.
@@ -29,7 +33,27 @@ pub struct Machine {
     pub user_data: Option<String>,
 }
 
-type Agents = Arc<Mutex<BTreeMap<String, Child>>>;
+/// What runs for one machine; dropping it stops it.
+enum Running {
+    /// An agent started from the config in the user data.
+    Agent(Child),
+    /// The user data itself, and the agent it started.
+    Booted(super::cloud_init::Booted),
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Running::Agent(child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+type Agents = Arc<Mutex<BTreeMap<String, Running>>>;
+
+/// How a machine comes to life: what its user data asks, under its directory.
+type BootFn = dyn Fn(&Machine, &Path) -> Option<Running> + Send;
 
 pub struct Machines {
     stop: Arc<AtomicBool>,
@@ -43,8 +67,51 @@ impl Machines {
     /// per running instance; `prepare` sets up each agent's environment
     /// (where its cloud's API is, no real credentials).
     pub fn start(
-        mut look: impl FnMut() -> Vec<Machine> + Send + 'static,
+        look: impl FnMut() -> Vec<Machine> + Send + 'static,
         prepare: impl Fn(&mut Command) + Send + 'static,
+    ) -> Machines {
+        Machines::with_boot(
+            look,
+            Box::new(move |machine, dir| boot(machine, dir, &prepare).map(Running::Agent)),
+        )
+    }
+
+    /// Like [`Machines::start`], but each machine runs its user data for
+    /// real at first boot ([`super::cloud_init::Booted`]), with its own
+    /// metadata service and its own address in 127.0.0.0/8 (a random
+    /// 127.X.Y.0/24 per test, so tests on one machine never share one);
+    /// `prepare` adds the cloud's endpoint and credentials.
+    pub fn boot_user_data(
+        look: impl FnMut() -> Vec<Machine> + Send + 'static,
+        region: &str,
+        prepare: impl Fn(&mut Command) + Send + 'static,
+    ) -> Machines {
+        let subnet = [127, fastrand::u8(1..=254), fastrand::u8(1..=254)];
+        let next_host = std::sync::atomic::AtomicU8::new(10);
+        let region = region.to_string();
+        Machines::with_boot(
+            look,
+            Box::new(move |machine, dir| {
+                let user_data = machine.user_data.as_deref()?;
+                let bin = super::cloud_init::fake_bin(dir.parent()?).ok()?;
+                let host = next_host.fetch_add(1, Ordering::SeqCst);
+                let metadata = super::cloud_init::Metadata {
+                    instance_id: machine.id.clone(),
+                    private_ip: std::net::Ipv4Addr::new(subnet[0], subnet[1], subnet[2], host),
+                    region: region.clone(),
+                    access_key_id: "AKIAMOTORPOOLNODE000".into(),
+                    secret_access_key: "motorpool-node-role-secret".into(),
+                };
+                super::cloud_init::Booted::boot(user_data, metadata, dir, &bin, &prepare)
+                    .ok()
+                    .map(Running::Booted)
+            }),
+        )
+    }
+
+    fn with_boot(
+        mut look: impl FnMut() -> Vec<Machine> + Send + 'static,
+        boot: Box<BootFn>,
     ) -> Machines {
         let stop = Arc::new(AtomicBool::new(false));
         let agents: Agents = Arc::default();
@@ -67,17 +134,15 @@ impl Machines {
                     .cloned()
                     .collect();
                 for id in gone {
-                    if let Some(mut child) = agents.remove(&id) {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                    }
+                    drop(agents.remove(&id));
                 }
                 for (id, machine) in &live {
                     if !machine.running || agents.contains_key(id) {
                         continue;
                     }
-                    if let Some(child) = boot(machine, &root, &prepare) {
-                        agents.insert(id.clone(), child);
+                    let dir = machine_dir(&root, id);
+                    if let Some(running) = boot(machine, &dir) {
+                        agents.insert(id.clone(), running);
                     }
                 }
                 drop(agents);
@@ -102,8 +167,19 @@ impl Machines {
     }
 
     pub fn log(&self, id: &str) -> String {
-        std::fs::read_to_string(machine_dir(self.dir.path(), id).join("agent.log"))
-            .unwrap_or_default()
+        let dir = machine_dir(self.dir.path(), id);
+        match std::fs::read_to_string(dir.join("agent.log")) {
+            Ok(log) => log,
+            // Booted from its user data: the script's output, then the agent's.
+            Err(_) => [
+                "cloud-init.log".to_string(),
+                format!("{}.log", super::cloud_init::AGENT_UNIT),
+            ]
+            .iter()
+            .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        }
     }
 }
 
@@ -112,10 +188,9 @@ fn machine_dir(root: &Path, id: &str) -> PathBuf {
 }
 
 /// Start the agent a machine's user data asks for; None when it has none (yet).
-fn boot(machine: &Machine, root: &Path, prepare: &impl Fn(&mut Command)) -> Option<Child> {
+fn boot(machine: &Machine, dir: &Path, prepare: &impl Fn(&mut Command)) -> Option<Child> {
     let config = motorpool::agent::AgentConfig::from_user_data(machine.user_data.as_deref()?)?;
-    let dir = machine_dir(root, &machine.id);
-    std::fs::create_dir_all(&dir).ok()?;
+    std::fs::create_dir_all(dir).ok()?;
     let config_path = dir.join("agent-config.json");
     std::fs::write(&config_path, serde_json::to_vec(&config).ok()?).ok()?;
     let log = std::fs::File::create(dir.join("agent.log")).ok()?;
@@ -148,10 +223,7 @@ impl Drop for Machines {
             Ok(a) => a,
             Err(poisoned) => poisoned.into_inner(),
         };
-        for (_, mut child) in std::mem::take(&mut *agents) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(std::mem::take(&mut *agents));
         // A failing test keeps the agents' logs to read.
         if std::thread::panicking() {
             let dir = std::mem::replace(

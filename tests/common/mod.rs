@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod cloud_init;
 pub mod lifecycle;
 pub mod machines;
 

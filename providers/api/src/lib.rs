@@ -77,6 +77,15 @@ pub mod tags {
     /// tags cannot hold an address stores it where the cloud keeps such
     /// values (GCP: instance metadata).
     pub const DRIVER_ADDRESS: &str = "motorpool-driver-address";
+    /// On a self-started node: where its agent listens (`HOST:PORT`),
+    /// published by the agent itself for the CLI (`status`, `logs`, `run`)
+    /// to dial. Like the driver's address, a provider whose tags cannot hold
+    /// it stores it where the cloud keeps such values.
+    pub const AGENT_ADDRESS: &str = "motorpool-agent-address";
+    /// Beside a `failed:<step>` step: why, in words, when the node could
+    /// say (its user data failed before its agent ran: a runtime download
+    /// that does not match its checksum).
+    pub const FAILURE: &str = "motorpool-failure";
 }
 
 /// The lifecycle state of an instance, as the provider reports it.
@@ -114,6 +123,22 @@ impl std::fmt::Display for InstanceState {
     }
 }
 
+/// A machine's IP addresses as its cloud reports them: the private one
+/// inside its network, and the public one where it has one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIps {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<String>,
+}
+
+impl NodeIps {
+    pub fn is_empty(&self) -> bool {
+        self.private.is_none() && self.public.is_none()
+    }
+}
+
 /// One machine as the provider reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
@@ -129,6 +154,9 @@ pub struct Instance {
     /// The agent's process id (local provider only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The machine's network addresses, as its cloud reports them.
+    #[serde(default, skip_serializing_if = "NodeIps::is_empty")]
+    pub ips: NodeIps,
     /// Unix seconds of the launch.
     pub launched_at: u64,
 }
@@ -165,6 +193,41 @@ pub struct LaunchRequest {
     /// Idempotency token: a second launch with the same token returns the
     /// instances of the first instead of making new ones.
     pub client_token: String,
+}
+
+/// The port a cloud node's agent listens on, on its private address (with TLS).
+pub const CLOUD_AGENT_PORT: u16 = 7443;
+
+/// The port the driver or executor a cloud node's agent hosts listens on:
+/// fixed (the agent's plus one) so that a firewall rule can name both.
+pub const CLOUD_RUNTIME_PORT: u16 = CLOUD_AGENT_PORT + 1;
+
+/// The runtime binary `apply` publishes for cloud nodes ([`Provider::publish_runtime`]).
+#[derive(Debug, Clone)]
+pub struct RuntimeUpload {
+    /// The file to upload (a stripped `motorpool` for the nodes' platform).
+    pub path: std::path::PathBuf,
+    /// Its SHA-256, lower-case hex: the object's name carries it, so an
+    /// object already there under that name is the same file.
+    pub sha256: String,
+    /// e.g. `0.1.0`, for the object's name.
+    pub version: String,
+    /// e.g. `x86_64-linux`, for the object's name.
+    pub platform: String,
+    /// The project, for the tags of a bucket made for it.
+    pub project: String,
+    /// How long the URL handed to nodes must work.
+    pub valid_for: Duration,
+}
+
+impl RuntimeUpload {
+    /// The object's name in the bucket: one per version, platform and content.
+    pub fn object_name(&self) -> String {
+        format!(
+            "motorpool/runtime/{}/{}/{}/motorpool",
+            self.version, self.platform, self.sha256
+        )
+    }
 }
 
 /// A change of tags on a set of instances: `set` is written, `remove` is deleted.
@@ -242,6 +305,16 @@ pub trait Provider: Send + Sync {
     /// A suggested client-side rate limit for this provider, in calls per second.
     fn calls_per_second(&self) -> f64 {
         50.0
+    }
+
+    /// Put the motorpool runtime where this cloud's nodes can download it
+    /// (the bucket the provider's settings name, made and tagged as the
+    /// project's when missing), at most once per content, and hand back a
+    /// URL that works for [`RuntimeUpload::valid_for`]. `Ok(None)`: these
+    /// settings name no such place (the spec must give `runtime_url`).
+    async fn publish_runtime(&self, runtime: &RuntimeUpload) -> Result<Option<String>> {
+        let _ = runtime;
+        Ok(None)
     }
 
     /// One page of the instances whose tags match `filter` (terminated ones

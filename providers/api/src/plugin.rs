@@ -154,6 +154,29 @@ pub trait ProviderPlugin: Send + Sync {
     fn user_data_template(&self) -> Option<&'static str> {
         None
     }
+
+    /// Whether these settings name a place this provider publishes the
+    /// runtime to ([`crate::Provider::publish_runtime`]), so the spec need
+    /// not give `runtime_url`.
+    fn publishes_runtime(&self, _settings: &Value) -> bool {
+        false
+    }
+
+    /// Whether these settings give a cluster's driver node a public address
+    /// that the machine running the CLI may dial (opened by the provider
+    /// only to the address ranges the settings list). When true, the CLI
+    /// dials a driver's agent and driver at the public IP the provider
+    /// reports ([`crate::NodeIps::public`]) instead of the private address
+    /// the agent published.
+    fn public_driver(&self, _settings: &Value) -> bool {
+        false
+    }
+
+    /// What to tell a user whose machine cannot reach a node at the address
+    /// its agent published (a cloud's private network): the setting to use.
+    fn reach_hint(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// What a node of a provider that keeps its state under `$MOTORPOOL_HOME`

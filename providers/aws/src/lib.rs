@@ -43,6 +43,13 @@
 //!   pool instance drawn into the cluster reads it with its instance role
 //!   (`CreateLaunchTemplate`, `CreateLaunchTemplateVersion` when it exists,
 //!   `DescribeLaunchTemplateVersions` of `$Latest`, `DeleteLaunchTemplate`).
+//! - **publish_runtime**: the runtime binary in S3 (`runtime_bucket`), see
+//!   [`runtime_store`]: `HeadBucket`/`CreateBucket`/`PutBucketTagging`,
+//!   `HeadObject`/`PutObject`, and a presigned `GetObject` URL.
+//! - **public drivers** (`public_driver_cidrs`): drivers and pool instances
+//!   are launched with a public IP and the project's access group, see
+//!   [`driver_access`]. Instances report EC2's private and public IPs
+//!   ([`motorpool_provider::NodeIps`]).
 //!
 //! The SDK's own retries are off: the engine's client retries throttling and
 //! 5xx with backoff and counts them, and two retry layers would multiply.
@@ -51,8 +58,10 @@
 //! (`provider.image`, `provider.subnet_ids`, ...).
 
 mod catalog;
+mod driver_access;
 mod errors;
 pub mod plugin;
+mod runtime_store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -75,6 +84,7 @@ use sha2::{Digest, Sha256};
 
 pub use aws_sdk_ec2;
 pub use aws_sdk_ec2::config::Credentials;
+pub use aws_sdk_s3;
 pub use catalog::catalog;
 pub use plugin::{AwsPlugin, AwsSettings};
 
@@ -138,6 +148,11 @@ pub struct AwsConfig {
     pub credentials: Option<Credentials>,
     /// How long stop/start wait for instances still pending or stopping.
     pub settle_timeout: Duration,
+    /// The S3 bucket `apply` uploads the runtime to when the spec gives no
+    /// `runtime_url` ([`Provider::publish_runtime`]).
+    pub runtime_bucket: Option<String>,
+    /// CIDRs that may reach drivers on a public address (see the settings).
+    pub public_driver_cidrs: Vec<String>,
 }
 
 impl Default for AwsConfig {
@@ -156,6 +171,8 @@ impl Default for AwsConfig {
             page_size: DEFAULT_PAGE_SIZE,
             credentials: None,
             settle_timeout: Duration::from_secs(300),
+            runtime_bucket: None,
+            public_driver_cidrs: Vec::new(),
         }
     }
 }
@@ -423,6 +440,21 @@ impl AwsProvider {
             .collect()
     }
 
+    /// The project of a launch that gets a public address: drivers, and
+    /// pool instances (a driver may be drawn from its pool), when
+    /// `public_driver_cidrs` is set.
+    fn public_driver_project<'r>(&self, request: &'r LaunchRequest) -> Option<&'r str> {
+        if self.config.public_driver_cidrs.is_empty() {
+            return None;
+        }
+        let tag = |k: &str| request.tags.get(k).map(String::as_str);
+        let may_drive = tag(motorpool_provider::tags::ROLE) == Some("driver")
+            || tag(motorpool_provider::tags::KIND) == Some("pool");
+        may_drive
+            .then(|| tag(motorpool_provider::tags::PROJECT))
+            .flatten()
+    }
+
     /// One `RunInstances` attempt of `launch` with this token, market and subnet.
     async fn run_instances(
         &self,
@@ -436,6 +468,7 @@ impl AwsProvider {
             image,
             tags,
             root_device,
+            access,
         } = launch;
         let client = self
             .client()
@@ -462,13 +495,19 @@ impl AwsProvider {
             .max_count(count)
             .set_client_token(token)
             .tag_specifications(tag_spec(ResourceType::Instance))
-            .tag_specifications(tag_spec(ResourceType::Volume))
-            .set_subnet_id(subnet);
+            .tag_specifications(tag_spec(ResourceType::Volume));
         if !request.user_data.is_empty() {
             req = req.user_data(aws_smithy_types::base64::encode(&request.user_data));
         }
-        if !self.config.security_group_ids.is_empty() {
-            req = req.set_security_group_ids(Some(self.config.security_group_ids.clone()));
+        match access {
+            // The subnet and groups then belong to the interface.
+            Some(access) => req = req.network_interfaces(access.interface(subnet)),
+            None => {
+                req = req.set_subnet_id(subnet);
+                if !self.config.security_group_ids.is_empty() {
+                    req = req.set_security_group_ids(Some(self.config.security_group_ids.clone()));
+                }
+            }
         }
         if let Some(profile) = &self.config.iam_instance_profile {
             let spec = if profile.starts_with("arn:") {
@@ -581,11 +620,36 @@ struct Prepared<'a> {
     tags: Vec<Tag>,
     /// Set when `root_volume_gb` is.
     root_device: Option<String>,
+    /// Set for a public driver (or a pool instance that may become one).
+    access: Option<driver_access::AccessGroups>,
 }
 
 /// An SDK client on the provider's settings: the standard credential and
 /// region chains, rustls (ring) for TLS, no SDK retries, bounded timeouts.
+/// An S3 client with the provider's settings (for the runtime upload; tests
+/// read the bucket with it). With an endpoint override (an emulator such as
+/// moto on 127.0.0.1) it addresses buckets by path, which emulators need.
+pub async fn s3_client(config: &AwsConfig) -> Result<aws_sdk_s3::Client> {
+    let sdk = sdk_config(config).await?;
+    let s3 = aws_sdk_s3::config::Builder::from(&sdk)
+        .force_path_style(config.endpoint_url.is_some())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(runtime_store::UPLOAD_TIMEOUT)
+                .build(),
+        )
+        .build();
+    Ok(aws_sdk_s3::Client::from_conf(s3))
+}
+
 async fn build_client(config: &AwsConfig) -> Result<Client> {
+    Ok(Client::new(&sdk_config(config).await?))
+}
+
+/// The SDK settings every client of the provider shares: our HTTP client
+/// (rustls on ring), no SDK retries, the region, endpoint and credentials.
+async fn sdk_config(config: &AwsConfig) -> Result<aws_config::SdkConfig> {
     use aws_config::retry::RetryConfig;
     use aws_config::timeout::TimeoutConfig;
     use aws_smithy_http_client::tls;
@@ -621,7 +685,7 @@ async fn build_client(config: &AwsConfig) -> Result<Client> {
              the AWS profile",
         ));
     }
-    Ok(Client::new(&sdk))
+    Ok(sdk)
 }
 
 fn filter<'a>(name: &str, values: impl IntoIterator<Item = &'a str>) -> Filter {
@@ -704,10 +768,14 @@ fn to_instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
         image: i.image_id().unwrap_or_default().to_string(),
         state,
         tags,
-        // Where the node's agent listens is not known to EC2: the node side
-        // reports its progress through its own tags instead.
+        // Where the node's agent listens is not known to EC2: the agent
+        // publishes it in its own tags (`motorpool-agent-address`).
         address: None,
         pid: None,
+        ips: motorpool_provider::NodeIps {
+            private: i.private_ip_address().map(str::to_string),
+            public: i.public_ip_address().map(str::to_string),
+        },
         launched_at: i
             .launch_time()
             .map(|t| u64::try_from(t.secs()).unwrap_or(0))
@@ -747,6 +815,17 @@ impl Provider for AwsProvider {
     }
 
     /// EC2 refills its non-mutating request bucket at about 20 calls per second.
+    async fn publish_runtime(
+        &self,
+        runtime: &motorpool_provider::RuntimeUpload,
+    ) -> Result<Option<String>> {
+        let Some(bucket) = &self.config.runtime_bucket else {
+            return Ok(None);
+        };
+        let s3 = s3_client(&self.config).await?;
+        runtime_store::publish(&s3, bucket, runtime).await.map(Some)
+    }
+
     fn calls_per_second(&self) -> f64 {
         20.0
     }
@@ -819,11 +898,25 @@ impl Provider for AwsProvider {
         if let Some(token) = &base {
             tags.push(tag(LAUNCH_TAG, token));
         }
+        let access = match self.public_driver_project(request) {
+            Some(project) => Some(
+                driver_access::ensure(
+                    self.client().await?,
+                    project,
+                    &self.config.public_driver_cidrs,
+                    self.config.subnet_ids.first().map(String::as_str),
+                    &self.config.security_group_ids,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let prepared = Prepared {
             request,
             image,
             tags,
             root_device,
+            access,
         };
         let attempts = self.attempts(base.as_deref());
         let mut failures: Vec<String> = Vec::new();

@@ -60,6 +60,19 @@ pub struct AwsSettings {
     /// Instances per DescribeInstances page, 5 to 1000 (default 500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_size: Option<u32>,
+    /// An S3 bucket of the project's (made and tagged when missing): without
+    /// `runtime_url`, `apply` uploads its own binary there once per version
+    /// and nodes download it through a presigned URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_bucket: Option<String>,
+    /// Address ranges (CIDR) the machine running `motorpool` connects from:
+    /// when set, a cluster's driver gets a public address, and a security
+    /// group of the project's opens the agent's and the driver's ports
+    /// (7443-7444) to these ranges only, so `run`, `status` and `logs` reach
+    /// it from outside the VPC. Pool instances (which may become drivers)
+    /// get the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_driver_cidrs: Vec<String>,
 }
 
 impl AwsSettings {
@@ -77,6 +90,8 @@ impl AwsSettings {
             root_volume_gb: self.root_volume_gb,
             tags: self.tags.clone(),
             page_size: self.page_size.unwrap_or(defaults.page_size),
+            runtime_bucket: self.runtime_bucket.clone(),
+            public_driver_cidrs: self.public_driver_cidrs.clone(),
             ..defaults
         }
     }
@@ -153,6 +168,26 @@ impl ProviderPlugin for AwsPlugin {
                 format!("`endpoint_url` must be an http:// or https:// URL, found `{url}`"),
             ));
         }
+        if let Some(bucket) = value.get("runtime_bucket").and_then(Value::as_str)
+            && let Err(problem) = check_bucket_name(bucket)
+        {
+            problems.push(SettingProblem::at(
+                &["runtime_bucket"],
+                format!("`runtime_bucket`: {problem}"),
+            ));
+        }
+        if let Some(items) = value.get("public_driver_cidrs").and_then(Value::as_array) {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(cidr) = item.as_str()
+                    && let Err(problem) = check_cidr(cidr)
+                {
+                    problems.push(SettingProblem::at(
+                        &["public_driver_cidrs", &i.to_string()],
+                        format!("`{cidr}` in `public_driver_cidrs`: {problem}"),
+                    ));
+                }
+            }
+        }
         if let Some(tags) = value.get("tags").and_then(Value::as_object) {
             for key in tags.keys() {
                 if key.starts_with("motorpool-") || key.to_ascii_lowercase().starts_with("aws:") {
@@ -210,5 +245,63 @@ impl ProviderPlugin for AwsPlugin {
 
     fn user_data_template(&self) -> Option<&'static str> {
         Some(include_str!("../templates/user-data.sh"))
+    }
+
+    fn publishes_runtime(&self, settings: &Value) -> bool {
+        settings.get("runtime_bucket").is_some_and(Value::is_string)
+    }
+
+    fn public_driver(&self, settings: &Value) -> bool {
+        settings
+            .get("public_driver_cidrs")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    }
+
+    fn reach_hint(&self) -> Option<&'static str> {
+        Some(
+            "the address is private to the instance's VPC: run motorpool from inside it, or set \
+             `public_driver_cidrs` in the provider block to the address ranges this machine \
+             connects from (e.g. [\"203.0.113.7/32\"]) to give drivers a public address open \
+             to those only",
+        )
+    }
+}
+
+/// S3's bucket naming rules (3 to 63 lower-case letters, digits, dots and
+/// hyphens, starting and ending with a letter or digit, not an IP address).
+pub fn check_bucket_name(name: &str) -> Result<(), String> {
+    let chars_ok = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-');
+    let ends_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !(3..=63).contains(&name.len()) || !chars_ok || !ends_ok || name.contains("..") {
+        return Err(format!(
+            "`{name}` is not an S3 bucket name: 3 to 63 lower-case letters, digits, dots and \
+             hyphens, starting and ending with a letter or digit"
+        ));
+    }
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err(format!(
+            "`{name}` is an IP address, which S3 refuses as a bucket name"
+        ));
+    }
+    Ok(())
+}
+
+/// An IPv4 or IPv6 CIDR block such as `203.0.113.0/24`.
+pub fn check_cidr(cidr: &str) -> Result<(), String> {
+    let Some((ip, bits)) = cidr.split_once('/') else {
+        return Err("not a CIDR block like 203.0.113.7/32".into());
+    };
+    let max = match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return Err(format!("`{ip}` is not an IP address")),
+    };
+    match bits.parse::<u8>() {
+        Ok(n) if n <= max => Ok(()),
+        _ => Err(format!("the prefix length must be 0 to {max}")),
     }
 }

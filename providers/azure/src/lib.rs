@@ -383,6 +383,7 @@ fn to_instance(vm: &arm::VirtualMachine) -> Option<Instance> {
         // reports its progress through its own tags instead.
         address: None,
         pid: None,
+        ips: Default::default(),
         launched_at: properties
             .and_then(|p| p.time_created)
             .map(|t| u64::try_from(t.unix_timestamp()).unwrap_or(0))

@@ -28,6 +28,7 @@ esac
 # address with TLS (the node's certificate from the project CA is in its config).
 # Values reach the unit through variables: a heredoc would re-parse quoted text.
 listen="$private_ip:"{{ port }}
+runtime_port={{ runtime_port }}
 cat > /etc/systemd/system/motorpool-agent.service <<UNIT
 [Unit]
 Description=motorpool node agent
@@ -35,7 +36,7 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-ExecStart=/opt/motorpool/motorpool agent --dir /var/lib/motorpool --listen $listen --instance-id $name --config /var/lib/motorpool/agent-config.json
+ExecStart=/opt/motorpool/motorpool agent --dir /var/lib/motorpool --listen $listen --runtime-port $runtime_port --instance-id $name --config /var/lib/motorpool/agent-config.json
 Restart=on-failure
 RestartSec=5
 

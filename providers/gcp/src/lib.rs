@@ -397,10 +397,21 @@ fn to_instance(i: &gce::Instance) -> Option<Instance> {
             .to_string(),
         state: state_of(i.status.as_ref()),
         tags,
-        // Where the node's agent listens is not the API's to say: the node
-        // reports its progress through its own labels instead.
+        // Where the node's agent listens is not the API's to say: the agent
+        // publishes it (`motorpool-agent-address`) with its progress.
         address: None,
         pid: None,
+        ips: motorpool_provider::NodeIps {
+            private: i
+                .network_interfaces
+                .first()
+                .and_then(|n| n.network_ip.clone()),
+            public: i
+                .network_interfaces
+                .first()
+                .and_then(|n| n.access_configs.first())
+                .and_then(|a| a.nat_ip.clone()),
+        },
         launched_at: i
             .creation_timestamp
             .as_deref()

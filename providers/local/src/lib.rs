@@ -589,6 +589,7 @@ impl Inner {
             tags: record.tags.clone(),
             address,
             pid,
+            ips: Default::default(),
             launched_at: record.launched_at,
         }
     }

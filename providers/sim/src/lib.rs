@@ -461,6 +461,7 @@ fn into_instance(id: String, rec: Rec, now: u64, boot_ms: u64) -> Instance {
         tags: rec.tags,
         address: None,
         pid: None,
+        ips: Default::default(),
         launched_at: rec.launched_ms / 1000,
     }
 }
@@ -597,6 +598,7 @@ impl Provider for SimProvider {
                             state: InstanceState::Terminated,
                             tags: req.tags.clone(),
                             address: None,
+                            ips: Default::default(),
                             pid: None,
                             launched_at: tok.launched_ms / 1000,
                         },
