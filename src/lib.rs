@@ -21,6 +21,7 @@ pub mod proto;
 pub mod providers;
 pub mod registry;
 pub mod runtime;
+pub mod secrets;
 pub mod spec;
 pub mod tls;
 pub mod words;

@@ -206,8 +206,8 @@ fn the_project_spec_merges_includes_and_applies_targets() {
     let etl = &s.clusters["etl"];
     assert_eq!(etl.workers, Some(2));
     assert_eq!(etl.autotermination_minutes, Some(30));
-    assert_eq!(etl.env["LOG_LEVEL"], "info");
-    assert_eq!(etl.env["BANNER"], "etl-2 ${HOME}");
+    assert_eq!(etl.env["LOG_LEVEL"], "info".into());
+    assert_eq!(etl.env["BANNER"], "etl-2 ${HOME}".into());
     let tokens = &s.jobs["nightly"].tasks["tokens"];
     assert_eq!(tokens.map.as_ref().unwrap().partitions, Some(16));
 
@@ -218,7 +218,7 @@ fn the_project_spec_merges_includes_and_applies_targets() {
     let l = spec::load(&dir, &prod).unwrap();
     let etl = &l.spec.clusters["etl"];
     assert_eq!(etl.workers, Some(8));
-    assert_eq!(etl.env["LOG_LEVEL"], "debug");
+    assert_eq!(etl.env["LOG_LEVEL"], "debug".into());
     // The sim provider's own settings, as its crate reads them.
     assert_eq!(l.spec.provider.kind(), "sim");
     let sim: motorpool_sim::SimSettings =

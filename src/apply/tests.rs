@@ -123,6 +123,7 @@ fn plan_for(clusters: &[(&str, &str, u32)]) -> Plan {
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
         nonce: "",
+        secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
     })
     .expect("plan")
 }
@@ -151,6 +152,7 @@ async fn run(
             },
         )),
         dir.path(),
+        &journal::key(&crate::auth::Credential::new("secret"), "demo"),
         &options,
         None,
     )
