@@ -628,7 +628,10 @@ fn paths_a_symlink_takes_out_of_the_project_are_refused_at_their_position() {
     let (dir, problems) = load_project(&[
         ("motorpool.yaml", SYMLINKED.as_bytes()),
         ("in/ok.txt", b"fine\n"),
-        ("inc/ok.yaml", b"pools:\n  gp: { node_type: small, max_capacity: 2 }\n"),
+        (
+            "inc/ok.yaml",
+            b"pools:\n  gp: { node_type: small, max_capacity: 2 }\n",
+        ),
         ("scripts/leak.sh", b"true\n"),
         ("reqs.txt", b"requests\n"),
         ("data/a", b"a\n"),
