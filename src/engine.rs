@@ -279,7 +279,7 @@ impl Project {
                 } = op
                 {
                     crate::secrets::check(spec, &secrets)
-                        .with_context(|| format!("{}", change.address))?;
+                        .with_context(|| change.address.clone())?;
                 }
             }
         }

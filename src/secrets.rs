@@ -148,7 +148,7 @@ impl SecretKey {
         let bad = || SecretError::Sealed {
             name: name.to_string(),
         };
-        if sealed.len() % 2 != 0 || !sealed.is_ascii() {
+        if !sealed.len().is_multiple_of(2) || !sealed.is_ascii() {
             return Err(bad());
         }
         let bytes: Vec<u8> = (0..sealed.len())
@@ -226,13 +226,16 @@ pub fn secret_file(name: &str, base_dir: &Path, path: &str) -> Result<PathBuf, S
     Ok(crate::confine::resolve_below(base_dir, &relative))
 }
 
+/// A cluster's env as a [`BootSpec`] holds it: the plain values, and the secrets.
+pub type BootEnv = (BTreeMap<String, String>, BTreeMap<String, SecretEnv>);
+
 /// Plan side: a cluster's env split into its plain values and its secrets
 /// (each read now for its digest; one written in the spec sealed).
 pub fn boot_env(
     env: &BTreeMap<String, EnvValue>,
     base_dir: &Path,
     key: &SecretKey,
-) -> Result<(BTreeMap<String, String>, BTreeMap<String, SecretEnv>), SecretError> {
+) -> Result<BootEnv, SecretError> {
     let mut plain = BTreeMap::new();
     let mut secrets = BTreeMap::new();
     for (name, value) in env {
