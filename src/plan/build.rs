@@ -72,6 +72,8 @@ pub struct PlanInput<'a> {
     /// instances of the first one, terminated. A saved plan keeps its tokens,
     /// and an interrupted apply replays its own from the journal.
     pub nonce: &'a str,
+    /// The project's keys for secret env values (digests, sealing).
+    pub secrets: &'a crate::secrets::SecretKey,
 }
 
 /// Observed states this large have their fingerprint hashed on a thread of
@@ -454,6 +456,13 @@ fn read_file(
         address: address.to_string(),
         message: format!("{what} `{path}`: {e}"),
     })?;
+    // Lexically inside, and inside through symlinks too.
+    crate::confine::resolved_inside(input.base_dir, &relative).map_err(|e| {
+        PlanError::Impossible {
+            address: address.to_string(),
+            message: format!("{what} `{path}`: {e}"),
+        }
+    })?;
     let full = input.base_dir.join(relative);
     let content = std::fs::read_to_string(&full).map_err(|e| PlanError::Impossible {
         address: address.to_string(),
@@ -506,6 +515,7 @@ fn pool_boot(
         requirements,
         init_scripts: vec![],
         env: BTreeMap::new(),
+        secret_env: BTreeMap::new(),
         mounts: vec![],
         autotermination_minutes: None,
         workers: 0,
@@ -543,6 +553,8 @@ fn cluster_boot(
             } else {
                 let relative =
                     crate::confine::project_path(&m.source).map_err(|e| unconfined(m, e))?;
+                crate::confine::resolved_inside(input.base_dir, &relative)
+                    .map_err(|e| unconfined(m, e))?;
                 crate::confine::resolve_below(input.base_dir, &relative)
                     .display()
                     .to_string()
@@ -554,6 +566,11 @@ fn cluster_boot(
             })
         })
         .collect::<Result<Vec<_>, PlanError>>()?;
+    let (env, secret_env) = crate::secrets::boot_env(&c.env, input.base_dir, input.secrets)
+        .map_err(|e| PlanError::Impossible {
+            address: address.to_string(),
+            message: e.to_string(),
+        })?;
     Ok(BootSpec {
         runtime: c.runtime(),
         engine: match c.engine_kind() {
@@ -573,7 +590,8 @@ fn cluster_boot(
         pip,
         requirements,
         init_scripts,
-        env: c.env.clone(),
+        env,
+        secret_env,
         mounts,
         autotermination_minutes: c.autotermination_minutes,
         workers,

@@ -75,6 +75,7 @@ fn plan_at(spec: &Spec, observed: Vec<Instance>, mode: PlanMode, now: u64) -> Pl
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
         nonce: "",
+        secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
     })
     .expect("plan builds")
 }
@@ -285,6 +286,7 @@ fn a_pool_never_exceeds_max_capacity() {
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
         nonce: "",
+        secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
     })
     .expect_err("over capacity");
     assert!(err.to_string().contains("max_capacity 5"), "{err}");

@@ -9,6 +9,14 @@
 //! Left out: hidden entries (`.git`, `.venv`, ...), `__pycache__`, and
 //! whatever the caller excludes (map inputs, which travel separately, and
 //! task outputs).
+//!
+//! A symlink is followed only to a file inside the bundled directory (the
+//! project): one that leads out of it is refused, named, rather than left
+//! out. Leaving it out would ship a job that fails on the cluster for a
+//! file it cannot find, far from the cause; following it would upload a
+//! file from anywhere on the machine (a credentials file, say) to the
+//! cluster. The message says how to go on: copy the file into the project,
+//! or exclude the link.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -146,6 +154,14 @@ fn walk(root: &Path, rel: &Path, exclude: &Exclude, out: &mut Vec<PathBuf>) -> a
             if !meta.is_file() || exclude.skips(&child, false) {
                 continue;
             }
+            if file_type.is_symlink()
+                && let Err(problem) = crate::confine::resolves_inside(root, &entry.path())
+            {
+                bail!(
+                    "the job's directory holds a symlink that leads out of the project: {problem}. \
+                     Nothing was uploaded; copy the file into the project, or remove the link"
+                );
+            }
             out.push(child);
         }
     }
@@ -215,6 +231,31 @@ pub fn unpack(bytes: &[u8], dest: &Path) -> anyhow::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bundle_never_follows_a_symlink_out_of_the_project() {
+        let outside = tempfile::tempdir().expect("tmp");
+        std::fs::write(outside.path().join("credentials"), "aws_secret=x").expect("write");
+        let src = tempfile::tempdir().expect("tmp");
+        std::fs::write(src.path().join("job.py"), "print(1)\n").expect("write");
+        std::os::unix::fs::symlink("job.py", src.path().join("alias.py")).expect("symlink");
+        let inside = build(src.path(), &Exclude::default()).expect("links inside are followed");
+        assert_eq!(inside.files, vec!["alias.py", "job.py"]);
+        std::os::unix::fs::symlink(outside.path().join("credentials"), src.path().join("creds"))
+            .expect("symlink");
+        let err = build(src.path(), &Exclude::default())
+            .expect_err("a link out is refused")
+            .to_string();
+        assert!(err.contains("`creds`"), "{err}");
+        assert!(err.contains("leads out of the project"), "{err}");
+        assert!(!err.contains("aws_secret"), "{err}");
+        // Excluded, it is no longer the bundle's business.
+        let exclude = Exclude {
+            files: [PathBuf::from("creds")].into(),
+            ..Exclude::default()
+        };
+        assert!(build(src.path(), &exclude).is_ok());
+    }
 
     #[test]
     fn bundles_are_deterministic_and_round_trip() {

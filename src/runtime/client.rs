@@ -151,8 +151,13 @@ pub async fn run_job(
         if t.outcome != TaskOutcome::Succeeded {
             continue;
         }
-        if let Some(out) = &t.output {
-            let rel = super::safe_relative(out)?;
+        // A URL (`s3://`...) is written by the executors, not downloaded.
+        if let Some(out) = t.output.as_ref().filter(|o| !o.contains("://")) {
+            // Named by the driver: confined again, and never written
+            // through a symlink that leads out of the project.
+            let rel = crate::confine::job_path(out).with_context(|| format!("output `{out}`"))?;
+            crate::confine::resolved_inside(&base, &rel)
+                .with_context(|| format!("output `{out}` of task `{}`", t.name))?;
             download_output(&mut client, &run_id, &t.name, &base.join(rel)).await?;
         }
     }

@@ -222,10 +222,16 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
                     problems.push(e.to_string());
                     ok = false;
                 });
-                if let Err(e) = safe_relative(&m.input) {
-                    problems.push(format!("`input` of {mwhat}: {e}"));
-                    ok = false;
-                }
+                // A URL (`s3://`...) is not a path of the project.
+                let input = match crate::confine::job_path(&m.input) {
+                    _ if m.input.contains("://") => m.input.clone(),
+                    Ok(input) => input.to_string_lossy().into_owned(),
+                    Err(e) => {
+                        problems.push(format!("`input` of {mwhat}: {e}"));
+                        ok = false;
+                        String::new()
+                    }
+                };
                 if m.partitions == Some(0) || m.partition_mb == Some(0) {
                     problems.push(format!("{mwhat}: partitions must be at least 1"));
                     ok = false;
@@ -282,7 +288,7 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
                 let Ok(mfunc) = mfunc else { continue };
                 TaskKind::Map {
                     map: MapPlan {
-                        input: m.input.clone(),
+                        input,
                         partitions: m.partitions,
                         partition_mb: m.partition_mb,
                         func: mfunc,
@@ -301,7 +307,8 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
         };
         let output = match &t.output {
             None => None,
-            Some(o) => match safe_relative(o) {
+            Some(o) if o.contains("://") => Some(PathBuf::from(o)),
+            Some(o) => match crate::confine::job_path(o) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     problems.push(format!("`output` of {what}: {e}"));
@@ -413,18 +420,23 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
 }
 
 /// The files under `dir` that `pattern` (relative) matches, sorted, with their sizes.
+///
+/// The pattern stays in `dir` after normalising, and so does every match
+/// through symlinks: a match that resolves out of `dir` is refused, named.
 pub fn resolve_input(dir: &Path, pattern: &str) -> anyhow::Result<Vec<(PathBuf, u64)>> {
-    safe_relative(pattern).with_context(|| format!("input `{pattern}`"))?;
+    let normalised =
+        crate::confine::job_path(pattern).with_context(|| format!("input `{pattern}`"))?;
     let full = format!(
         "{}/{}",
         glob::Pattern::escape(&dir.to_string_lossy()),
-        pattern.trim_start_matches("./")
+        normalised.to_string_lossy()
     );
     let paths =
         glob::glob(&full).with_context(|| format!("input `{pattern}` is not a valid glob"))?;
     let mut out = Vec::new();
     for p in paths {
         let p = p.with_context(|| format!("cannot read a match of input `{pattern}`"))?;
+        crate::confine::resolves_inside(dir, &p).with_context(|| format!("input `{pattern}`"))?;
         let meta = std::fs::metadata(&p).with_context(|| format!("cannot read {}", p.display()))?;
         if !meta.is_file() {
             continue;
@@ -621,6 +633,27 @@ mod tests {
         job.tasks.get_mut("x").expect("x").depends_on = vec!["y".into()];
         let err = plan_job(&job).expect_err("cycle").to_string();
         assert!(err.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn a_map_input_never_follows_a_symlink_out_of_the_project() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("a.txt"), "a\n").expect("write");
+        assert_eq!(
+            resolve_input(dir.path(), "./in/../*.txt")
+                .expect("glob")
+                .len(),
+            1
+        );
+        let outside = tempfile::tempdir().expect("tmp");
+        std::fs::write(outside.path().join("shadow.txt"), "x\n").expect("write");
+        std::os::unix::fs::symlink(
+            outside.path().join("shadow.txt"),
+            dir.path().join("zz-link.txt"),
+        )
+        .expect("symlink");
+        let err = resolve_input(dir.path(), "*.txt").expect_err("refused");
+        assert!(format!("{err:#}").contains("zz-link.txt"), "{err:#}");
     }
 
     #[test]

@@ -560,7 +560,11 @@ impl<'s> Checker<'_, 's> {
             Err(problem) => self.error(span, format!("{what}: {problem}")),
             Ok(relative) => {
                 let full = self.parts.base_dir.join(&relative);
-                if !full.is_file() {
+                if let Err(problem) =
+                    crate::confine::resolved_inside(self.parts.base_dir, &relative)
+                {
+                    self.error(span, format!("{what}: {problem}"));
+                } else if !full.is_file() {
                     self.error(
                         span,
                         format!(
@@ -568,6 +572,32 @@ impl<'s> Checker<'_, 's> {
                             full.display()
                         ),
                     );
+                }
+            }
+        }
+    }
+
+    /// A job's local input (file or glob) or output: inside the project
+    /// after normalising, and (what exists of it) through symlinks too.
+    fn job_path(&mut self, path: &str, span: Span, what: &str) {
+        match crate::confine::job_path(path) {
+            Err(problem) => self.error(span, format!("{what}: {problem}")),
+            Ok(relative) => {
+                let base = self.parts.base_dir;
+                let problem = match glob::glob(&format!(
+                    "{}/{}",
+                    glob::Pattern::escape(&base.to_string_lossy()),
+                    relative.to_string_lossy()
+                )) {
+                    // A glob: every match it has now.
+                    Ok(matches) => matches
+                        .flatten()
+                        .find_map(|p| crate::confine::resolves_inside(base, &p).err()),
+                    Err(_) => None,
+                }
+                .or_else(|| crate::confine::resolved_inside(base, &relative).err());
+                if let Some(problem) = problem {
+                    self.error(span, format!("{what}: {problem}"));
                 }
             }
         }
@@ -585,6 +615,16 @@ impl<'s> Checker<'_, 's> {
         for (m, n) in c.mounts.iter().zip(items("mounts")) {
             if !m.source.contains("://")
                 && let Err(problem) = crate::confine::project_path(&m.source)
+            {
+                self.error(
+                    value_span(n, "source"),
+                    format!("the source of a mount of {what}: {problem}"),
+                );
+            }
+            if !m.source.contains("://")
+                && let Ok(relative) = crate::confine::project_path(&m.source)
+                && let Err(problem) =
+                    crate::confine::resolved_inside(self.parts.base_dir, &relative)
             {
                 self.error(
                     value_span(n, "source"),
@@ -610,6 +650,9 @@ impl<'s> Checker<'_, 's> {
                     ),
                 );
             }
+            if let Some(crate::spec::EnvValue::Secret(secret)) = c.env.get(&e.key) {
+                self.secret_env(&e.key, secret, &e.value, what);
+            }
             if e.value.as_str().is_some_and(|v| v.contains('\0')) {
                 self.error(
                     e.value.span,
@@ -632,6 +675,66 @@ impl<'s> Checker<'_, 's> {
                     ),
                 );
             }
+        }
+    }
+
+    /// A secret env value: exactly one source; the variable set (and a
+    /// name), the file in the project (through symlinks too) and there.
+    /// Messages name the variable or the file, never a value.
+    fn secret_env(&mut self, name: &str, s: &crate::spec::SecretValue, node: &Node, what: &str) {
+        let swhat = format!("the secret env `{name}` of {what}");
+        let set = [
+            ("from_env", s.from_env.is_some()),
+            ("from_file", s.from_file.is_some()),
+            ("value", s.value.is_some()),
+        ];
+        if !self.one_of(node, node.span, &swhat, &set, false) {
+            return;
+        }
+        if !s.secret && (s.from_env.is_some() || s.from_file.is_some()) {
+            self.error(
+                value_span(node, "secret"),
+                format!(
+                    "{swhat}: a value read from the environment or a file is always secret; \
+                     drop `secret: false`"
+                ),
+            );
+        }
+        if let Some(var) = &s.from_env {
+            let span = value_span(node, "from_env");
+            if !is_env_name(var) {
+                self.error(
+                    span,
+                    format!("{swhat}: {var:?} is not an environment variable name"),
+                );
+            } else {
+                match std::env::var_os(var) {
+                    None => self.error(
+                        span,
+                        format!(
+                            "{swhat} takes its value from the environment variable `{var}`, \
+                             which is not set"
+                        ),
+                    ),
+                    Some(v) if v.as_encoded_bytes().contains(&0) || v.to_str().is_none() => self
+                        .error(
+                            span,
+                            format!("{swhat}: the environment variable `{var}` is not UTF-8 text"),
+                        ),
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(path) = &s.from_file {
+            self.project_file(path, value_span(node, "from_file"), &swhat);
+        }
+        if s.value.as_deref().is_some_and(|v| v.contains('\0')) {
+            self.error(
+                value_span(node, "value"),
+                format!(
+                    "{swhat}: the value holds a NUL byte, which no process environment can carry"
+                ),
+            );
         }
     }
 
@@ -1138,8 +1241,22 @@ impl<'s> Checker<'_, 's> {
                 format!("`reduce` in {what} needs a `map`"),
             );
         }
+        if let Some(output) = t.output.as_deref().filter(|o| !o.contains("://")) {
+            self.job_path(
+                output,
+                value_span(node, "output"),
+                &format!("the output of {what}"),
+            );
+        }
         if let (Some(m), Some(mn)) = (&t.map, node.get("map")) {
             let mwhat = format!("the map of {what}");
+            if !m.input.contains("://") {
+                self.job_path(
+                    &m.input,
+                    value_span(mn, "input"),
+                    &format!("the input of {what}"),
+                );
+            }
             let set = [
                 ("command", m.command.is_some()),
                 ("python", m.python.is_some()),

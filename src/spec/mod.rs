@@ -377,6 +377,17 @@ fn include(root: &mut Node, root_file: &Path, sink: &mut Sink) {
                 continue;
             }
             matched += 1;
+            // Inside the project through symlinks too; its content is never
+            // read, nor shown, when it is not.
+            let project = if base.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                base
+            };
+            if let Err(problem) = crate::confine::resolves_inside(project, &path) {
+                sink.error(span, format!("include `{pattern}`: {problem}"));
+                continue;
+            }
             let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
             if !seen.insert(canonical) {
                 continue; // the root file, or matched by an earlier pattern

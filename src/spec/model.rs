@@ -260,6 +260,47 @@ pub struct Preload {
     pub engine: Option<EngineVersion>,
 }
 
+/// An environment variable's value: text, or a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum EnvValue {
+    Text(String),
+    Secret(SecretValue),
+}
+
+impl From<&str> for EnvValue {
+    fn from(text: &str) -> EnvValue {
+        EnvValue::Text(text.to_string())
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A secret env value: shown as `(secret)` in every output, and (with
+/// `from_env` or `from_file`) never written in the spec or in a saved
+/// plan, but read when the plan is made and again at apply. Exactly one of
+/// `from_env`, `from_file` or `value`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretValue {
+    /// Marks the value secret (the default; a value read from the
+    /// environment or a file is always secret).
+    #[serde(default = "yes")]
+    pub secret: bool,
+    /// The environment variable of the machine running motorpool that holds the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_env: Option<String>,
+    /// A file of the project (relative to the spec file) that holds the
+    /// value; one trailing newline is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_file: Option<String>,
+    /// The value itself, written in the spec but shown nowhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
 /// A library installed into a node's runtime: exactly one of `pip` or `requirements`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -372,8 +413,11 @@ pub struct Cluster {
     pub init_scripts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub libraries: Vec<Library>,
+    /// Environment variables of the nodes' startup steps and tasks: text,
+    /// or a secret (`{ secret: true, from_env: NAME }`, `{ from_file:
+    /// PATH }`, `{ secret: true, value: TEXT }`) that no output shows.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<Mount>,
     /// Extra tags on every instance of the cluster.
