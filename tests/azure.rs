@@ -433,3 +433,36 @@ fn azure_settings_are_checked_with_their_positions() {
         );
     }
 }
+
+#[test]
+fn a_job_runs_on_an_azure_cluster_at_the_address_its_agent_published() {
+    let fake = FakeArm::start();
+    let _machines = machines(&fake, "azjob");
+    let env = Env::new();
+    env.spec(&spec(
+        "azjob",
+        &fake,
+        ", ready_timeout_minutes: 4",
+        "clusters:\n  etl: { node_type: Standard_D2s_v5, workers: 1 }\n\
+         jobs:\n  hello:\n    cluster: etl\n    tasks:\n      say: { command: \"echo hello from azure\" }\n",
+    ));
+    mp(&env, &["apply", "--yes"]).expect_code(0);
+    let vms = FakeArm::attach(fake.port).project_vms("azjob");
+    assert_eq!(vms.len(), 2);
+    let status = mp(&env, &["status", "--output", "json"]).expect_code(0);
+    for n in status.json()["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        assert!(
+            n["address"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "the agent's published address: {n:#}"
+        );
+    }
+    let run = mp(&env, &["run", "hello"]).expect_code(0);
+    assert!(run.stdout.contains("hello from azure"), "{}", run.stdout);
+    mp(&env, &["destroy", "--yes"]).expect_code(0);
+}

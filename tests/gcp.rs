@@ -494,3 +494,33 @@ fn gcp_settings_are_checked_with_their_positions() {
     ));
     mp(&env, &["validate"]).expect_code(0);
 }
+
+#[test]
+fn a_job_runs_on_a_gcp_cluster_at_the_address_its_agent_published() {
+    let fake = FakeGce::start();
+    let _machines = machines(&fake, "gcpjob");
+    let env = Env::new();
+    env.spec(&spec(
+        "gcpjob",
+        &fake,
+        ", ready_timeout_minutes: 4",
+        "clusters:\n  etl: { node_type: e2-small, workers: 1 }\n\
+         jobs:\n  hello:\n    cluster: etl\n    tasks:\n      say: { command: \"echo hello from gcp\" }\n",
+    ));
+    mp(&env, &["apply", "--yes"]).expect_code(0);
+    // The agents' addresses travel in the instances' metadata-held tags.
+    for i in fake.project_instances(PROJECT, "gcpjob") {
+        let published = tags_of(&fake, &i.id());
+        assert!(
+            published
+                .get("motorpool-agent-address")
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "{published:?}"
+        );
+    }
+    let run = mp(&env, &["run", "hello"]).expect_code(0);
+    assert!(run.stdout.contains("hello from gcp"), "{}", run.stdout);
+    let logs = mp(&env, &["logs", "etl"]).expect_code(0);
+    assert!(logs.stdout.contains("(driver)"), "{}", logs.stdout);
+    mp(&env, &["destroy", "--yes"]).expect_code(0);
+}
