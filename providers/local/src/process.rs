@@ -112,13 +112,8 @@ pub(crate) fn write_own_pid(fd: libc::c_int) -> std::io::Result<()> {
     let mut written = 0;
     while written < bytes.len() {
         // SAFETY: writes from a live stack buffer to a descriptor the parent opened for us.
-        let rc = unsafe {
-            libc::write(
-                fd,
-                bytes[written..].as_ptr().cast(),
-                bytes.len() - written,
-            )
-        };
+        let rc =
+            unsafe { libc::write(fd, bytes[written..].as_ptr().cast(), bytes.len() - written) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
