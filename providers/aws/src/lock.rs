@@ -211,6 +211,10 @@ pub(crate) async fn try_lock(
         let Some((group_id, held)) = read(client, &vpc, project).await? else {
             continue; // released meanwhile: try the name again
         };
+        if held.id == lock.id {
+            // Ours: an earlier try created it and its answer was lost.
+            return Ok(LockAttempt::Taken { taken_over });
+        }
         if !held.expired(now()) {
             return Ok(LockAttempt::Held(held));
         }

@@ -7,7 +7,7 @@ mod support;
 
 use motorpool_aws::lock::lock_group_name;
 use motorpool_provider::{LockAttempt, LockInfo, Provider, ProviderError};
-use support::{Moto, provider};
+use support::{FaultProxy, Faults, Moto, provider};
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -169,5 +169,34 @@ async fn an_expired_lock_is_taken_over_by_exactly_one_of_many_takers() {
     assert!(matches!(
         p.renew_lock("demo", &dead).await,
         Err(ProviderError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_lock_whose_create_answer_was_lost_is_still_its_takers() {
+    let moto = Moto::start();
+    let lossy = FaultProxy::start(
+        moto.port,
+        Faults {
+            lost_response_rate: 1.0,
+            ..Faults::default()
+        },
+    );
+    let mine = lock("mine", now() + 600);
+    // The group is made, but the answer is a 503: the engine retries.
+    let first = provider(&lossy.url(), |_| {}).try_lock("demo", &mine).await;
+    assert!(matches!(first, Err(ProviderError::Server(_))), "{first:?}");
+    let again = provider(&moto.url(), |_| {})
+        .try_lock("demo", &mine)
+        .await
+        .expect("retry");
+    assert_eq!(again, LockAttempt::Taken { taken_over: None });
+    let other = lock("other", now() + 600);
+    assert!(matches!(
+        provider(&moto.url(), |_| {})
+            .try_lock("demo", &other)
+            .await
+            .expect("take"),
+        LockAttempt::Held(held) if held.id == "mine"
     ));
 }
