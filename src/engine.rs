@@ -86,7 +86,7 @@ impl Project {
         let mut project = Project::open(name, provider)?;
         project._lock = Some(ProjectLock::acquire(&project.dir, name)?);
         project.cloud_lock =
-            CloudLease::take(project.client.clone(), name, command, on_note).await?;
+            CloudLease::take(project.client.clone(), name, &project.dir, command, on_note).await?;
         Ok(project)
     }
 

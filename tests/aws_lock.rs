@@ -4,7 +4,7 @@
 //! in EC2, naming its holder; `force-unlock` refuses while the holder runs
 //! and lets the next apply through once it was killed; and a lock left by a
 //! killed holder is taken over once its lease runs out, so it never blocks
-//! forever.
+//! forever, and at once by the next command of the holder's own home.
 
 mod common;
 #[path = "../providers/aws/tests/support/mod.rs"]
@@ -152,5 +152,20 @@ fn a_second_machine_is_refused_by_the_cloud_lock_until_force_unlock_or_the_lease
         "{}",
         last.stdout
     );
+    assert_eq!(cloud_lock(&moto), None);
+
+    // The killed holder's own machine (its home) is not refused by the lock
+    // it left: nobody else of that home can hold it, so it takes it over at once.
+    let (mut holder, held) = holding_apply(&moto, &first);
+    holder.kill9();
+    let again = mp(&first, &["destroy", "--yes"]).expect_code(0);
+    assert!(
+        again
+            .stdout
+            .contains("Took over the project lock left by a killed motorpool of this machine"),
+        "{}",
+        again.stdout
+    );
+    assert!(again.stdout.contains(&held.id), "{}", again.stdout);
     assert_eq!(cloud_lock(&moto), None);
 }

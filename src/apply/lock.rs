@@ -117,6 +117,9 @@ impl ProjectLock {
 /// says otherwise; the holder renews it every third of that.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(120);
 
+/// In this home's project directory: the id of the cloud lock taken from it.
+const HELD_FILE: &str = "cloud-lock.id";
+
 /// The lease length in force (`MOTORPOOL_LOCK_LEASE_SECONDS`, 2 to 86400).
 pub fn lease() -> Result<Duration, LockError> {
     match std::env::var("MOTORPOOL_LOCK_LEASE_SECONDS") {
@@ -202,6 +205,8 @@ pub fn describe_holder(info: &LockInfo) -> String {
 /// runs out after its lease.
 pub struct CloudLease {
     project: String,
+    /// `cloud-lock.id` in this home's project directory, removed on release.
+    record: PathBuf,
     client: Arc<ProviderClient>,
     info: Arc<Mutex<LockInfo>>,
     renewer: tokio::task::JoinHandle<()>,
@@ -219,9 +224,18 @@ impl CloudLease {
     /// keeps no cloud lock. A lock held by someone else is
     /// [`LockError::CloudHeld`], naming the holder; one whose lease ran out
     /// is taken over (and `on_note` told so).
+    ///
+    /// `project_dir` is this home's project directory, whose local lock the
+    /// caller holds. The id of the cloud lock taken from this home is kept
+    /// there (`cloud-lock.id`) while held; a holder killed before it could
+    /// release leaves it behind. As nobody else of this home can hold the
+    /// local lock now, a cloud lock with that id is a dead predecessor's, and
+    /// is taken over at once: a killed apply's re-run on the same machine is
+    /// never refused by its own lock.
     pub async fn take(
         client: Arc<ProviderClient>,
         project: &str,
+        project_dir: &Path,
         command: &str,
         on_note: &(dyn Fn(&str) + Sync),
     ) -> Result<Option<CloudLease>, LockError> {
@@ -236,13 +250,33 @@ impl CloudLease {
             expires: now + lease.as_secs(),
         };
         let provider = client.kind().to_string();
-        let attempt = client
-            .try_lock(project, &info)
-            .await
-            .map_err(|source| LockError::Cloud {
-                provider: provider.clone(),
-                source,
-            })?;
+        let cloud = |source| LockError::Cloud {
+            provider: provider.clone(),
+            source,
+        };
+        let record = project_dir.join(HELD_FILE);
+        let left_here = std::fs::read_to_string(&record)
+            .ok()
+            .map(|id| id.trim().to_string())
+            .filter(|id| !id.is_empty());
+        let mut attempt = client.try_lock(project, &info).await.map_err(cloud)?;
+        if let LockAttempt::Held(holder) = &attempt
+            && left_here.as_deref() == Some(holder.id.as_str())
+        {
+            on_note(&format!(
+                "Took over the project lock left by a killed motorpool of this machine: {}.",
+                describe_holder(holder)
+            ));
+            match client.unlock(project, &holder.id).await {
+                // Changed hands meanwhile: the next try says to whom.
+                Ok(()) | Err(ProviderError::NotFound(_)) => {}
+                Err(e) => return Err(cloud(e)),
+            }
+            attempt = client.try_lock(project, &info).await.map_err(cloud)?;
+        }
+        if !matches!(attempt, LockAttempt::Held(_)) {
+            let _ = std::fs::remove_file(&record);
+        }
         match attempt {
             LockAttempt::NoCloudLock => Ok(None),
             LockAttempt::Held(holder) => Err(LockError::CloudHeld {
@@ -260,6 +294,15 @@ impl CloudLease {
                         utc_text(old.expires)
                     ));
                 }
+                let remember =
+                    motorpool_provider::private_files::write(&record, info.id.as_bytes());
+                if let Err(e) = remember {
+                    let _ = client.unlock(project, &info.id).await;
+                    return Err(LockError::Io {
+                        path: record,
+                        source: e,
+                    });
+                }
                 let info = Arc::new(Mutex::new(info));
                 let lost = Arc::new(Mutex::new(None));
                 let renewer = tokio::spawn(renew(
@@ -271,6 +314,7 @@ impl CloudLease {
                 ));
                 Ok(Some(CloudLease {
                     project: project.to_string(),
+                    record,
                     client,
                     info,
                     renewer,
@@ -303,7 +347,9 @@ impl CloudLease {
         self.client
             .unlock(&self.project, &id)
             .await
-            .map_err(|source| LockError::Cloud { provider, source })
+            .map_err(|source| LockError::Cloud { provider, source })?;
+        let _ = std::fs::remove_file(&self.record);
+        Ok(())
     }
 }
 
@@ -331,7 +377,10 @@ impl Drop for CloudLease {
             ))
         });
         let why = match released {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => {
+                let _ = std::fs::remove_file(&self.record);
+                return;
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "the cloud did not answer".to_string(),
         };
