@@ -33,6 +33,17 @@ impl Rng {
     }
 }
 
+/// Whether some agent's `state.json` says a step is running.
+fn step_running(env: &Env) -> bool {
+    let instances = env.home().join("local").join("instances");
+    std::fs::read_dir(instances).is_ok_and(|dirs| {
+        dirs.flatten().any(|d| {
+            std::fs::read_to_string(d.path().join("state.json"))
+                .is_ok_and(|s| s.contains("\"running\""))
+        })
+    })
+}
+
 #[test]
 fn a_local_apply_killed_at_any_point_converges_on_the_next_apply_and_leaves_no_process() {
     let seed = std::env::var("MOTORPOOL_KILL_SEED")
@@ -52,13 +63,24 @@ fn a_local_apply_killed_at_any_point_converges_on_the_next_apply_and_leaves_no_p
     let span = u64::try_from(full.as_millis()).unwrap_or(u64::MAX).max(50);
     let mut rng = Rng(seed | 1);
     for trial in 0..TRIALS {
-        let delay = Duration::from_millis(rng.below(span));
         let env = Env::new();
         env.spec(SPEC);
         let mut first = env.spawn(&["apply", "--yes"]);
-        std::thread::sleep(delay);
+        // Even trials: anywhere in the apply. Odd ones: while a startup
+        // step runs on some agent (the step then outlives the apply).
+        let point = if trial % 2 == 0 {
+            let delay = Duration::from_millis(rng.below(span));
+            std::thread::sleep(delay);
+            format!("{delay:?} into the apply")
+        } else {
+            let delay = Duration::from_millis(rng.below(300));
+            let running = wait_until(full * 3, || step_running(&env));
+            std::thread::sleep(delay);
+            format!("{delay:?} after a step was seen running ({running})")
+        };
         first.kill9();
-        let context = format!("trial {trial} (seed {seed}, killed after {delay:?} of {full:?})");
+        let context =
+            format!("trial {trial} (seed {seed}, killed {point}; a whole apply: {full:?})");
 
         // Everything the killed apply left running, by pid.
         let left_by_kill = env.processes();
