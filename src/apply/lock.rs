@@ -56,8 +56,15 @@ pub enum LockError {
         #[source]
         source: ProviderError,
     },
+    /// A bad `MOTORPOOL_LOCK_LEASE_SECONDS`.
     #[error("{0}")]
     Setting(String),
+    /// The lock was lost while held (its lease ran out and it was taken over).
+    #[error("{0}")]
+    Lost(String),
+    /// `force-unlock` would not remove it (none held, another id, holder alive).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Held while it lives.
@@ -339,7 +346,7 @@ impl CloudLease {
         let id = self.id();
         let provider = self.client.kind().to_string();
         if let Some(why) = locked(&self.lost).take() {
-            return Err(LockError::Setting(format!(
+            return Err(LockError::Lost(format!(
                 "the project lock {id} was lost while held ({why}): another motorpool may have changed project `{}` at the same time; run `motorpool plan` to see where it stands",
                 self.project
             )));
@@ -452,7 +459,7 @@ pub async fn force_unlock(
         provider: provider.clone(),
         source,
     };
-    let refuse = |text: String| Err(LockError::Setting(text));
+    let refuse = |text: String| Err(LockError::Refused(text));
     let Some(held) = client.read_lock(project).await.map_err(cloud)? else {
         return refuse(format!(
             "project `{project}` holds no lock in the {provider} cloud: nothing to unlock (where a \
