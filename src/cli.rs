@@ -49,6 +49,8 @@ enum Command {
     Run(RunArgs),
     /// Show a cluster's startup step outputs, or a job's last run's task output.
     Logs(LogsArgs),
+    /// Remove the project's cloud lock whose holder died (its id is in the refusal).
+    ForceUnlock(ForceUnlockArgs),
     /// Run a node agent (started by providers, not by people).
     #[command(hide = true)]
     Agent(AgentArgs),
@@ -128,6 +130,17 @@ struct DestroyArgs {
     spec: SpecArgs,
     #[command(flatten)]
     change: ChangeArgs,
+}
+
+#[derive(Args)]
+struct ForceUnlockArgs {
+    /// The lock's id, as the refusal that named its holder printed it.
+    lock_id: String,
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    yes: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -277,6 +290,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Status(args) => status_cmd(args).await,
         Command::Run(args) => run_cmd(args).await,
         Command::Logs(args) => logs_cmd(args).await,
+        Command::ForceUnlock(args) => force_unlock_cmd(args).await,
         Command::Agent(args) => {
             crate::agent::run(crate::agent::AgentOptions {
                 dir: args.dir,
@@ -444,24 +458,36 @@ async fn run_plan(project: &Project, plan: &Plan, change: &ChangeArgs, what: &st
 }
 
 /// Take the project lock, finish an interrupted apply, then plan under the lock.
-async fn locked(project: &str, provider: &ProviderBlock) -> Result<Project> {
-    let project = Project::lock(project, provider)?;
+async fn locked(project: &str, provider: &ProviderBlock, command: &str) -> Result<Project> {
+    let project =
+        Project::lock(project, provider, command, &|note: &str| println!("{note}")).await?;
     if let Some(note) = project.resume_interrupted().await? {
         println!("{note}\n");
     }
     Ok(project)
 }
 
+/// Release the project's cloud lock after `outcome`, whatever it was.
+async fn unlocked(mut project: Project, outcome: Result<u8>) -> Result<u8> {
+    let released = project.unlock().await;
+    let code = outcome?;
+    released?;
+    Ok(code)
+}
+
 async fn apply_cmd(args: ApplyArgs) -> Result<u8> {
     if plan::file::looks_like_plan(&args.spec.path) {
         let plan = plan::file::load(&args.spec.path, &crate::home::Home::from_env()?)?;
-        let project = locked(&plan.project, &plan.provider).await?;
-        project.check_not_stale(&plan).await?;
-        return run_plan(&project, &plan, &args.change, "apply this saved plan").await;
+        let project = locked(&plan.project, &plan.provider, "apply").await?;
+        let outcome = match project.check_not_stale(&plan).await {
+            Ok(()) => run_plan(&project, &plan, &args.change, "apply this saved plan").await,
+            Err(e) => Err(e),
+        };
+        return unlocked(project, outcome).await;
     }
     let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
     let spec = &loaded.spec;
-    let project = locked(&spec.project, &spec.provider).await?;
+    let project = locked(&spec.project, &spec.provider, "apply").await?;
     let mode = if args.refresh_only {
         PlanMode::RefreshOnly
     } else {
@@ -473,19 +499,49 @@ async fn apply_cmd(args: ApplyArgs) -> Result<u8> {
         }
     }
     let start = args.start.iter().cloned().collect();
-    let plan = project.plan(&loaded, mode, &start).await?;
-    run_plan(&project, &plan, &args.change, "apply these changes").await
+    let outcome = async {
+        let plan = project.plan(&loaded, mode, &start).await?;
+        run_plan(&project, &plan, &args.change, "apply these changes").await
+    }
+    .await;
+    unlocked(project, outcome).await
 }
 
 async fn destroy_cmd(args: DestroyArgs) -> Result<u8> {
     let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
     let spec = &loaded.spec;
-    let project = locked(&spec.project, &spec.provider).await?;
-    let plan = project
-        .plan(&loaded, PlanMode::Destroy, &Default::default())
-        .await?;
-    let what = "destroy every pool and cluster of this project";
-    run_plan(&project, &plan, &args.change, what).await
+    let project = locked(&spec.project, &spec.provider, "destroy").await?;
+    let outcome = async {
+        let plan = project
+            .plan(&loaded, PlanMode::Destroy, &Default::default())
+            .await?;
+        let what = "destroy every pool and cluster of this project";
+        run_plan(&project, &plan, &args.change, what).await
+    }
+    .await;
+    unlocked(project, outcome).await
+}
+
+async fn force_unlock_cmd(args: ForceUnlockArgs) -> Result<u8> {
+    let loaded = engine::load_spec(&args.spec.path, &load_options(&args.spec)?)?;
+    let spec = &loaded.spec;
+    let project = Project::open(&spec.project, &spec.provider)?;
+    let what = format!(
+        "remove the lock {} of project `{}` (only if its holder is gone: two changes at once can make machines twice)",
+        args.lock_id, spec.project
+    );
+    if !confirm(args.yes, &what)? {
+        println!("Cancelled: nothing was changed.");
+        return Ok(ERROR);
+    }
+    let held =
+        crate::apply::lock::force_unlock(&project.client, &spec.project, &args.lock_id).await?;
+    println!(
+        "Removed the lock of project `{}` held by {}.",
+        spec.project,
+        crate::apply::lock::describe_holder(&held)
+    );
+    Ok(SUCCESS)
 }
 
 async fn status_cmd(args: StatusArgs) -> Result<u8> {

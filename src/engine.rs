@@ -15,7 +15,8 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use crate::agent::node::NodeProvider;
-use crate::apply::{self, ApplyOptions, ApplyReport, journal, lock::ProjectLock};
+use crate::apply::lock::{CloudLease, ProjectLock};
+use crate::apply::{self, ApplyOptions, ApplyReport, journal};
 use crate::auth::Credential;
 use crate::bootstrap::cloud::CloudNodes;
 use crate::bootstrap::run::BootContext;
@@ -72,6 +73,8 @@ pub struct Project {
     /// The spec's provider block (cloud nodes' settings come from it).
     pub provider: ProviderBlock,
     _lock: Option<ProjectLock>,
+    /// The lock held in the provider's cloud, when it keeps one.
+    cloud_lock: Option<CloudLease>,
 }
 
 impl Project {
@@ -88,14 +91,33 @@ impl Project {
             client: Arc::new(client),
             provider: provider.clone(),
             _lock: None,
+            cloud_lock: None,
         })
     }
 
-    /// Connect for changing (apply, destroy): take the project lock first.
-    pub fn lock(name: &str, provider: &ProviderBlock) -> Result<Project> {
+    /// Connect for changing (apply, destroy, run): take the project lock
+    /// first, on this machine and then in the cloud when the provider keeps
+    /// one there. `command` names the holder's command in refusals.
+    pub async fn lock(
+        name: &str,
+        provider: &ProviderBlock,
+        command: &str,
+        on_note: &(dyn Fn(&str) + Sync),
+    ) -> Result<Project> {
         let mut project = Project::open(name, provider)?;
         project._lock = Some(ProjectLock::acquire(&project.dir, name)?);
+        project.cloud_lock =
+            CloudLease::take(project.client.clone(), name, &project.dir, command, on_note).await?;
         Ok(project)
+    }
+
+    /// Release the cloud lock (the local one goes with the process). Call it
+    /// when the command's work is over, whatever its outcome.
+    pub async fn unlock(&mut self) -> Result<()> {
+        if let Some(lease) = self.cloud_lock.take() {
+            lease.release().await?;
+        }
+        Ok(())
     }
 
     pub async fn observe(&self) -> Result<Observed> {

@@ -278,6 +278,33 @@ impl ProviderClient {
     ) -> Result<Option<String>, ProviderError> {
         self.call(|| self.inner.publish_runtime(runtime)).await
     }
+
+    pub async fn try_lock(
+        &self,
+        project: &str,
+        lock: &motorpool_provider::LockInfo,
+    ) -> Result<motorpool_provider::LockAttempt, ProviderError> {
+        self.call(|| self.inner.try_lock(project, lock)).await
+    }
+
+    pub async fn renew_lock(
+        &self,
+        project: &str,
+        lock: &motorpool_provider::LockInfo,
+    ) -> Result<(), ProviderError> {
+        self.call(|| self.inner.renew_lock(project, lock)).await
+    }
+
+    pub async fn read_lock(
+        &self,
+        project: &str,
+    ) -> Result<Option<motorpool_provider::LockInfo>, ProviderError> {
+        self.call(|| self.inner.read_lock(project)).await
+    }
+
+    pub async fn unlock(&self, project: &str, id: &str) -> Result<(), ProviderError> {
+        self.call(|| self.inner.unlock(project, id)).await
+    }
 }
 
 #[cfg(test)]

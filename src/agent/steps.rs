@@ -7,6 +7,12 @@
 //! `GetState` reports and `motorpool status` shows. A step that already
 //! succeeded with the same key is skipped, which is what makes a re-run
 //! apply converge instead of repeating work.
+//!
+//! Steps are fenced: at most one step script runs on a node at a time. A
+//! step runs to its end even when its caller goes away (a killed apply), so
+//! a re-run that asks for a step while an earlier request's copy still runs
+//! waits for that copy, and then skips the step if it succeeded with the
+//! same key, instead of racing it with a second copy in the same directory.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -80,6 +86,8 @@ enum StepIoError {
 pub struct StepRunner {
     dir: PathBuf,
     state: Mutex<NodeStateFile>,
+    /// Held for the whole of a step's run: the fence.
+    fence: Mutex<()>,
 }
 
 fn now_ms() -> u64 {
@@ -115,6 +123,7 @@ impl StepRunner {
         StepRunner {
             dir: dir.to_path_buf(),
             state: Mutex::new(state),
+            fence: Mutex::new(()),
         }
     }
 
@@ -128,6 +137,19 @@ impl StepRunner {
                 .steps
                 .iter()
                 .any(|r| r.step == step && r.key == key && r.status == "ok")
+    }
+
+    /// The step `state.json` says is running (for messages).
+    async fn running_step(&self) -> String {
+        self.state
+            .lock()
+            .await
+            .steps
+            .iter()
+            .rev()
+            .find(|r| r.status == "running")
+            .map(|r| r.step.clone())
+            .unwrap_or_else(|| "(starting)".to_string())
     }
 
     pub async fn snapshot(&self) -> NodeStateFile {
@@ -170,6 +192,23 @@ impl StepRunner {
     ) {
         let finished = |f: proto::StepFinished| proto::StepEvent {
             event: Some(proto::step_event::Event::Finished(f)),
+        };
+        let _fenced = match self.fence.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                let running = self.running_step().await;
+                let _ = events
+                    .send(Ok(proto::StepEvent {
+                        event: Some(proto::step_event::Event::Line(proto::OutputLine {
+                            stderr: false,
+                            text: format!(
+                                "waiting for step {running}, still running on this node from an earlier request"
+                            ),
+                        })),
+                    }))
+                    .await;
+                self.fence.lock().await
+            }
         };
         if !request.key.is_empty() {
             let state = self.state.lock().await;
@@ -403,5 +442,67 @@ fn kill_tree(root: u32) {
                 libc::kill(pid, libc::SIGKILL);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    async fn finish(
+        mut rx: mpsc::Receiver<Result<proto::StepEvent, Status>>,
+    ) -> (Vec<String>, proto::StepFinished) {
+        let mut lines = Vec::new();
+        while let Some(Ok(event)) = rx.recv().await {
+            match event.event {
+                Some(proto::step_event::Event::Line(l)) => lines.push(l.text),
+                Some(proto::step_event::Event::Finished(f)) => return (lines, f),
+                None => {}
+            }
+        }
+        panic!("the step never finished; lines: {lines:?}");
+    }
+
+    /// The killed apply's copy of a step still runs when the re-run asks for
+    /// it again: the second request waits, then skips, and never runs beside it.
+    #[tokio::test]
+    async fn a_step_asked_for_while_it_still_runs_waits_and_never_runs_twice_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runner = Arc::new(StepRunner::new(dir.path()));
+        // Fails when a second copy runs while the first holds the directory.
+        let script = "mkdir \"$MOTORPOOL_NODE_DIR/busy\"; sleep 0.4; \
+                      echo run >> \"$MOTORPOOL_NODE_DIR/runs\"; rmdir \"$MOTORPOOL_NODE_DIR/busy\"";
+        let request = proto::RunStepRequest {
+            step: "runtime".into(),
+            script: script.into(),
+            key: "k1".into(),
+            ..Default::default()
+        };
+        let (tx1, rx1) = mpsc::channel(64);
+        let first = {
+            let runner = runner.clone();
+            let request = request.clone();
+            tokio::spawn(async move { runner.run(request, tx1).await })
+        };
+        // The first caller goes away (a killed apply): its copy runs on.
+        drop(rx1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (tx2, rx2) = mpsc::channel(64);
+        let second = {
+            let runner = runner.clone();
+            tokio::spawn(async move { runner.run(request, tx2).await })
+        };
+        let (lines, finished) = finish(rx2).await;
+        first.await.expect("first run");
+        second.await.expect("second run");
+        assert_eq!(finished.exit_code, 0, "{finished:?}");
+        assert!(finished.skipped, "the second request skips: {finished:?}");
+        assert!(
+            lines.iter().any(|l| l.contains("waiting for step runtime")),
+            "{lines:?}"
+        );
+        let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
+        assert_eq!(runs.lines().count(), 1, "ran once: {runs}");
     }
 }

@@ -343,7 +343,7 @@ async fn lock_waiting(
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     let mut told = false;
     loop {
-        match Project::lock(name, &spec.provider) {
+        match Project::lock(name, &spec.provider, "run", on_line).await {
             Ok(p) => return Ok(p),
             Err(e) if std::time::Instant::now() < deadline && is_lock_held(&e) => {
                 if !told {
@@ -361,7 +361,10 @@ fn is_lock_held(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         matches!(
             c.downcast_ref::<crate::apply::lock::LockError>(),
-            Some(crate::apply::lock::LockError::Held { .. })
+            Some(
+                crate::apply::lock::LockError::Held { .. }
+                    | crate::apply::lock::LockError::CloudHeld { .. }
+            )
         )
     })
 }

@@ -19,10 +19,12 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub mod catalog;
+pub mod lock;
 pub mod plugin;
 pub mod private_files;
 
 pub use catalog::{NodeType, cheapest_fit};
+pub use lock::{LockAttempt, LockInfo};
 pub use plugin::{
     Capabilities, ConnectEnv, NodeStartup, ProviderPlugin, SettingProblem, node_home_settings,
     settings_from, with_home,
@@ -361,6 +363,43 @@ pub trait Provider: Send + Sync {
     /// Forget the document stored under `name` (gone already is fine).
     async fn delete_cluster_boot(&self, name: &str) -> Result<()> {
         let _ = name;
+        Ok(())
+    }
+
+    // ---- the project lock held in the cloud ([`lock`]) ------------------
+    //
+    // The defaults mean "no cloud lock": the engine's local file lock is all
+    // there is, which is enough where the project lives on this machine
+    // (local, sim). A cloud that implements one implements all four.
+
+    /// Take the project's lock as `lock` says (its id, holder and expiry),
+    /// atomically: of two callers at once, one gets [`LockAttempt::Taken`].
+    /// A held lock whose expiry passed is taken over, race-free (two takers
+    /// of one expired lock never both win).
+    async fn try_lock(&self, project: &str, lock: &LockInfo) -> Result<LockAttempt> {
+        let _ = (project, lock);
+        Ok(LockAttempt::NoCloudLock)
+    }
+
+    /// Extend the lease of the lock this caller holds to `lock.expires`.
+    /// [`ProviderError::NotFound`] when it is no longer this caller's (it
+    /// expired and was taken over, or was force-unlocked).
+    async fn renew_lock(&self, project: &str, lock: &LockInfo) -> Result<()> {
+        let _ = (project, lock);
+        Ok(())
+    }
+
+    /// The project's lock as the cloud holds it now, if any (expired or not).
+    async fn read_lock(&self, project: &str) -> Result<Option<LockInfo>> {
+        let _ = project;
+        Ok(None)
+    }
+
+    /// Remove the project's lock if its id is `id` (release by its holder,
+    /// or `force-unlock`). Gone already is fine; a lock with another id is
+    /// left alone and is [`ProviderError::NotFound`].
+    async fn unlock(&self, project: &str, id: &str) -> Result<()> {
+        let _ = (project, id);
         Ok(())
     }
 }

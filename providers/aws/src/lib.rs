@@ -60,6 +60,7 @@
 mod catalog;
 mod driver_access;
 mod errors;
+pub mod lock;
 pub mod plugin;
 mod runtime_store;
 
@@ -1163,6 +1164,28 @@ impl Provider for AwsProvider {
             }
         }
         Ok(())
+    }
+
+    // The project lock: a security group per project ([`lock`]).
+
+    async fn try_lock(
+        &self,
+        project: &str,
+        lock: &motorpool_provider::LockInfo,
+    ) -> Result<motorpool_provider::LockAttempt> {
+        lock::try_lock(self.client().await?, project, lock).await
+    }
+
+    async fn renew_lock(&self, project: &str, lock: &motorpool_provider::LockInfo) -> Result<()> {
+        lock::renew_lock(self.client().await?, project, lock).await
+    }
+
+    async fn read_lock(&self, project: &str) -> Result<Option<motorpool_provider::LockInfo>> {
+        lock::read_lock(self.client().await?, project).await
+    }
+
+    async fn unlock(&self, project: &str, id: &str) -> Result<()> {
+        lock::unlock(self.client().await?, project, id).await
     }
 }
 

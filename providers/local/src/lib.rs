@@ -6,6 +6,7 @@
 //! ```text
 //! instances/<id>/instance.json   the record (id, node type, image, tags, state, pid, address, ...)
 //! instances/<id>/agent.log       the agent's stdout and stderr
+//! instances/<id>/agent.pid       the agent's pid, written by the forked child itself before exec
 //! instances/<id>/agent.json      written by the agent once it listens (address, pid)
 //! tokens/<client token>          the ids a launch with that idempotency token made
 //! ```
@@ -15,7 +16,10 @@
 //! agent credential. Every record write is atomic (temporary file + rename). Records are
 //! written before their agents are spawned, so a launch killed half way
 //! leaves records that the next list reports (as terminated when their
-//! process never started). A record that says running but whose process is
+//! process never started). No agent exists without its pid on disk: the
+//! forked child writes `agent.pid` before it execs the agent, so a launcher
+//! killed between fork and its record write leaves an agent that list,
+//! terminate and a replayed launch still find. A record that says running but whose process is
 //! dead (or whose pid now belongs to another program) is reported as
 //! [`InstanceState::Terminated`]: that is drift for the engine to see.
 //!
@@ -24,6 +28,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -68,6 +73,8 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(3);
 
 const RECORD_FILE: &str = "instance.json";
 const AGENT_FILE: &str = "agent.json";
+/// The agent's pid, written by the child between fork and exec.
+const PID_FILE: &str = "agent.pid";
 /// The launch's user data, handed to the agent as `--config`.
 const USER_DATA_FILE: &str = "user-data";
 const LOG_FILE: &str = "agent.log";
@@ -542,26 +549,27 @@ impl Inner {
         let alive = |pid: Option<u32>| {
             pid.is_some_and(|pid| process::liveness(pid, &dir) == Liveness::Alive)
         };
+        let recorded_pid = known_pid(record, &dir);
         let mut address = record.address.clone();
         let state = match record.state {
             InstanceState::Running => {
-                if alive(record.pid) {
+                if alive(recorded_pid) {
                     InstanceState::Running
                 } else {
                     InstanceState::Terminated
                 }
             }
             InstanceState::Pending => {
-                if alive(record.pid) {
+                if alive(recorded_pid) {
                     // Spawned; listening once its agent.json names it.
                     match read_agent_file(&dir) {
-                        Some(file) if Some(file.pid) == record.pid => {
+                        Some(file) if Some(file.pid) == recorded_pid => {
                             address = Some(file.address);
                             InstanceState::Running
                         }
                         _ => InstanceState::Pending,
                     }
-                } else if record.pgid.is_some() && record.pid.is_some() {
+                } else if recorded_pid.is_some() {
                     // It was spawned and is gone.
                     InstanceState::Terminated
                 } else if self.launcher_alive(record) {
@@ -575,7 +583,7 @@ impl Inner {
             InstanceState::Terminated => InstanceState::Terminated,
         };
         let pid = match state {
-            InstanceState::Running | InstanceState::Pending => record.pid,
+            InstanceState::Running | InstanceState::Pending => recorded_pid,
             _ => None,
         };
         if state != InstanceState::Running {
@@ -689,6 +697,14 @@ impl Inner {
                     ),
                 ));
             }
+            // A replay: finish what a killed launcher left half done.
+            let mut respawn = Vec::new();
+            for id in &known.ids {
+                if self.settle_orphan(id)? {
+                    respawn.push(id.clone());
+                }
+            }
+            self.spawn_and_wait(&respawn)?;
             let mut instances = Vec::new();
             for id in &known.ids {
                 if let Some(record) = self.read_record(id)? {
@@ -752,6 +768,38 @@ impl Inner {
             }
         }
         Ok(instances)
+    }
+
+    /// A record still pending after its launcher died: adopt its agent when
+    /// that listens, otherwise stop whatever it started (found by the pid the
+    /// child wrote) and say it must be spawned again (`true`).
+    fn settle_orphan(&self, id: &str) -> Result<bool> {
+        let lock = self.lock_of(&format!("id:{id}"));
+        let _guard = lock_guard(&lock);
+        let Some(record) = self.read_record(id)? else {
+            return Ok(false);
+        };
+        if record.state != InstanceState::Pending || self.launcher_alive(&record) {
+            return Ok(false);
+        }
+        let dir = self.instance_dir(id);
+        let pid = known_pid(&record, &dir);
+        let alive = pid.is_some_and(|pid| process::liveness(pid, &dir) == Liveness::Alive);
+        let listening = read_agent_file(&dir).filter(|file| {
+            Some(file.pid) == pid && file.instance_id.as_deref().is_none_or(|i| i == id)
+        });
+        if let (true, Some(file)) = (alive, listening) {
+            let mut adopted = record;
+            adopted.state = InstanceState::Running;
+            adopted.pid = Some(file.pid);
+            adopted.pgid = adopted.pgid.or(Some(file.pid));
+            adopted.address = Some(file.address);
+            adopted.launcher_pid = None;
+            self.write_record(&adopted)?;
+            return Ok(false);
+        }
+        self.kill_agent(id, &record);
+        Ok(true)
     }
 
     /// Makes a fresh `instances/local-XXXXXXXX` directory and returns its id.
@@ -916,6 +964,14 @@ impl Inner {
         let log_err = log
             .try_clone()
             .map_err(|e| internal_io("cannot open", &log_path, e))?;
+        // Emptied now; the child fills it with its own pid before it execs.
+        let pid_path = dir.join(PID_FILE);
+        let pid_file = private_files::open(
+            &pid_path,
+            OpenOptions::new().create(true).write(true).truncate(true),
+        )
+        .map_err(|e| internal_io("cannot open", &pid_path, e))?;
+        let pid_fd = pid_file.as_raw_fd();
 
         // The record says who is starting it before the process exists.
         record.state = InstanceState::Pending;
@@ -940,13 +996,20 @@ impl Inner {
         if user_data.is_file() {
             command.arg("--config").arg(&user_data);
         }
-        let child = command
+        command
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
-            .process_group(0)
-            .spawn();
+            .process_group(0);
+        // SAFETY: the hook runs in the forked child and only calls
+        // `write_own_pid` (getpid and write on a stack buffer: async-signal-safe).
+        // The descriptor stays open in the parent until spawn returns.
+        unsafe {
+            command.pre_exec(move || process::write_own_pid(pid_fd));
+        }
+        let child = command.spawn();
+        drop(pid_file);
         let mut child = match child {
             Ok(child) => child,
             Err(e) => {
@@ -997,7 +1060,7 @@ impl Inner {
     /// SIGTERM the agent's process group, wait up to the grace, then SIGKILL.
     fn kill_agent(&self, id: &str, record: &Record) {
         let dir = record.dir.clone().unwrap_or_else(|| self.instance_dir(id));
-        let pid = record.pid;
+        let pid = known_pid(record, &dir);
         let pgid = record.pgid.or(pid);
         let Some(pgid) = pgid else {
             return;
@@ -1041,8 +1104,11 @@ impl Inner {
             Ok(Some(record)) => self.kill_agent(id, &record),
             Ok(None) => {}
             Err(_) => {
-                // A broken record: the agent's own file may still say which process it is.
-                if let Some(file) = read_agent_file(&dir) {
+                // A broken record: the agent's own files may still say which process it is.
+                let pid = read_agent_file(&dir)
+                    .map(|file| file.pid)
+                    .or_else(|| process::read_pid_file(&dir.join(PID_FILE)));
+                if let Some(pid) = pid {
                     let record = Record {
                         id: id.to_string(),
                         node_type: String::new(),
@@ -1051,7 +1117,7 @@ impl Inner {
                         state: InstanceState::Running,
                         launched_at: 0,
                         client_token: String::new(),
-                        pid: Some(file.pid),
+                        pid: Some(pid),
                         pgid: None,
                         address: None,
                         dir: Some(dir.clone()),
@@ -1095,6 +1161,7 @@ impl Inner {
         }
         self.kill_agent(id, &record);
         let _ = fs::remove_file(dir.join(AGENT_FILE));
+        let _ = fs::remove_file(dir.join(PID_FILE));
         self.write_record(&stopped)
     }
 
@@ -1175,6 +1242,14 @@ fn token_file_name(token: &str) -> Result<String> {
         ));
     }
     Ok(name)
+}
+
+/// A record's agent pid: the record's own, or else the one its child wrote
+/// before exec (the launcher was killed before it could record it).
+fn known_pid(record: &Record, dir: &Path) -> Option<u32> {
+    record
+        .pid
+        .or_else(|| process::read_pid_file(&dir.join(PID_FILE)))
 }
 
 fn read_agent_file(dir: &Path) -> Option<AgentFile> {

@@ -89,6 +89,50 @@ pub(crate) fn kill_group(pgid: u32, signal: libc::c_int) {
     }
 }
 
+/// In a freshly forked child, before it execs: write its own pid, in
+/// decimal and newline-terminated, to the already open `fd`. Only
+/// async-signal-safe calls (getpid, write) and no allocation, as a child of a
+/// multi-threaded parent may use between fork and exec.
+pub(crate) fn write_own_pid(fd: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let mut digits = [0u8; 24];
+    let mut n = digits.len() - 1;
+    digits[n] = b'\n';
+    let mut rest = u64::try_from(pid).unwrap_or(0);
+    loop {
+        n -= 1;
+        digits[n] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 || n == 0 {
+            break;
+        }
+    }
+    let bytes = &digits[n..];
+    let mut written = 0;
+    while written < bytes.len() {
+        // SAFETY: writes from a live stack buffer to a descriptor the parent opened for us.
+        let rc =
+            unsafe { libc::write(fd, bytes[written..].as_ptr().cast(), bytes.len() - written) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        written += rc as usize;
+    }
+    Ok(())
+}
+
+/// The pid a spawned child wrote with [`write_own_pid`], if the file holds one.
+pub(crate) fn read_pid_file(path: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    (pid > 1).then_some(pid)
+}
+
 /// The state letter of `/proc/<pid>/stat`: the first field after the command
 /// name, which is in parentheses and may itself contain `)` and spaces.
 fn stat_state(stat: &[u8]) -> Option<u8> {
@@ -117,5 +161,26 @@ mod tests {
         assert!(exists(me));
         assert!(!exists(0));
         assert_eq!(liveness(0, Path::new("/x")), Liveness::Dead);
+    }
+
+    #[test]
+    fn a_child_writes_its_own_pid_before_it_runs_its_program() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.pid");
+        let file = std::fs::File::create(&path).expect("pid file");
+        let fd = file.as_raw_fd();
+        let mut command = std::process::Command::new("true");
+        // SAFETY: the hook only calls write_own_pid, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || write_own_pid(fd));
+        }
+        let mut child = command.spawn().expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("wait");
+        assert_eq!(read_pid_file(&path), Some(pid));
+        std::fs::write(&path, "garbage").expect("write");
+        assert_eq!(read_pid_file(&path), None);
     }
 }

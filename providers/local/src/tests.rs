@@ -849,3 +849,72 @@ fn ids_and_token_names_are_checked() {
     assert_eq!(token_file_name("%").expect("ok"), "%25");
     assert!(token_file_name(&"x".repeat(300)).is_err());
 }
+
+/// What a launcher killed between fork and its record write leaves: a
+/// pending record with no pid, whose launcher is dead, and a live agent.
+/// Before `agent.pid`, list called it terminated, terminate removed its
+/// directory and the agent ran on.
+fn as_if_the_launcher_was_killed_after_fork(provider: &LocalProvider, id: &str) {
+    let path = provider
+        .instance_dir(id)
+        .expect("valid id")
+        .join("instance.json");
+    let mut record: Record =
+        serde_json::from_slice(&fs::read(&path).expect("read")).expect("parse");
+    record.state = InstanceState::Pending;
+    record.pid = None;
+    record.pgid = None;
+    record.address = None;
+    // A pid that is no process: the launcher is gone.
+    record.launcher_pid = Some(u32::MAX / 2);
+    fs::write(&path, serde_json::to_vec(&record).expect("encode")).expect("write");
+}
+
+#[tokio::test]
+async fn an_agent_whose_launcher_died_before_recording_its_pid_is_still_found_and_stopped() {
+    let t = TestHome::new();
+    let provider = t.provider();
+    let launched = provider
+        .launch(&request(2, "tok", &[("k", "v")]))
+        .await
+        .expect("launch");
+    let (orphan, adopted) = (&launched[0], &launched[1]);
+    let orphan_pid = orphan.pid.expect("pid");
+    let adopted_pid = adopted.pid.expect("pid");
+    as_if_the_launcher_was_killed_after_fork(&provider, &orphan.id);
+    as_if_the_launcher_was_killed_after_fork(&provider, &adopted.id);
+
+    // Listed as what it is: a live agent, by the pid it wrote before exec.
+    let listed = list_all(&provider, &TagFilter::new()).await;
+    let seen = state_of(&listed, &orphan.id);
+    assert_eq!(seen.state, InstanceState::Running, "{seen:?}");
+    assert_eq!(seen.pid, Some(orphan_pid));
+
+    // A replayed launch adopts the listening agent: same process, running.
+    let replayed = provider
+        .launch(&request(2, "tok", &[("k", "v")]))
+        .await
+        .expect("replay");
+    let again = state_of(&replayed, &adopted.id);
+    assert_eq!(again.state, InstanceState::Running);
+    assert_eq!(again.pid, Some(adopted_pid));
+
+    // Terminate stops the agent it never recorded, checked by pid.
+    as_if_the_launcher_was_killed_after_fork(&provider, &orphan.id);
+    provider
+        .terminate(std::slice::from_ref(&orphan.id))
+        .await
+        .expect("terminate");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process::exists(orphan_pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !process::exists(orphan_pid),
+        "agent {orphan_pid} left running"
+    );
+    provider
+        .terminate(std::slice::from_ref(&adopted.id))
+        .await
+        .expect("terminate");
+}
