@@ -101,7 +101,10 @@ def start_moto(program, log_path):
 
 def s3(port, method, path, body=b""):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    c.request(method, path, body=body, headers={"Content-Length": str(len(body))})
+    # moto checks no signature but applies object ACLs to the access key it reads here.
+    auth = ("AWS4-HMAC-SHA256 Credential=AKIAMOTORPOOLBENCH00/20260101/us-east-1/s3/aws4_request, "
+            "SignedHeaders=host, Signature=0")
+    c.request(method, path, body=body, headers={"Content-Length": str(len(body)), "Authorization": auth})
     r = c.getresponse()
     data = r.read()
     if r.status != 200:
@@ -216,18 +219,18 @@ def main():
         with open(os.path.join(spec_dir, "motorpool.yaml"), "w") as f:
             f.write("project: objbench\nprovider: { kind: local }\n"
                     "clusters:\n  bench: { node_type: small, workers: 2 }\njobs:\n"
-                    + "  wc_s3:" + job.format(input="s3://bench/data/*.txt", output="s3://bench/out/wc/",
+                    + "  wc-s3:" + job.format(input="s3://bench/data/*.txt", output="s3://bench/out/wc/",
                                                pmb=args.partition_mb)
-                    + "  wc_local:" + job.format(input="data/*.txt", output="out/wc", pmb=args.partition_mb))
+                    + "  wc-local:" + job.format(input="data/*.txt", output="out/wc", pmb=args.partition_mb))
         log("==> motorpool apply (the cluster; not timed)")
         subprocess.run([binary, "apply", "--yes"], cwd=spec_dir, env=env, check=True,
                        stdout=subprocess.DEVNULL)
 
         results = {}
         answers = {}
-        for name, job_name, extra in [("s3", "wc_s3", {}),
-                                      ("upload", "wc_local", {"MOTORPOOL_UPLOAD_INPUTS": "1"}),
-                                      ("in place", "wc_local", {})]:
+        for name, job_name, extra in [("s3", "wc-s3", {}),
+                                      ("upload", "wc-local", {"MOTORPOOL_UPLOAD_INPUTS": "1"}),
+                                      ("in place", "wc-local", {})]:
             log(f"==> motorpool run {job_name} ({name})")
             seconds, wchar, stdout = run_cli(binary, ["run", job_name, "--output", "json"], spec_dir,
                                              dict(env, **extra))

@@ -100,6 +100,7 @@ jobs:
 
 /// Runs `wc` twice (text, then JSON) and `missing`; checks the answers with
 /// `read_output` (the counts in the output's part objects) and `parts` (their names).
+#[allow(clippy::too_many_arguments)]
 fn word_count_on(
     env: &Env,
     input: &str,
