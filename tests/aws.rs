@@ -719,8 +719,25 @@ fn booted_machines(moto: &Moto, project: &str) -> Machines {
                 .collect()
         },
         moto::REGION,
-        move |cmd| moto::with_aws_env(cmd, Some(&agent_url)),
+        move |cmd| {
+            moto::with_aws_env(cmd, Some(&agent_url));
+            // Executors read and write job data on moto's S3 (plain HTTP).
+            cmd.env("AWS_ALLOW_HTTP", "true");
+        },
     )
+}
+
+/// An S3 client on moto, and a runtime to drive it.
+fn s3(moto: &Moto) -> (tokio::runtime::Runtime, motorpool_aws::aws_sdk_s3::Client) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let config = moto::provider(&moto.url(), |_| {}).config().clone();
+    let client = rt
+        .block_on(motorpool_aws::s3_client(&config))
+        .expect("an S3 client");
+    (rt, client)
 }
 
 /// The objects in `bucket` (key -> metadata `sha256`), and the bucket's tags.
@@ -805,6 +822,7 @@ fn an_aws_job_runs_on_nodes_booted_from_their_user_data_with_the_runtime_apply_u
     let machines = booted_machines(&moto, "awsjobs");
     let env = Env::new();
     let runtime_bucket = format!("mp-runtime-{}", fastrand::u32(..));
+    let data = format!("mp-data-{}", fastrand::u32(..));
     env.spec(&format!(
         "project: awsjobs\n\
          provider: {{ kind: aws, region: {region}, image: {AMI}, endpoint_url: \"{url}\", \
@@ -814,6 +832,10 @@ fn an_aws_job_runs_on_nodes_booted_from_their_user_data_with_the_runtime_apply_u
          \x20       map: {{ input: \"data/*.txt\", partitions: 4, python: {{ file: wc.py, function: words }} }}\n\
          \x20       reduce: {{ partitions: 2, python: {{ file: wc.py, function: add }} }}\n\
          \x20       output: out/wc\n\
+         \x20 wcs3:\n    cluster: etl\n    tasks:\n      count:\n\
+         \x20       map: {{ input: \"s3://{data}/in/*.txt\", partitions: 4, python: {{ file: wc.py, function: words }} }}\n\
+         \x20       reduce: {{ partitions: 2, python: {{ file: wc.py, function: add }} }}\n\
+         \x20       output: \"s3://{data}/out/wc/\"\n\
          \x20 adhoc:\n    new_cluster: {{ node_type: t3.micro, workers: 1 }}\n    tasks:\n\
          \x20     hello: {{ command: \"echo hello from a job cluster\" }}\n",
         region = moto::REGION,
@@ -821,6 +843,26 @@ fn an_aws_job_runs_on_nodes_booted_from_their_user_data_with_the_runtime_apply_u
     ));
     std::fs::write(env.dir.path().join("wc.py"), WC_PY).expect("wc.py");
     let expected = write_words(env.dir.path());
+    // The same input on S3, for the job that reads it there.
+    let (rt, s3) = s3(&moto);
+    rt.block_on(async {
+        s3.create_bucket()
+            .bucket(&data)
+            .send()
+            .await
+            .expect("data bucket");
+        for f in 0..3 {
+            let body =
+                std::fs::read(env.dir.path().join(format!("data/part{f}.txt"))).expect("input");
+            s3.put_object()
+                .bucket(&data)
+                .key(format!("in/part{f}.txt"))
+                .body(body.into())
+                .send()
+                .await
+                .expect("put input");
+        }
+    });
 
     // No runtime_url: apply uploads this very binary, stripped, to the bucket.
     let applied = mp(&env, None, &["apply", "--yes"]).expect_code(0);
@@ -883,6 +925,46 @@ fn an_aws_job_runs_on_nodes_booted_from_their_user_data_with_the_runtime_apply_u
     mp(&env, None, &["run", "wc"]).expect_code(0);
     let got = common::read_part_files(&env.dir.path().join("out/wc"));
     assert_eq!(got, expected);
+
+    // The same job with its data on S3: the executors on the nodes read and
+    // write it there, and nothing of it passes through this machine.
+    let run = mp(&env, None, &["run", "wcs3"]).expect_code(0);
+    assert!(
+        run.stdout.contains(&format!("s3://{data}/out/wc/")),
+        "{}",
+        run.stdout
+    );
+    let from_s3 = rt.block_on(async {
+        let listed = s3
+            .list_objects_v2()
+            .bucket(&data)
+            .prefix("out/wc/")
+            .send()
+            .await
+            .expect("list the output");
+        let mut counts = BTreeMap::new();
+        for key in listed.contents().iter().filter_map(|o| o.key()) {
+            assert!(key.starts_with("out/wc/part-"), "{key}");
+            let body = s3
+                .get_object()
+                .bucket(&data)
+                .key(key)
+                .send()
+                .await
+                .expect("get")
+                .body
+                .collect()
+                .await
+                .expect("body")
+                .into_bytes();
+            for line in String::from_utf8_lossy(&body).lines() {
+                let (word, n) = line.split_once('\t').expect("key<TAB>value");
+                counts.insert(word.to_string(), n.trim().parse::<u64>().expect("a count"));
+            }
+        }
+        counts
+    });
+    assert_eq!(from_s3, expected);
 
     // A job cluster made on AWS for one run, and removed after it; its
     // output and logs are kept.

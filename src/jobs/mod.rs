@@ -459,7 +459,8 @@ fn cluster_credential(project: &Project, cluster: &str) -> Result<Credential> {
     Ok(auth::cluster_credential(&secret, &project.name, cluster))
 }
 
-/// Every job's map inputs and task outputs: data, not code, so out of the bundle.
+/// Every job's map inputs and task outputs: data, not code, so out of the
+/// bundle. Those on object storage are not in the job directory at all.
 pub fn data_paths(loaded: &LoadedSpec) -> Vec<String> {
     loaded
         .spec
@@ -470,6 +471,7 @@ pub fn data_paths(loaded: &LoadedSpec) -> Vec<String> {
             let input = t.map.as_ref().map(|m| m.input.clone());
             input.into_iter().chain(t.output.clone())
         })
+        .filter(|p| !motorpool_storage::is_data_url(p))
         .collect()
 }
 

@@ -43,7 +43,9 @@ fn refused(what: &str, s: tonic::Status) -> anyhow::Error {
 /// Bundles the job's directory (leaving out map inputs, task outputs and
 /// hidden files), uploads the bundle unless the driver has it, uploads the
 /// map inputs, submits, calls `on_progress` as progress arrives, and writes
-/// every succeeded task's `output` under `base_dir`. A job that fails is
+/// every succeeded task's `output` under `base_dir`. Inputs and outputs on
+/// object storage (`s3://`, `gs://`, `az://`) are neither uploaded nor
+/// downloaded: the executors read and write them there. A job that fails is
 /// `Ok` with `ok: false` in the summary; `Err` means the run could not be
 /// carried out (bad job, unreachable driver, lost connection).
 pub async fn run_job(
@@ -89,6 +91,9 @@ pub async fn run_job(
 
     let mut client = connect_driver(driver_addr, credential).await?;
     let bundle_id = upload_bundle(&mut client, bundle).await?;
+    // `MOTORPOOL_UPLOAD_INPUTS=1`: upload local inputs even to a driver
+    // that could read them in place (bench/objectstore.py measures the upload).
+    let offer_in_place = std::env::var_os("MOTORPOOL_UPLOAD_INPUTS").is_none_or(|v| v != "1");
     let submitted = client
         .submit_job(proto::SubmitJobRequest {
             name: name.clone(),
@@ -103,7 +108,7 @@ pub async fn run_job(
                     // A driver on this machine reads the file where it lies.
                     local: super::local::identify(&base.join(p))
                         .ok()
-                        .filter(|l| l.size == *size),
+                        .filter(|l| offer_in_place && l.size == *size),
                 })
                 .collect(),
             options: None,
@@ -151,8 +156,12 @@ pub async fn run_job(
         if t.outcome != TaskOutcome::Succeeded {
             continue;
         }
-        // A URL (`s3://`...) is written by the executors, not downloaded.
-        if let Some(out) = t.output.as_ref().filter(|o| !o.contains("://")) {
+        // Output on object storage stays there: the summary names its URL.
+        if let Some(out) = t
+            .output
+            .as_ref()
+            .filter(|o| !motorpool_storage::is_data_url(o))
+        {
             // Named by the driver: confined again, and never written
             // through a symlink that leads out of the project.
             let rel = crate::confine::job_path(out).with_context(|| format!("output `{out}`"))?;
@@ -177,6 +186,10 @@ fn inputs_and_outputs(
     let mut inputs = BTreeMap::new();
     for t in &job_plan.tasks {
         if let plan::TaskKind::Map { map, .. } = &t.kind {
+            // Input on object storage is read there by the executors.
+            if motorpool_storage::is_data_url(&map.input) {
+                continue;
+            }
             for (rel, size) in plan::resolve_input(base, &map.input)? {
                 // Stale outputs of earlier runs are not inputs: the tasks that
                 // write them run first on the driver.

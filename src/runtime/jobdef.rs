@@ -15,8 +15,13 @@ pub const PYTHON_PER_PARTITION: &str = "python-per-partition";
 /// The `requires` name of a job with a `spark:` task.
 pub const SPARK: &str = "spark";
 
+/// The `requires` name of a job that reads or writes object storage
+/// (`s3://`, `gs://`, `az://` in a map's `input` or a task's `output`): a
+/// driver without it would take the URL for a local path.
+pub const OBJECT_STORAGE: &str = "object-storage";
+
 /// Every `requires` name this driver knows how to honour.
-pub const FEATURES: &[&str] = &[PYTHON_PER_PARTITION, SPARK];
+pub const FEATURES: &[&str] = &[PYTHON_PER_PARTITION, SPARK, OBJECT_STORAGE];
 
 /// Why a driver refuses a job it received.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +96,16 @@ pub fn to_proto(job: &Job) -> proto::JobDef {
             });
             if t.spark.is_some() && !requires.iter().any(|r| r == SPARK) {
                 requires.push(SPARK.to_string());
+            }
+            let on_storage = t
+                .map
+                .as_ref()
+                .is_some_and(|m| motorpool_storage::is_data_url(&m.input))
+                || t.output
+                    .as_deref()
+                    .is_some_and(motorpool_storage::is_data_url);
+            if on_storage && !requires.iter().any(|r| r == OBJECT_STORAGE) {
+                requires.push(OBJECT_STORAGE.to_string());
             }
             proto::TaskDef {
                 name: name.clone(),

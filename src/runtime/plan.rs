@@ -80,6 +80,20 @@ pub struct PlannedTask {
     pub timeout_minutes: Option<u32>,
     /// Where `part-NNNNN` files go, relative to the job directory.
     pub output: Option<PathBuf>,
+    /// Or the object storage prefix (`s3://`, `gs://`, `az://`) the
+    /// executors write `part-NNNNN` objects under.
+    pub output_url: Option<String>,
+}
+
+impl PlannedTask {
+    /// Where the task's output goes, as the run summary names it.
+    pub fn output_name(&self) -> Option<String> {
+        self.output_url.clone().or_else(|| {
+            self.output
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned())
+        })
+    }
 }
 
 impl PlannedTask {
@@ -223,13 +237,20 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
                     ok = false;
                 });
                 // A URL (`s3://`...) is not a path of the project.
-                let input = match crate::confine::job_path(&m.input) {
-                    _ if m.input.contains("://") => m.input.clone(),
-                    Ok(input) => input.to_string_lossy().into_owned(),
-                    Err(e) => {
+                let input = if motorpool_storage::is_data_url(&m.input) {
+                    if let Err(e) = motorpool_storage::DataUrl::parse(&m.input) {
                         problems.push(format!("`input` of {mwhat}: {e}"));
                         ok = false;
-                        String::new()
+                    }
+                    m.input.clone()
+                } else {
+                    match crate::confine::job_path(&m.input) {
+                        Ok(input) => input.to_string_lossy().into_owned(),
+                        Err(e) => {
+                            problems.push(format!("`input` of {mwhat}: {e}"));
+                            ok = false;
+                            String::new()
+                        }
                     }
                 };
                 if m.partitions == Some(0) || m.partition_mb == Some(0) {
@@ -305,18 +326,28 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
                 continue;
             }
         };
-        let output = match &t.output {
-            None => None,
-            Some(o) if o.contains("://") => Some(PathBuf::from(o)),
+        let (output, output_url) = match &t.output {
+            None => (None, None),
+            Some(o) if motorpool_storage::is_data_url(o) => {
+                match motorpool_storage::DataUrl::parse_output(o) {
+                    Ok(u) => (None, Some(u.to_string())),
+                    Err(e) => {
+                        problems.push(format!("`output` of {what}: {e}"));
+                        continue;
+                    }
+                }
+            }
             Some(o) => match crate::confine::job_path(o) {
-                Ok(p) => Some(p),
+                Ok(p) => (Some(p), None),
                 Err(e) => {
                     problems.push(format!("`output` of {what}: {e}"));
                     continue;
                 }
             },
         };
-        if output.is_some() && matches!(kind, TaskKind::Command(_) | TaskKind::Spark(_)) {
+        if (output.is_some() || output_url.is_some())
+            && matches!(kind, TaskKind::Command(_) | TaskKind::Spark(_))
+        {
             problems.push(format!(
                 "`output` of {what}: only a map (or map/reduce) task writes `part-NNNNN` files"
             ));
@@ -333,6 +364,7 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
                     max_attempts: retries.saturating_add(1),
                     timeout_minutes: t.timeout_minutes,
                     output,
+                    output_url,
                 },
                 t.depends_on.clone(),
             ),
@@ -348,14 +380,17 @@ pub fn plan_job(job: &Job) -> anyhow::Result<JobPlan> {
         }
     }
     // Two tasks writing one output directory would clobber each other.
-    let mut outputs: HashMap<&Path, &str> = HashMap::new();
+    let mut outputs: HashMap<String, &str> = HashMap::new();
     for (name, (t, _)) in &planned {
-        if let Some(o) = &t.output
-            && let Some(other) = outputs.insert(o.as_path(), name)
+        let key = t
+            .output_url
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_string());
+        if let Some(o) = key.or_else(|| t.output.as_ref().map(|p| p.display().to_string()))
+            && let Some(other) = outputs.insert(o.clone(), name)
         {
             problems.push(format!(
-                "tasks `{other}` and `{name}` both write `output` {}",
-                o.display()
+                "tasks `{other}` and `{name}` both write `output` {o}"
             ));
         }
     }
@@ -494,53 +529,158 @@ pub fn split_input_with(
     parts: u32,
     path_of: impl Fn(&Path) -> PathBuf,
 ) -> anyhow::Result<Vec<Vec<InputRange>>> {
+    let sizes: Vec<u64> = files.iter().map(|(_, s)| *s).collect();
+    let cuts = cuts(&sizes, parts);
+    let mut open: Option<(usize, std::fs::File)> = None;
+    let mut aligned = Vec::with_capacity(cuts.len());
+    for cut in cuts {
+        aligned.push(match cut {
+            Cut::At(at) => at,
+            Cut::Align { file, start, from } => {
+                let f = match &mut open {
+                    Some((k, f)) if *k == file => f,
+                    _ => {
+                        let path = path_of(&files[file].0);
+                        let f = std::fs::File::open(&path)
+                            .with_context(|| format!("cannot read {}", path.display()))?;
+                        &mut open.insert((file, f)).1
+                    }
+                };
+                start + next_line_start(f, from, sizes[file])?
+            }
+        });
+    }
+    let names: Vec<String> = files
+        .iter()
+        .map(|(rel, _)| rel.to_string_lossy().into_owned())
+        .collect();
+    Ok(assemble(&names, &sizes, parts, aligned, false))
+}
+
+/// Splits objects on object storage (`url`, size) into `parts` partitions
+/// exactly as [`split_input`] splits files: the bytes where a boundary falls
+/// are read (ranged GETs, several at once) to move it to the next line start.
+pub async fn split_objects(
+    stores: &motorpool_storage::Stores,
+    objects: &[motorpool_storage::Object],
+    parts: u32,
+) -> anyhow::Result<Vec<Vec<InputRange>>> {
+    let sizes: Vec<u64> = objects.iter().map(|o| o.size).collect();
+    let urls = objects
+        .iter()
+        .map(|o| motorpool_storage::DataUrl::parse(&o.url))
+        .collect::<Result<Vec<_>, _>>()?;
+    let names: Vec<String> = objects.iter().map(|o| o.url.clone()).collect();
+    split_async(&names, &sizes, parts, |file, from| {
+        let (url, size) = (&urls[file], sizes[file]);
+        async move { Ok(stores.next_line_start(url, from, size).await?) }
+    })
+    .await
+}
+
+/// [`split_input`] over files read asynchronously: `next_line` answers, for
+/// file `i` and an offset in it, the offset just after the first newline at
+/// or after it (the file's size when there is none). Several at once.
+async fn split_async<F, Fut>(
+    names: &[String],
+    sizes: &[u64],
+    parts: u32,
+    next_line: F,
+) -> anyhow::Result<Vec<Vec<InputRange>>>
+where
+    F: Fn(usize, u64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>>,
+{
+    use futures_util::{StreamExt, TryStreamExt};
+    let next_line = &next_line;
+    let aligned: Vec<u64> = futures_util::stream::iter(cuts(sizes, parts))
+        .map(|cut| async move {
+            match cut {
+                Cut::At(at) => Ok::<u64, anyhow::Error>(at),
+                Cut::Align { file, start, from } => Ok(start + next_line(file, from).await?),
+            }
+        })
+        .buffered(8)
+        .try_collect()
+        .await?;
+    Ok(assemble(names, sizes, parts, aligned, true))
+}
+
+/// Where an inner partition boundary falls, before it is moved to a line start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cut {
+    /// At a file's start or end: already a line start.
+    At(u64),
+    /// Inside file `file` (which starts at global offset `start`): the line
+    /// start after the first newline at or after local offset `from`.
+    Align { file: usize, start: u64, from: u64 },
+}
+
+/// The `parts - 1` inner boundaries of files of `sizes` cut into `parts` of
+/// about equal bytes. Aligning each one on its own and then keeping the
+/// boundaries ascending gives the same partitions as aligning them in turn.
+fn cuts(sizes: &[u64], parts: u32) -> Vec<Cut> {
     let parts = parts.max(1) as usize;
-    let total: u64 = files.iter().map(|(_, s)| s).sum();
-    let mut out = vec![Vec::new(); parts];
+    let total: u64 = sizes.iter().sum();
     if total == 0 {
-        return Ok(out);
+        return Vec::new();
     }
     // Global offset where each file starts.
-    let mut starts = Vec::with_capacity(files.len());
+    let mut starts = Vec::with_capacity(sizes.len());
     let mut acc = 0u64;
-    for (_, s) in files {
+    for s in sizes {
         starts.push(acc);
         acc += s;
     }
+    (1..parts)
+        .map(|i| {
+            let nominal = (total as u128 * i as u128 / parts as u128) as u64;
+            // The file holding `nominal`.
+            let fi = match starts.binary_search(&nominal) {
+                Ok(mut k) => {
+                    // Several empty files can start at the same offset: the first non-empty.
+                    while k + 1 < sizes.len() && sizes[k] == 0 {
+                        k += 1;
+                    }
+                    k
+                }
+                Err(k) => k - 1,
+            };
+            let local = nominal - starts[fi];
+            if local == 0 || local >= sizes[fi] {
+                Cut::At(nominal.min(starts[fi] + sizes[fi]))
+            } else {
+                Cut::Align {
+                    file: fi,
+                    start: starts[fi],
+                    from: local - 1,
+                }
+            }
+        })
+        .collect()
+}
+
+/// The partitions of files (`names`, `sizes`) between the aligned inner
+/// boundaries `aligned` (from [`cuts`]): each a list of byte ranges.
+/// `object_sizes`: the ranges carry their object's size (object storage).
+fn assemble(
+    names: &[String],
+    sizes: &[u64],
+    parts: u32,
+    aligned: Vec<u64>,
+    object_sizes: bool,
+) -> Vec<Vec<InputRange>> {
+    let parts = parts.max(1) as usize;
+    let total: u64 = sizes.iter().sum();
+    let mut out = vec![Vec::new(); parts];
+    if total == 0 {
+        return out;
+    }
     let mut bounds = Vec::with_capacity(parts + 1);
     bounds.push(0u64);
-    let mut open: Option<(usize, std::fs::File)> = None;
-    for i in 1..parts {
-        let nominal = (total as u128 * i as u128 / parts as u128) as u64;
+    for a in aligned {
         let prev = *bounds.last().unwrap_or(&0);
-        let nominal = nominal.max(prev);
-        // The file holding `nominal`.
-        let fi = match starts.binary_search(&nominal) {
-            Ok(mut k) => {
-                // Several empty files can start at the same offset: the first non-empty.
-                while k + 1 < files.len() && files[k].1 == 0 {
-                    k += 1;
-                }
-                k
-            }
-            Err(k) => k - 1,
-        };
-        let local = nominal - starts[fi];
-        let aligned = if local == 0 || local >= files[fi].1 {
-            nominal.min(starts[fi] + files[fi].1)
-        } else {
-            let f = match &mut open {
-                Some((k, f)) if *k == fi => f,
-                _ => {
-                    let path = path_of(&files[fi].0);
-                    let f = std::fs::File::open(&path)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    &mut open.insert((fi, f)).1
-                }
-            };
-            starts[fi] + next_line_start(f, local - 1, files[fi].1)?
-        };
-        bounds.push(aligned.max(prev));
+        bounds.push(a.max(prev));
     }
     bounds.push(total);
     for (p, part) in out.iter_mut().enumerate() {
@@ -548,20 +688,23 @@ pub fn split_input_with(
         if lo >= hi {
             continue;
         }
-        for (k, (rel, size)) in files.iter().enumerate() {
-            let (fs, fe) = (starts[k], starts[k] + size);
+        let mut fs = 0u64;
+        for (name, size) in names.iter().zip(sizes) {
+            let fe = fs + size;
             let (a, b) = (lo.max(fs), hi.min(fe));
             if a < b {
                 part.push(InputRange {
-                    path: rel.to_string_lossy().into_owned(),
+                    path: name.clone(),
                     start: a - fs,
                     end: b - fs,
                     local: None,
+                    size: if object_sizes { *size } else { 0 },
                 });
             }
+            fs = fe;
         }
     }
-    Ok(out)
+    out
 }
 
 /// The offset just after the first newline at or after `from` (or `size`).
@@ -691,5 +834,102 @@ mod tests {
         assert_eq!(partition_count(1000, None, None, 64, 4), 1);
         assert_eq!(partition_count(1 << 20, None, None, 64, 4), 4);
         assert!(resolve_input(dir.path(), "../*.txt").is_err());
+    }
+
+    #[tokio::test]
+    async fn objects_split_as_files_do() {
+        // The same bytes as files and as "objects" read by offset: the same
+        // partitions, each range carrying its object's size.
+        let dir = tempfile::tempdir().expect("tmp");
+        let data: Vec<Vec<u8>> = vec![
+            "one two\nthree\nfour five six seven\n"
+                .repeat(300)
+                .into_bytes(),
+            Vec::new(),
+            b"no newline at the end".to_vec(),
+            "x\n".repeat(7).into_bytes(),
+            b"a single very long line without any newline at all ".repeat(40),
+        ];
+        let mut files = Vec::new();
+        for (i, d) in data.iter().enumerate() {
+            let name = format!("f{i}.txt");
+            std::fs::write(dir.path().join(&name), d).expect("write");
+            files.push((PathBuf::from(name), d.len() as u64));
+        }
+        let names: Vec<String> = files
+            .iter()
+            .map(|(p, _)| format!("s3://b/{}", p.display()))
+            .collect();
+        let sizes: Vec<u64> = files.iter().map(|(_, s)| *s).collect();
+        for parts in [1, 2, 3, 5, 8, 33, 1000] {
+            let local = split_input(dir.path(), &files, parts).expect("local split");
+            let objects = split_async(&names, &sizes, parts, |file, from| {
+                let d = &data[file];
+                async move {
+                    Ok(d[from as usize..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(d.len() as u64, |i| from + i as u64 + 1))
+                }
+            })
+            .await
+            .expect("object split");
+            assert_eq!(local.len(), objects.len());
+            for (l, o) in local.iter().zip(&objects) {
+                let l: Vec<(String, u64, u64)> = l
+                    .iter()
+                    .map(|r| (format!("s3://b/{}", r.path), r.start, r.end))
+                    .collect();
+                let o: Vec<(String, u64, u64)> =
+                    o.iter().map(|r| (r.path.clone(), r.start, r.end)).collect();
+                assert_eq!(l, o, "{parts} parts");
+            }
+            for r in objects.iter().flatten() {
+                let i: usize = r.path["s3://b/f".len()..r.path.len() - 4]
+                    .parse()
+                    .expect("index");
+                assert_eq!(r.size, sizes[i]);
+                // Every range starts at a line start.
+                assert!(r.start == 0 || data[i][r.start as usize - 1] == b'\n');
+            }
+        }
+    }
+
+    #[test]
+    fn object_urls_are_checked_when_a_job_is_planned() {
+        let mut job = Job::default();
+        job.tasks.insert(
+            "m".into(),
+            Task {
+                map: Some(MapStage {
+                    input: "s3://bucket/data/*.txt".into(),
+                    command: Some("cat".into()),
+                    ..MapStage::default()
+                }),
+                output: Some("s3://bucket/out/".into()),
+                ..Task::default()
+            },
+        );
+        let plan = plan_job(&job).expect("plan");
+        assert_eq!(
+            plan.tasks[0].output_url.as_deref(),
+            Some("s3://bucket/out/")
+        );
+        assert_eq!(plan.tasks[0].output, None);
+        assert_eq!(
+            plan.tasks[0].output_name().as_deref(),
+            Some("s3://bucket/out/")
+        );
+        if let Some(m) = job.tasks.get_mut("m") {
+            m.output = Some("s3://bucket/out/*".into());
+        }
+        let err = plan_job(&job).expect_err("glob output").to_string();
+        assert!(err.contains("`output` of task `m`"), "{err}");
+        assert!(err.contains("not a glob"), "{err}");
+        if let Some(map) = job.tasks.get_mut("m").and_then(|m| m.map.as_mut()) {
+            map.input = "hdfs://nn/data".into();
+        }
+        let err = plan_job(&job).expect_err("bad input").to_string();
+        assert!(err.contains("unknown scheme `hdfs://`"), "{err}");
     }
 }

@@ -1241,16 +1241,25 @@ impl<'s> Checker<'_, 's> {
                 format!("`reduce` in {what} needs a `map`"),
             );
         }
-        if let Some(output) = t.output.as_deref().filter(|o| !o.contains("://")) {
-            self.job_path(
+        match t.output.as_deref() {
+            Some(o) if motorpool_storage::is_data_url(o) => {
+                if let Err(e) = motorpool_storage::DataUrl::parse_output(o) {
+                    self.error(
+                        value_span(node, "output"),
+                        format!("`output` of {what}: {e}"),
+                    );
+                }
+            }
+            Some(output) => self.job_path(
                 output,
                 value_span(node, "output"),
                 &format!("the output of {what}"),
-            );
+            ),
+            None => {}
         }
         if let (Some(m), Some(mn)) = (&t.map, node.get("map")) {
             let mwhat = format!("the map of {what}");
-            if !m.input.contains("://") {
+            if !motorpool_storage::is_data_url(&m.input) {
                 self.job_path(
                     &m.input,
                     value_span(mn, "input"),
@@ -1262,6 +1271,11 @@ impl<'s> Checker<'_, 's> {
                 ("python", m.python.is_some()),
             ];
             self.one_of(mn, key_span(node, "map"), &mwhat, &set, false);
+            if motorpool_storage::is_data_url(&m.input)
+                && let Err(e) = motorpool_storage::DataUrl::parse(&m.input)
+            {
+                self.error(value_span(mn, "input"), format!("`input` of {mwhat}: {e}"));
+            }
             self.positive(m.partitions, mn, "partitions", &mwhat);
             self.positive(m.partition_mb, mn, "partition_mb", &mwhat);
             if m.partitions.is_some() && m.partition_mb.is_some() {

@@ -538,7 +538,9 @@ pub struct Task {
     /// (clusters with `engine: spark`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spark: Option<SparkTask>,
-    /// Where `part-NNNNN` files are written, relative to the spec file.
+    /// Where `part-NNNNN` files are written, relative to the spec file; or
+    /// an object storage prefix (`s3://bucket/out/`, `gs://...`, `az://...`)
+    /// the executors write `part-NNNNN` objects under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -583,7 +585,9 @@ pub struct SparkTask {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MapStage {
-    /// A file or glob, relative to the spec file.
+    /// A file or glob, relative to the spec file; or an object storage URL
+    /// or glob (`s3://bucket/logs/*.txt`, `gs://...`, `az://container/...`)
+    /// that the executors list and read themselves.
     pub input: String,
     /// Reads the partition's lines on stdin, writes `key<TAB>value` lines.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -113,8 +113,21 @@ pub(crate) enum Event {
     Status {
         reply: oneshot::Sender<proto::ClusterStatusResponse>,
     },
+    /// A map task's object storage work before its parts can run is done:
+    /// its input listed and split, its output prefix cleared.
+    ObjectsReady {
+        run_id: Arc<str>,
+        task: usize,
+        result: Result<Option<ObjectInput>, String>,
+    },
     Tick,
     Shutdown,
+}
+
+/// A map task's input on object storage, listed and split into partitions.
+#[derive(Debug)]
+pub(crate) struct ObjectInput {
+    inputs: Vec<Vec<InputRange>>,
 }
 
 struct ExecRt {
@@ -191,6 +204,9 @@ struct StageRt {
     samples: u32,
     /// Where committed `part-NNNNN` files go (absolute).
     output_dir: Option<PathBuf>,
+    /// Its attempts write `part-NNNNN` objects to object storage themselves
+    /// (an object appears only when its attempt succeeds).
+    writes_objects: bool,
 }
 
 impl StageRt {
@@ -491,6 +507,11 @@ impl Scheduler {
             } => self.with_run(&run_id, |s, run| {
                 s.on_command_done(run, task, attempt, result)
             }),
+            Event::ObjectsReady {
+                run_id,
+                task,
+                result,
+            } => self.with_run(&run_id, |s, run| s.on_objects_ready(run, task, result)),
             Event::Watch { run_id, tx, reply } => {
                 if let Some(run) = self.runs.get_mut(run_id.as_str()) {
                     let p = progress(run);
@@ -695,17 +716,131 @@ impl Scheduler {
                 self.spawn_command(run, ti);
             }
             TaskKind::Map { map, reduce } => {
-                if let Err(e) = self.plan_map_task(run, ti, map, reduce.as_ref()) {
-                    self.task_failed(run, ti, format!("{e:#}"), None);
+                let input_url = motorpool_storage::is_data_url(&map.input);
+                if input_url || planned.output_url.is_some() {
+                    // Listing, splitting and clearing on object storage take
+                    // network round trips: done off the scheduler, which
+                    // plans the task when they are (Event::ObjectsReady).
+                    self.prepare_objects(run, ti, map, input_url);
                     return;
                 }
-                // A map over nothing with no reduce is done at once.
-                let t = &run.tasks[ti];
-                if t.stages.iter().all(|s| s.complete()) {
-                    self.task_succeeded(run, ti);
-                }
+                self.map_task_planned(run, ti, map, reduce.as_ref(), None);
             }
         }
+    }
+
+    /// Plans a map task's stages (with its object storage input when it has
+    /// one) and lets its parts go.
+    fn map_task_planned(
+        &mut self,
+        run: &mut RunRt,
+        ti: usize,
+        map: &plan::MapPlan,
+        reduce: Option<&plan::ReducePlan>,
+        objects: Option<ObjectInput>,
+    ) {
+        if let Err(e) = self.plan_map_task(run, ti, map, reduce, objects) {
+            self.task_failed(run, ti, format!("{e:#}"), None);
+            return;
+        }
+        // A map over nothing with no reduce is done at once.
+        let t = &run.tasks[ti];
+        if t.stages.iter().all(|s| s.complete()) {
+            self.task_succeeded(run, ti);
+        }
+    }
+
+    /// Lists and splits a map task's object storage input and clears its
+    /// output prefix of an earlier run's `part-*` objects, on a task of its
+    /// own; the answer comes back as [`Event::ObjectsReady`].
+    fn prepare_objects(
+        &mut self,
+        run: &mut RunRt,
+        ti: usize,
+        map: &plan::MapPlan,
+        input_url: bool,
+    ) {
+        let cores = self.cores();
+        let events = self.shared.events.clone();
+        let run_id = run.id.clone();
+        let output_url = run.plan.tasks[ti].output_url.clone();
+        let default_partition_mb = run.default_partition_mb;
+        let map = map.clone();
+        tokio::spawn(async move {
+            let stores = motorpool_storage::stores();
+            let result = async {
+                if let Some(out) = &output_url {
+                    let out = motorpool_storage::DataUrl::parse_output(out)?;
+                    stores.delete_parts(&out).await?;
+                }
+                if !input_url {
+                    return Ok(None);
+                }
+                let url = motorpool_storage::DataUrl::parse(&map.input)?;
+                let objects = stores.list(&url).await?;
+                if objects.is_empty() {
+                    anyhow::bail!("the input `{}` matches no object", map.input);
+                }
+                if let Some(out) = &output_url
+                    && let Some(o) = objects
+                        .iter()
+                        .find(|o| o.url.starts_with(out.trim_end_matches('/')))
+                {
+                    anyhow::bail!(
+                        "the input `{}` includes {}, under the task's own `output` {out}",
+                        map.input,
+                        o.url
+                    );
+                }
+                let total: u64 = objects.iter().map(|o| o.size).sum();
+                let m = plan::partition_count(
+                    total,
+                    map.partitions,
+                    map.partition_mb,
+                    default_partition_mb,
+                    cores,
+                );
+                let inputs = plan::split_objects(stores, &objects, m).await?;
+                Ok(Some(ObjectInput { inputs }))
+            }
+            .await
+            .map_err(|e: anyhow::Error| format!("{e:#}"));
+            let _ = events.send(Event::ObjectsReady {
+                run_id,
+                task: ti,
+                result,
+            });
+        });
+        run.dirty = true;
+    }
+
+    fn on_objects_ready(
+        &mut self,
+        run: &mut RunRt,
+        ti: usize,
+        result: Result<Option<ObjectInput>, String>,
+    ) {
+        if run.tasks[ti].state != TState::Running || !run.tasks[ti].stages.is_empty() {
+            return; // cancelled, timed out or failed meanwhile
+        }
+        let planned = run.plan.tasks[ti].clone();
+        let TaskKind::Map { map, reduce } = &planned.kind else {
+            return;
+        };
+        match result {
+            Ok(objects) => self.map_task_planned(run, ti, map, reduce.as_ref(), objects),
+            Err(e) => self.task_failed(run, ti, e, None),
+        }
+    }
+
+    /// The cores of the connected executors (at least 1).
+    fn cores(&self) -> usize {
+        self.executors
+            .values()
+            .filter(|e| e.tx.is_some())
+            .map(|e| e.cores as usize)
+            .sum::<usize>()
+            .max(1)
     }
 
     fn plan_map_task(
@@ -714,14 +849,24 @@ impl Scheduler {
         ti: usize,
         map: &plan::MapPlan,
         reduce: Option<&plan::ReducePlan>,
+        objects: Option<ObjectInput>,
     ) -> anyhow::Result<()> {
-        let cores: usize = self
-            .executors
-            .values()
-            .filter(|e| e.tx.is_some())
-            .map(|e| e.cores as usize)
-            .sum::<usize>()
-            .max(1);
+        let cores = self.cores();
+        let (m, inputs) = match objects {
+            Some(o) => (o.inputs.len() as u32, o.inputs),
+            None => self.split_files(run, ti, map, cores)?,
+        };
+        self.plan_map_stages(run, ti, map, reduce, cores, m, inputs)
+    }
+
+    /// Resolves and splits a map task's input in the job directory.
+    fn split_files(
+        &mut self,
+        run: &mut RunRt,
+        ti: usize,
+        map: &plan::MapPlan,
+        cores: usize,
+    ) -> anyhow::Result<(u32, Vec<Vec<InputRange>>)> {
         // Earlier tasks may have rewritten input files: read them afresh.
         run.open_inputs.clear();
         let files = run.resolve_input(&map.input)?;
@@ -761,6 +906,20 @@ impl Scheduler {
             });
             range.local = id.clone();
         }
+        Ok((m, inputs))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plan_map_stages(
+        &mut self,
+        run: &mut RunRt,
+        ti: usize,
+        map: &plan::MapPlan,
+        reduce: Option<&plan::ReducePlan>,
+        cores: usize,
+        m: u32,
+        inputs: Vec<Vec<InputRange>>,
+    ) -> anyhow::Result<()> {
         let r = reduce.map(|rp| {
             rp.partitions
                 .unwrap_or_else(|| (m as usize).min(cores).max(1) as u32)
@@ -814,12 +973,17 @@ impl Scheduler {
                 codec: codec as i32,
                 env: run.env.clone().into_iter().collect(),
                 write_output: false,
+                output_url: String::new(),
             }
         };
+        let output_url = planned.output_url.clone().unwrap_or_default();
         let map_id = run.next_stage;
         let mut map_def = stage_def(map_id, StageKind::Map, &map.func);
         map_def.reduce_partitions = r.unwrap_or(0);
-        map_def.write_output = reduce.is_none() && output_dir.is_some();
+        map_def.write_output = reduce.is_none() && (output_dir.is_some() || !output_url.is_empty());
+        if reduce.is_none() {
+            map_def.output_url = output_url.clone();
+        }
         if let (Func::Python(_), Some(Func::Python(p))) = (&map.func, reduce.map(|r| &r.func)) {
             map_def.combiner = Some(proto::PythonFn {
                 file: p.file.clone(),
@@ -842,10 +1006,12 @@ impl Scheduler {
             } else {
                 None
             },
+            writes_objects: reduce.is_none() && !output_url.is_empty(),
         }];
         if let (Some(rp), Some(r)) = (reduce, r) {
             let mut def = stage_def(map_id + 1, StageKind::Reduce, &rp.func);
-            def.write_output = output_dir.is_some();
+            def.write_output = output_dir.is_some() || !output_url.is_empty();
+            def.output_url = output_url.clone();
             stages.push(StageRt {
                 def,
                 parts: (0..r).map(|_| PartRt::new()).collect(),
@@ -856,6 +1022,7 @@ impl Scheduler {
                 avg_us: 0.0,
                 samples: 0,
                 output_dir: output_dir.clone(),
+                writes_objects: !output_url.is_empty(),
             });
         }
         run.next_stage += stages.len() as u32;
@@ -1271,6 +1438,9 @@ impl Scheduler {
             }
             t.output_files += 1;
             t.output_bytes += st.output_bytes;
+        } else if stage.writes_objects {
+            t.output_files += 1;
+            t.output_bytes += st.output_bytes;
         }
         let stage = &mut t.stages[si];
         stage.parts[pi].state = PState::Done;
@@ -1544,7 +1714,9 @@ impl Scheduler {
                 .iter()
                 .map(|r| r.end.saturating_sub(r.start))
                 .sum();
-            if si == 0 && size > 0 && size <= INLINE_INPUT {
+            // Object storage input is read by the executors, never through here.
+            let on_storage = spec.inputs.iter().any(|r| r.size > 0);
+            if si == 0 && size > 0 && size <= INLINE_INPUT && !on_storage {
                 // Read failures leave the ranges for the executor to read (and report).
                 if let Ok(data) = run.read_inline(&spec.inputs) {
                     spec.inline_input = Some(data);
@@ -1754,10 +1926,7 @@ fn summary(run: &RunRt) -> RunSummary {
                 records_in: t.records_in,
                 records_out: t.records_out,
                 exit_code: t.exit_code,
-                output: planned
-                    .output
-                    .as_ref()
-                    .map(|p| p.to_string_lossy().into_owned()),
+                output: planned.output_name(),
                 output_files: t.output_files,
                 stderr_tail: t.stderr_tail.as_ref().map(|s| tail_text(s, SUMMARY_STDERR)),
                 error: t.error.clone(),

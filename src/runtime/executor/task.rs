@@ -3,12 +3,14 @@
 //! Map: the partition's byte ranges stream from the driver into the mapper
 //! (`sh -c COMMAND` on stdin, or a Python worker in batches of lines); its
 //! output goes to the shuffle writer (with a reduce), to the driver (a
-//! map-only task with `output`), or nowhere.
+//! map-only task with `output`), to object storage (an `output` URL), or
+//! nowhere. Input on object storage is read here by ranged GETs, never
+//! through the driver.
 //!
 //! Reduce: the partition's segments of every map output are fetched (local
 //! ones read in place, remote ones streamed from their executors to local
 //! files), merged in key order, and fed to the reducer; its output goes to
-//! the driver.
+//! the driver or to object storage.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::BufRead;
@@ -153,6 +155,57 @@ enum Feed {
         ranges: Option<Vec<LocalRange>>,
         rx: Option<mpsc::Receiver<std::io::Result<Vec<u8>>>>,
     },
+    /// Input ranges on object storage, read here by ranged GETs (several in
+    /// flight) in order.
+    Objects(mpsc::Receiver<Result<Vec<u8>, String>>),
+}
+
+/// Streams the object storage ranges of a map task, in order, with a newline
+/// after an object's last line when it has none (as local input gets).
+fn read_objects(ranges: Vec<proto::InputRange>) -> Result<Feed, TaskError> {
+    use futures_util::StreamExt;
+    let mut urls = Vec::with_capacity(ranges.len());
+    for r in &ranges {
+        let url = motorpool_storage::DataUrl::parse(&r.path).map_err(|e| failed(e.to_string()))?;
+        if r.end < r.start || r.end > r.size {
+            return Err(failed(format!(
+                "the driver sent a bad range {}..{} of {} ({} bytes)",
+                r.start, r.end, r.path, r.size
+            )));
+        }
+        urls.push(url);
+    }
+    let (tx, rx) = mpsc::channel::<Result<Vec<u8>, String>>(motorpool_storage::READ_AHEAD);
+    tokio::spawn(async move {
+        let stores = motorpool_storage::stores();
+        for (r, url) in ranges.into_iter().zip(urls) {
+            let mut stream = std::pin::pin!(stores.read_stream(url, r.start, r.end));
+            let mut last = b'\n';
+            while let Some(chunk) = stream.next().await {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("cannot read the input: {e}"))).await;
+                        return;
+                    }
+                };
+                if let Some(&b) = chunk.last() {
+                    last = b;
+                }
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return; // the task stopped reading
+                }
+            }
+            if r.end > r.start
+                && r.end == r.size
+                && last != b'\n'
+                && tx.send(Ok(b"\n".to_vec())).await.is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok(Feed::Objects(rx))
 }
 
 /// A byte range of an input file this executor opened itself.
@@ -269,6 +322,11 @@ impl Feed {
             },
             Feed::Lines(rx) => Ok(rx.recv().await),
             Feed::Inline(data) => Ok(data.take()),
+            Feed::Objects(rx) => match rx.recv().await {
+                Some(Ok(data)) => Ok(Some(data)),
+                Some(Err(e)) => Err(failed(e)),
+                None => Ok(None),
+            },
             Feed::Local { ranges, rx } => {
                 if rx.is_none() {
                     let ranges = ranges.take().unwrap_or_default();
@@ -299,6 +357,13 @@ impl Feed {
 async fn open_input(state: &ExecState, spec: &proto::TaskSpec) -> Result<Feed, TaskError> {
     if let Some(data) = &spec.inline_input {
         return Ok(Feed::Inline(Some(data.clone())));
+    }
+    if spec
+        .inputs
+        .iter()
+        .any(|r| motorpool_storage::is_data_url(&r.path))
+    {
+        return read_objects(spec.inputs.clone());
     }
     if let Some(ranges) = state.read_in_place.then(|| open_local(spec)).flatten() {
         return Ok(Feed::Local {
@@ -332,6 +397,13 @@ enum Sink {
         carry: Vec<u8>,
     },
     Driver(DriverSink),
+    /// `part-NNNNN` under an object storage prefix, written from here; the
+    /// object appears when the attempt succeeds (an upload dropped unfinished
+    /// is aborted).
+    Object {
+        writer: motorpool_storage::ObjectWriter,
+        records: u64,
+    },
     Discard {
         bytes: u64,
         records: u64,
@@ -409,6 +481,15 @@ impl Sink {
                 carry: Vec::new(),
             });
         }
+        if def.write_output && !def.output_url.is_empty() {
+            let url = motorpool_storage::DataUrl::parse_output(&def.output_url)
+                .map_err(|e| failed(e.to_string()))?
+                .child(&format!("part-{:05}", spec.partition));
+            let writer = motorpool_storage::stores()
+                .writer(&url)
+                .map_err(|e| failed(e.to_string()))?;
+            return Ok(Sink::Object { writer, records: 0 });
+        }
         if def.write_output {
             return Ok(Sink::Driver(DriverSink {
                 state: state.clone(),
@@ -463,6 +544,13 @@ impl Sink {
                     d.send(chunk).await?;
                 }
             }
+            Sink::Object { writer, records } => {
+                *records += count_lines(data);
+                writer
+                    .write(data)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+            }
             Sink::Discard { bytes, records } => {
                 *bytes += data.len() as u64;
                 *records += count_lines(data);
@@ -492,6 +580,10 @@ impl Sink {
                 }
                 d.end().await?;
                 Ok((Vec::new(), d.bytes, d.records))
+            }
+            Sink::Object { writer, records } => {
+                let bytes = writer.finish().await.map_err(|e| failed(e.to_string()))?;
+                Ok((Vec::new(), bytes, records))
             }
             Sink::Discard { bytes, records } => Ok((Vec::new(), bytes, records)),
         }
