@@ -229,20 +229,21 @@ impl DataUrl {
 pub enum StorageError {
     #[error("{url}: {message}")]
     Url { url: String, message: String },
-    #[error("{url}: {source}")]
+    /// The store's own text already carries its causes: it is not a
+    /// `source`, or an error chain would print each of them again.
+    #[error("{url}: {error}")]
     Store {
         url: String,
-        #[source]
-        source: object_store::Error,
+        error: object_store::Error,
     },
     #[error("{url}: cannot reach the object store: {message}")]
     Setup { url: String, message: String },
 }
 
 fn store_error(url: &DataUrl) -> impl FnOnce(object_store::Error) -> StorageError + '_ {
-    move |source| StorageError::Store {
+    move |error| StorageError::Store {
         url: url.to_string(),
-        source,
+        error,
     }
 }
 
