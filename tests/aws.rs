@@ -175,31 +175,36 @@ fn fake_nodes(moto: &Moto, project: &str) -> FakeNodes {
     FakeNodes::start(move || moto::provider(&url, |_| {}), project)
 }
 
+/// The project's instances as machines, with the user data moto holds
+/// (DescribeInstanceAttribute userData) for the running ones.
+fn project_machines(moto: &Moto, project: &str) -> impl FnMut() -> Vec<Machine> + Send + 'static {
+    let (url, project) = (moto.url(), project.to_string());
+    let mut ec2: Option<Ec2> = None;
+    move || {
+        let ec2 = ec2.get_or_insert_with(|| Ec2::at(&url));
+        ec2.instances(&project)
+            .into_iter()
+            .map(|i| Machine {
+                running: i.state == "running",
+                user_data: if i.state == "running" {
+                    ec2.user_data(&i.id)
+                } else {
+                    None
+                },
+                id: i.id,
+            })
+            .collect()
+    }
+}
+
 /// Plays the machines, not the nodes: real agents on the project's running
 /// instances, from the user data moto holds (DescribeInstanceAttribute
 /// userData), with the test's AWS environment (endpoint: moto).
 fn machines(moto: &Moto, project: &str) -> Machines {
-    let (url, project) = (moto.url(), project.to_string());
-    let agent_url = url.clone();
-    let mut ec2: Option<Ec2> = None;
-    Machines::start(
-        move || {
-            let ec2 = ec2.get_or_insert_with(|| Ec2::at(&url));
-            ec2.instances(&project)
-                .into_iter()
-                .map(|i| Machine {
-                    running: i.state == "running",
-                    user_data: if i.state == "running" {
-                        ec2.user_data(&i.id)
-                    } else {
-                        None
-                    },
-                    id: i.id,
-                })
-                .collect()
-        },
-        move |cmd| moto::with_aws_env(cmd, Some(&agent_url)),
-    )
+    let agent_url = moto.url();
+    Machines::start(project_machines(moto, project), move |cmd| {
+        moto::with_aws_env(cmd, Some(&agent_url))
+    })
 }
 
 /// Standard base64 (what EC2 returns user data in), for the node player.
@@ -699,32 +704,12 @@ fn aws_settings_are_checked_with_their_positions() {
 /// Plays the machines as fresh nodes: each running instance runs the user
 /// data moto holds, for real ([`Machines::boot_user_data`]).
 fn booted_machines(moto: &Moto, project: &str) -> Machines {
-    let (url, project) = (moto.url(), project.to_string());
-    let agent_url = url.clone();
-    let mut ec2: Option<Ec2> = None;
-    Machines::boot_user_data(
-        move || {
-            let ec2 = ec2.get_or_insert_with(|| Ec2::at(&url));
-            ec2.instances(&project)
-                .into_iter()
-                .map(|i| Machine {
-                    running: i.state == "running",
-                    user_data: if i.state == "running" {
-                        ec2.user_data(&i.id)
-                    } else {
-                        None
-                    },
-                    id: i.id,
-                })
-                .collect()
-        },
-        moto::REGION,
-        move |cmd| {
-            moto::with_aws_env(cmd, Some(&agent_url));
-            // Executors read and write job data on moto's S3 (plain HTTP).
-            cmd.env("AWS_ALLOW_HTTP", "true");
-        },
-    )
+    let agent_url = moto.url();
+    Machines::boot_user_data(project_machines(moto, project), moto::REGION, move |cmd| {
+        moto::with_aws_env(cmd, Some(&agent_url));
+        // Executors read and write job data on moto's S3 (plain HTTP).
+        cmd.env("AWS_ALLOW_HTTP", "true");
+    })
 }
 
 /// An S3 client on moto, and a runtime to drive it.
@@ -742,15 +727,8 @@ fn s3(moto: &Moto) -> (tokio::runtime::Runtime, motorpool_aws::aws_sdk_s3::Clien
 
 /// The objects in `bucket` (key -> metadata `sha256`), and the bucket's tags.
 fn bucket(moto: &Moto, bucket: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    let config = moto::provider(&moto.url(), |_| {}).config().clone();
+    let (rt, s3) = s3(moto);
     rt.block_on(async {
-        let s3 = motorpool_aws::s3_client(&config)
-            .await
-            .expect("an S3 client");
         let listed = s3
             .list_objects_v2()
             .bucket(bucket)
