@@ -51,6 +51,8 @@ enum Command {
     Logs(LogsArgs),
     /// Remove the project's cloud lock whose holder died (its id is in the refusal).
     ForceUnlock(ForceUnlockArgs),
+    /// Keep pools filled and trimmed and outlived job clusters removed, between applies.
+    Controller(ControllerArgs),
     /// Run a node agent (started by providers, not by people).
     #[command(hide = true)]
     Agent(AgentArgs),
@@ -141,6 +143,50 @@ struct ForceUnlockArgs {
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     yes: bool,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Seconds from the start of one reconcile pass to the next.
+    #[arg(long, default_value = "30", value_parser = parse_interval)]
+    interval: std::time::Duration,
+    /// Heal drift too (what `apply --refresh-only` heals); off, only pools
+    /// and outlived job clusters are kept.
+    #[arg(long)]
+    heal: bool,
+    /// Run one pass and exit.
+    #[arg(long)]
+    once: bool,
+    /// Where to serve /metrics and /healthz (`off`: nowhere).
+    #[arg(long, default_value = "127.0.0.1:9477", value_parser = parse_listen)]
+    listen: ListenAt,
+    /// Most provider operations in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    parallelism: u32,
+}
+
+/// `--listen`: an address, or `off`.
+#[derive(Clone, Copy)]
+struct ListenAt(Option<SocketAddr>);
+
+fn parse_listen(text: &str) -> Result<ListenAt, String> {
+    if text == "off" {
+        return Ok(ListenAt(None));
+    }
+    text.parse::<SocketAddr>()
+        .map(|a| ListenAt(Some(a)))
+        .map_err(|_| format!("`{text}` is not an IP:PORT address (or `off`)"))
+}
+
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.1..=86_400.0).contains(&s) => Ok(std::time::Duration::from_secs_f64(s)),
+        _ => Err(format!(
+            "`{text}` is not a number of seconds from 0.1 to 86400"
+        )),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -291,6 +337,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Run(args) => run_cmd(args).await,
         Command::Logs(args) => logs_cmd(args).await,
         Command::ForceUnlock(args) => force_unlock_cmd(args).await,
+        Command::Controller(args) => controller_cmd(args).await,
         Command::Agent(args) => {
             crate::agent::run(crate::agent::AgentOptions {
                 dir: args.dir,
@@ -459,8 +506,14 @@ async fn run_plan(project: &Project, plan: &Plan, change: &ChangeArgs, what: &st
 
 /// Take the project lock, finish an interrupted apply, then plan under the lock.
 async fn locked(project: &str, provider: &ProviderBlock, command: &str) -> Result<Project> {
-    let project =
-        Project::lock(project, provider, command, &|note: &str| println!("{note}")).await?;
+    let project = Project::lock_waiting(
+        project,
+        provider,
+        command,
+        &|note: &str| println!("{note}"),
+        engine::WaitFor::Controller,
+    )
+    .await?;
     if let Some(note) = project.resume_interrupted().await? {
         println!("{note}\n");
     }
@@ -541,6 +594,26 @@ async fn force_unlock_cmd(args: ForceUnlockArgs) -> Result<u8> {
         spec.project,
         crate::apply::lock::describe_holder(&held)
     );
+    Ok(SUCCESS)
+}
+
+async fn controller_cmd(args: ControllerArgs) -> Result<u8> {
+    let options = crate::controller::ControllerOptions {
+        load: load_options(&args.spec)?,
+        path: args.spec.path,
+        interval: args.interval,
+        heal: args.heal,
+        once: args.once,
+        listen: args.listen.0,
+        parallelism: args.parallelism as usize,
+    };
+    let log = |line: &str| {
+        eprintln!(
+            "{} {line}",
+            crate::apply::lock::utc_text(engine::unix_now())
+        )
+    };
+    crate::controller::run(options, &log).await?;
     Ok(SUCCESS)
 }
 

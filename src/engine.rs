@@ -49,6 +49,18 @@ fn dial_address(instance: &motorpool_provider::Instance, public_driver: bool) ->
     }
 }
 
+/// How long a command waits for a project lock another holds ([`Project::lock_waiting`]).
+pub const LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// Whose project lock a command waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitFor {
+    /// Anyone's (a run's job cluster removal racing a CI apply).
+    AnyHolder,
+    /// Only the controller's, whose passes are short: another apply is refused at once.
+    Controller,
+}
+
 /// How long new nodes may take to report ready unless the spec says otherwise.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -72,7 +84,7 @@ pub struct Project {
     pub client: Arc<ProviderClient>,
     /// The spec's provider block (cloud nodes' settings come from it).
     pub provider: ProviderBlock,
-    _lock: Option<ProjectLock>,
+    local_lock: Option<ProjectLock>,
     /// The lock held in the provider's cloud, when it keeps one.
     cloud_lock: Option<CloudLease>,
 }
@@ -90,7 +102,7 @@ impl Project {
             dir,
             client: Arc::new(client),
             provider: provider.clone(),
-            _lock: None,
+            local_lock: None,
             cloud_lock: None,
         })
     }
@@ -105,19 +117,72 @@ impl Project {
         on_note: &(dyn Fn(&str) + Sync),
     ) -> Result<Project> {
         let mut project = Project::open(name, provider)?;
-        project._lock = Some(ProjectLock::acquire(&project.dir, name)?);
-        project.cloud_lock =
-            CloudLease::take(project.client.clone(), name, &project.dir, command, on_note).await?;
+        project.take_lock(command, on_note).await?;
         Ok(project)
+    }
+
+    /// Take the project lock on a project opened for reading (the
+    /// controller, between passes that change nothing): on this machine,
+    /// then in the cloud. [`Project::unlock`] lets both go.
+    pub async fn take_lock(
+        &mut self,
+        command: &str,
+        on_note: &(dyn Fn(&str) + Sync),
+    ) -> Result<()> {
+        let local = ProjectLock::acquire(&self.dir, &self.name, command)?;
+        self.cloud_lock =
+            CloudLease::take(self.client.clone(), &self.name, &self.dir, command, on_note).await?;
+        self.local_lock = Some(local);
+        Ok(())
+    }
+
+    /// [`Project::lock`], waiting up to [`LOCK_WAIT`] while the lock is
+    /// held by a holder `wait_for` accepts, instead of failing at once.
+    pub async fn lock_waiting(
+        name: &str,
+        provider: &ProviderBlock,
+        command: &str,
+        on_note: &(dyn Fn(&str) + Sync),
+        wait_for: WaitFor,
+    ) -> Result<Project> {
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut told = false;
+        loop {
+            let error = match Project::lock(name, provider, command, on_note).await {
+                Ok(p) => return Ok(p),
+                Err(e) => e,
+            };
+            let held = error
+                .chain()
+                .find_map(|c| c.downcast_ref::<crate::apply::lock::LockError>())
+                .filter(|e| match wait_for {
+                    WaitFor::AnyHolder => matches!(
+                        e,
+                        crate::apply::lock::LockError::Held { .. }
+                            | crate::apply::lock::LockError::CloudHeld { .. }
+                    ),
+                    WaitFor::Controller => crate::apply::lock::held_by_controller(e),
+                });
+            if held.is_none() || std::time::Instant::now() >= deadline {
+                return Err(error);
+            }
+            if !told {
+                on_note(&format!("waiting for the project lock: {error:#}"));
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Release the cloud lock (the local one goes with the process). Call it
     /// when the command's work is over, whatever its outcome.
     pub async fn unlock(&mut self) -> Result<()> {
-        if let Some(lease) = self.cloud_lock.take() {
-            lease.release().await?;
-        }
-        Ok(())
+        let released = match self.cloud_lock.take() {
+            Some(lease) => lease.release().await,
+            None => Ok(()),
+        };
+        self.local_lock = None;
+        Ok(released?)
     }
 
     pub async fn observe(&self) -> Result<Observed> {
@@ -222,7 +287,7 @@ impl Project {
                     .display()
                     .to_string(),
                 timeout_seconds: crate::bootstrap::steps::DEFAULT_STEP_TIMEOUT_MINUTES * 60,
-                minute: minute_from_env(),
+                minute: minute(),
             },
             templates: Templates::new(),
             ready_timeout: self.ready_timeout(),
@@ -411,6 +476,7 @@ pub fn plan_against(
         default_image: &client.default_image(),
         mode,
         now: unix_now(),
+        minute: minute(),
         base_dir,
         start,
         nonce: &nonce,
@@ -746,7 +812,7 @@ pub async fn cluster_logs(
 
 /// `MOTORPOOL_MINUTE_MS` shortens a minute of the spec's `*_minutes` settings
 /// that the engine applies (tests of timeouts); one real minute otherwise.
-fn minute_from_env() -> Duration {
+pub fn minute() -> Duration {
     std::env::var("MOTORPOOL_MINUTE_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod bootstrap;
 pub mod cli;
 pub mod confine;
+pub mod controller;
 pub mod engine;
 pub mod engines;
 pub mod home;

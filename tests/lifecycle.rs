@@ -291,7 +291,10 @@ fn a_second_concurrent_apply_is_refused_by_the_lock() {
     );
     let second = env.mp(&["apply", "--yes"]).expect_code(1);
     assert!(
-        second.stderr.contains("another motorpool apply is running"),
+        second
+            .stderr
+            .contains("another motorpool is changing project `locked` (pid")
+            && second.stderr.contains("`motorpool apply`"),
         "{}",
         second.stderr
     );

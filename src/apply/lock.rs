@@ -29,7 +29,7 @@ use crate::providers::ProviderClient;
 #[derive(Debug, Error)]
 pub enum LockError {
     #[error(
-        "another motorpool apply is running for project `{project}` ({holder}); wait for it to finish, or stop it, then try again"
+        "another motorpool is changing project `{project}` ({holder}); wait for it to finish, or stop it, then try again"
     )]
     Held { project: String, holder: String },
     #[error("cannot open the project lock {path}: {source}")]
@@ -73,51 +73,82 @@ pub struct ProjectLock {
 }
 
 impl ProjectLock {
-    /// Take the lock or fail at once, naming who holds it.
-    pub fn acquire(project_dir: &Path, project: &str) -> Result<ProjectLock, LockError> {
-        let path = project_dir.join("apply.lock");
-        let io = |source| LockError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut file = motorpool_provider::private_files::open(
-            &path,
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false),
-        )
-        .map_err(io)?;
-        // SAFETY: flock on a file descriptor we own; no memory is shared.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            return Err(LockError::Held {
+    /// Take the lock for `command` or fail at once, naming who holds it.
+    pub fn acquire(
+        project_dir: &Path,
+        project: &str,
+        command: &str,
+    ) -> Result<ProjectLock, LockError> {
+        match flock_file(&project_dir.join("apply.lock"), command)? {
+            Ok(file) => Ok(ProjectLock { _file: file }),
+            Err(holder) => Err(LockError::Held {
                 project: project.to_string(),
-                holder: if holder.is_empty() {
-                    "holder unknown".to_string()
-                } else {
-                    holder.to_string()
-                },
-            });
+                holder,
+            }),
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        file.set_len(0).map_err(io)?;
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        write!(
-            file,
-            "pid {}, started at unix time {now}",
-            std::process::id()
-        )
-        .map_err(io)?;
-        Ok(ProjectLock { _file: file })
     }
+}
+
+/// Whether a refusal to lock names a holder that is `motorpool controller`:
+/// its passes are short, so commands wait for it rather than fail.
+pub fn held_by_controller(error: &LockError) -> bool {
+    let holder = match error {
+        LockError::Held { holder, .. } | LockError::CloudHeld { holder, .. } => holder,
+        _ => return false,
+    };
+    holder.contains(&format!("motorpool {CONTROLLER_COMMAND}`"))
+}
+
+/// The name of the cloud lock a project's controller holds while it runs (so
+/// one controller per project acts): beside the project's own lock, and no
+/// project's name (those have no `_`).
+pub fn controller_lock_name(project: &str) -> String {
+    format!("{project}_controller")
+}
+
+/// The command name the controller's locks carry.
+pub const CONTROLLER_COMMAND: &str = "controller";
+
+/// An exclusive, non-blocking `flock` on `path` (made private when
+/// missing), whose content then says who holds it: `Ok(Ok(file))` while
+/// held (released when the file is dropped or the process exits), or
+/// `Ok(Err(holder))` with what the holder wrote.
+pub fn flock_file(path: &Path, command: &str) -> Result<Result<File, String>, LockError> {
+    let io = |source| LockError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = motorpool_provider::private_files::open(
+        path,
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )
+    .map_err(io)?;
+    // SAFETY: flock on a file descriptor we own; no memory is shared.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        return Ok(Err(if holder.is_empty() {
+            "holder unknown".to_string()
+        } else {
+            holder.to_string()
+        }));
+    }
+    file.set_len(0).map_err(io)?;
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    write!(
+        file,
+        "pid {}, `motorpool {command}`, since {}",
+        std::process::id(),
+        utc_text(unix_now())
+    )
+    .map_err(io)?;
+    Ok(Ok(file))
 }
 
 /// How long a cloud lock's lease lasts unless `MOTORPOOL_LOCK_LEASE_SECONDS`
@@ -246,6 +277,21 @@ impl CloudLease {
         command: &str,
         on_note: &(dyn Fn(&str) + Sync),
     ) -> Result<Option<CloudLease>, LockError> {
+        let record = project_dir.join(HELD_FILE);
+        CloudLease::take_as(client, project, &record, command, on_note).await
+    }
+
+    /// [`CloudLease::take`] of the lock named `project` in the cloud, whose
+    /// id this home keeps in `record` while held (the controller's own
+    /// lock, [`controller_lock_name`], is one besides the project's).
+    pub async fn take_as(
+        client: Arc<ProviderClient>,
+        project: &str,
+        record: &Path,
+        command: &str,
+        on_note: &(dyn Fn(&str) + Sync),
+    ) -> Result<Option<CloudLease>, LockError> {
+        let record = record.to_path_buf();
         let lease = lease()?;
         let now = unix_now();
         let info = LockInfo {
@@ -261,7 +307,6 @@ impl CloudLease {
             provider: provider.clone(),
             source,
         };
-        let record = project_dir.join(HELD_FILE);
         let left_here = std::fs::read_to_string(&record)
             .ok()
             .map(|id| id.trim().to_string())
@@ -498,17 +543,21 @@ mod tests {
     #[test]
     fn a_second_holder_is_refused_with_the_first_holders_pid() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let first = ProjectLock::acquire(dir.path(), "demo").expect("first lock");
-        let err = match ProjectLock::acquire(dir.path(), "demo") {
+        let first = ProjectLock::acquire(dir.path(), "demo", "apply").expect("first lock");
+        let err = match ProjectLock::acquire(dir.path(), "demo", "apply") {
             Err(e) => e.to_string(),
             Ok(_) => panic!("second lock must be refused"),
         };
-        assert!(err.contains("another motorpool apply is running"), "{err}");
+        assert!(err.contains("`motorpool apply`"), "{err}");
+        assert!(
+            err.contains("another motorpool is changing project `demo`"),
+            "{err}"
+        );
         assert!(
             err.contains(&format!("pid {}", std::process::id())),
             "{err}"
         );
         drop(first);
-        ProjectLock::acquire(dir.path(), "demo").expect("free again after drop");
+        ProjectLock::acquire(dir.path(), "demo", "apply").expect("free again after drop");
     }
 }

@@ -121,6 +121,7 @@ fn plan_for(clusters: &[(&str, &str, u32)]) -> Plan {
         default_image: "img",
         mode: PlanMode::Normal,
         now: 0,
+        minute: std::time::Duration::from_secs(60),
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
         nonce: "",

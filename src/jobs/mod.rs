@@ -25,7 +25,6 @@ pub mod progress;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use motorpool_provider::{Instance, Retag, Tags, tags};
@@ -33,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::ApplyOptions;
 use crate::auth::{self, Credential};
-use crate::engine::{Project, plan_against, unix_now};
+use crate::engine::{Project, WaitFor, plan_against, unix_now};
 use crate::engines::{self, DriverAccess, EnginePlugin};
 use crate::observe::{Observed, ResourceKind};
 use crate::plan::{PlanMode, render};
@@ -41,15 +40,12 @@ use crate::runtime::client::JobSubmission;
 use crate::runtime::{Progress, RunSummary};
 use crate::spec::{Job, LoadedSpec};
 
-/// How long a job cluster is kept for a run without a timeout before `plan`
-/// considers it outlived.
-const DEFAULT_JOB_CLUSTER_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long, in minutes, a job cluster is kept for a run without a timeout
+/// before `plan` and the controller consider it outlived.
+const DEFAULT_JOB_CLUSTER_MINUTES: u32 = 24 * 60;
 
-/// Margin on top of the job's timeout before its cluster counts as outlived.
-const EXPIRY_MARGIN: Duration = Duration::from_secs(15 * 60);
-
-/// How long removing a job cluster waits for another apply's project lock.
-const LOCK_WAIT: Duration = Duration::from_secs(120);
+/// Minutes on top of the job's timeout before its cluster counts as outlived.
+const EXPIRY_MARGIN_MINUTES: u32 = 15;
 
 /// What `motorpool run` was asked to do.
 pub struct RunRequest<'a> {
@@ -273,7 +269,14 @@ async fn bring_up(
             target.name
         );
     }
-    let project = lock_waiting(&spec.project, spec, on_line).await?;
+    let project = Project::lock_waiting(
+        &spec.project,
+        &spec.provider,
+        "run",
+        on_line,
+        WaitFor::AnyHolder,
+    )
+    .await?;
     if let Some(note) = project.resume_interrupted().await? {
         on_line(&note);
     }
@@ -311,10 +314,12 @@ async fn bring_up(
         }
     }
     if target.job_cluster {
-        let lifetime = job
+        // In the spec's minutes (shortened by `MOTORPOOL_MINUTE_MS` in tests).
+        let minutes = job
             .timeout_minutes
-            .map(|m| Duration::from_secs(u64::from(m) * 60) + EXPIRY_MARGIN)
-            .unwrap_or(DEFAULT_JOB_CLUSTER_LIFETIME);
+            .map(|m| m.saturating_add(EXPIRY_MARGIN_MINUTES))
+            .unwrap_or(DEFAULT_JOB_CLUSTER_MINUTES);
+        let lifetime = crate::engine::minute() * minutes;
         let mut set = Tags::new();
         set.insert(tags::JOB.into(), request.job.to_string());
         set.insert(
@@ -331,42 +336,6 @@ async fn bring_up(
         .await?;
     }
     Ok(())
-}
-
-/// The project lock, waiting a while for another apply (e.g. a job
-/// cluster's removal racing a CI apply) instead of failing at once.
-async fn lock_waiting(
-    name: &str,
-    spec: &crate::spec::Spec,
-    on_line: &(dyn Fn(&str) + Sync),
-) -> Result<Project> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    let mut told = false;
-    loop {
-        match Project::lock(name, &spec.provider, "run", on_line).await {
-            Ok(p) => return Ok(p),
-            Err(e) if std::time::Instant::now() < deadline && is_lock_held(&e) => {
-                if !told {
-                    on_line(&format!("waiting for the project lock: {e:#}"));
-                    told = true;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn is_lock_held(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<crate::apply::lock::LockError>(),
-            Some(
-                crate::apply::lock::LockError::Held { .. }
-                    | crate::apply::lock::LockError::CloudHeld { .. }
-            )
-        )
-    })
 }
 
 /// Set `set` on the live ones of `nodes`, the cluster's observed instances.
@@ -564,7 +533,14 @@ async fn remove_job_cluster(
     on_line: &(dyn Fn(&str) + Sync),
 ) -> Result<()> {
     let spec = &request.loaded.spec;
-    let project = lock_waiting(&spec.project, spec, on_line).await?;
+    let project = Project::lock_waiting(
+        &spec.project,
+        &spec.provider,
+        "run",
+        on_line,
+        WaitFor::AnyHolder,
+    )
+    .await?;
     let observed = project.observe().await?;
     let nodes = observed.members(ResourceKind::Cluster, cluster);
     if nodes.is_empty() {

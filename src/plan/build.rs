@@ -51,6 +51,29 @@ pub enum PlanMode {
     RefreshOnly,
     /// Remove everything the project has.
     Destroy,
+    /// What the controller keeps between applies, nothing the spec changed:
+    /// pools refilled to `min_idle` and trimmed after their idle timeout,
+    /// job clusters that outlived their run removed, and (`heal`) drift
+    /// healed as `RefreshOnly` heals it. Pools and clusters new in the spec,
+    /// gone from it or changed in a way that forces replacement are left to
+    /// `apply`.
+    Maintain { heal: bool },
+}
+
+impl PlanMode {
+    /// Whether clusters are only healed (kept as the last apply left them),
+    /// never changed to match the spec.
+    fn clusters_only_heal(self) -> bool {
+        matches!(self, PlanMode::RefreshOnly | PlanMode::Maintain { .. })
+    }
+
+    fn maintains(self) -> bool {
+        matches!(self, PlanMode::Maintain { .. })
+    }
+
+    fn heals(self) -> bool {
+        !matches!(self, PlanMode::Maintain { heal: false })
+    }
 }
 
 /// Everything a plan is built from.
@@ -62,6 +85,9 @@ pub struct PlanInput<'a> {
     pub mode: PlanMode,
     /// Unix seconds, for idle timeouts.
     pub now: u64,
+    /// How long a minute of the spec's `*_minutes` settings lasts (one real
+    /// minute, but for tests: `MOTORPOOL_MINUTE_MS`).
+    pub minute: std::time::Duration,
     /// Where the spec's relative paths (init scripts, mounts, requirements) resolve.
     pub base_dir: &'a Path,
     /// Clusters the user asked to start again after they stopped themselves.
@@ -149,12 +175,24 @@ fn draft_changes(input: &PlanInput<'_>) -> Result<Vec<Change>, PlanError> {
         changes.push(planner.plan_pool(name));
     }
     for orphan in &input.observed.orphans {
-        changes.push(plan_orphan(orphan));
+        if input.mode.heals() {
+            changes.push(plan_orphan(orphan));
+        }
     }
 
     add_dependencies(&mut changes, input.observed);
     if input.mode == PlanMode::RefreshOnly {
         for c in changes.iter_mut().filter(|c| !c.drift) {
+            c.action = Action::NoOp;
+            c.ops.clear();
+        }
+    }
+    if input.mode.maintains() {
+        // Clusters: only drift is healed, and outlived job clusters removed.
+        for c in changes
+            .iter_mut()
+            .filter(|c| c.kind == ResourceKind::Cluster && !c.drift && c.action != Action::Delete)
+        {
             c.action = Action::NoOp;
             c.ops.clear();
         }
@@ -1028,6 +1066,15 @@ impl<'a> Planner<'a> {
             .iter()
             .filter(|i| i.state != InstanceState::Terminated)
             .collect();
+        if let PlanMode::Maintain { heal } = self.input.mode {
+            let outlived_job_cluster = spec.is_none()
+                && live.iter().any(|i| i.tag(tags::JOB).is_some())
+                && job_cluster_in_use(&live, self.input.now).is_none();
+            let heals_this = heal && spec.is_some();
+            if !heals_this && !outlived_job_cluster {
+                return Ok(d.finish()); // the spec's business: apply's
+            }
+        }
         let Some(c) = spec else {
             self.remove_cluster(&mut d, &live, &gone);
             return Ok(d.finish());
@@ -1047,7 +1094,7 @@ impl<'a> Planner<'a> {
             }
         };
         if live.is_empty() {
-            if self.input.mode == PlanMode::RefreshOnly && gone.is_empty() {
+            if self.input.mode.clusters_only_heal() && gone.is_empty() {
                 return Ok(d.finish()); // never applied: not drift
             }
             self.create_cluster(&mut d, &shape, &gone)?;
@@ -1058,12 +1105,15 @@ impl<'a> Planner<'a> {
             .copied()
             .filter(|i| i.tag(tags::SPEC).is_some_and(|h| h != shape.hash))
             .collect();
+        if !stale.is_empty() && self.input.mode.maintains() {
+            return Ok(Draft::new(ResourceKind::Cluster, name).finish()); // apply replaces it
+        }
         if !stale.is_empty() && self.input.mode != PlanMode::RefreshOnly {
             self.replace_cluster(&mut d, &shape, &stale, &live, &gone)?;
             return Ok(d.finish());
         }
         let staying = self.heal_and_resize(&mut d, &shape, &live, &gone)?;
-        if self.input.mode != PlanMode::RefreshOnly {
+        if !self.input.mode.clusters_only_heal() {
             mend_cluster_tags(&mut d, &shape, &staying);
         }
         self.schedule_startup(&mut d, shape.boot, &staying);
@@ -1088,11 +1138,13 @@ impl<'a> Planner<'a> {
             return;
         }
         d.action = Some(Action::Delete);
-        d.reason(if self.input.mode == PlanMode::Destroy {
-            "destroy".to_string()
-        } else {
-            "not in spec any more".to_string()
-        });
+        d.reason(
+            match (self.input.mode, live.iter().find_map(|i| i.tag(tags::JOB))) {
+                (PlanMode::Destroy, _) => "destroy".to_string(),
+                (_, Some(job)) => format!("job cluster of a run of `{job}` that outlived its run"),
+                _ => "not in spec any more".to_string(),
+            },
+        );
         d.terminate(gone);
         self.release(d, live);
     }
@@ -1141,7 +1193,7 @@ impl<'a> Planner<'a> {
             })
             .count() as u32;
         let desired_workers = match (self.input.mode, &c.autoscale, c.workers) {
-            (PlanMode::RefreshOnly, _, _) => recorded.unwrap_or(healthy_workers_now),
+            (m, _, _) if m.clusters_only_heal() => recorded.unwrap_or(healthy_workers_now),
             (_, _, Some(n)) => n,
             (_, Some(a), None) => recorded.unwrap_or(a.min).clamp(a.min, a.max),
             (_, None, None) => 0,
@@ -1189,7 +1241,7 @@ impl<'a> Planner<'a> {
         if !live.iter().any(|i| i.tag(tags::AUTOTERMINATED).is_some()) {
             return Restart::NotStopped;
         }
-        if !self.input.start.contains(name) || self.input.mode == PlanMode::RefreshOnly {
+        if !self.input.start.contains(name) || self.input.mode.clusters_only_heal() {
             d.reason(format!(
                 "stopped itself after {} idle minutes (autotermination); `motorpool apply --start {name}` or `motorpool run` starts it again",
                 c.autotermination_minutes.unwrap_or(0)
@@ -1480,7 +1532,7 @@ impl<'a> Planner<'a> {
         let changed = staying
             .iter()
             .any(|i| i.tag(tags::BOOT).is_some_and(|h| h != boot_hash));
-        let refresh_only = self.input.mode == PlanMode::RefreshOnly;
+        let refresh_only = self.input.mode.clusters_only_heal();
         // A node that marked itself failed (its engine's daemon died) is
         // drift, healed by forming the cluster again, also on refresh.
         let failed: Vec<&Instance> = unfinished
@@ -1526,9 +1578,10 @@ impl<'a> Planner<'a> {
             .pools
             .get_mut(name)
             .expect("ledger exists for every pool name");
+        let maintains = self.input.mode.maintains();
         let Some(spec) = ledger.spec else {
             let mut d = Draft::new(ResourceKind::Pool, name);
-            if refresh_only {
+            if refresh_only || maintains {
                 return d.finish();
             }
             d.action = Some(Action::Delete);
@@ -1543,6 +1596,15 @@ impl<'a> Planner<'a> {
         };
         let mut d = std::mem::replace(&mut ledger.draft, Draft::new(ResourceKind::Pool, name));
         let brand_new = observed.is_empty() && ledger.observed_in_use == 0;
+        if maintains && (brand_new || d.action == Some(Action::Replace)) {
+            return Draft::new(ResourceKind::Pool, name).finish(); // apply's: new or replaced
+        }
+        if !self.input.mode.heals() {
+            // Mending tags and starting stopped instances is healing drift.
+            d.change
+                .ops
+                .retain(|op| !matches!(op, Op::Retag { .. } | Op::Start { .. }));
+        }
         if brand_new {
             if refresh_only {
                 return d.finish();
@@ -1591,7 +1653,8 @@ impl<'a> Planner<'a> {
         } else if idle_after > target && !refresh_only {
             // Over max_capacity: trim at once. Above min_idle: trim what idled past the timeout.
             let over_capacity = (idle_after + ledger.in_use).saturating_sub(spec.max_capacity);
-            let timeout = u64::from(spec.idle_timeout_minutes) * 60;
+            let timeout_ms = u64::from(spec.idle_timeout_minutes)
+                .saturating_mul(self.input.minute.as_millis() as u64);
             let mut trim: Vec<&Instance> = Vec::new();
             let mut expired = 0u32;
             // Oldest idle first; returned instances have just become idle.
@@ -1604,7 +1667,9 @@ impl<'a> Planner<'a> {
                     .unwrap_or(0);
                 if (trim.len() as u32) < over_capacity {
                     trim.push(i);
-                } else if since + timeout <= now {
+                } else if since.saturating_mul(1000).saturating_add(timeout_ms)
+                    <= now.saturating_mul(1000)
+                {
                     trim.push(i);
                     expired += 1;
                 }

@@ -263,6 +263,7 @@ mod tests {
             default_image: "img-1",
             mode: PlanMode::Normal,
             now: 1_000_000,
+            minute: std::time::Duration::from_secs(60),
             base_dir: Path::new("."),
             start: &Default::default(),
             nonce: "n",

@@ -72,6 +72,7 @@ fn plan_at(spec: &Spec, observed: Vec<Instance>, mode: PlanMode, now: u64) -> Pl
         default_image: "img-1",
         mode,
         now,
+        minute: std::time::Duration::from_secs(60),
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
         nonce: "",
@@ -283,6 +284,7 @@ fn a_pool_never_exceeds_max_capacity() {
         default_image: "img-1",
         mode: PlanMode::Normal,
         now: 10,
+        minute: std::time::Duration::from_secs(60),
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
         nonce: "",
@@ -648,4 +650,159 @@ fn plans_over_a_thousand_clusters_stay_linear() {
     }
     let world = converge(&s, vec![], 1);
     assert_eq!(world.len(), 10_000);
+}
+
+const MAINTAIN: PlanMode = PlanMode::Maintain { heal: false };
+
+#[test]
+fn maintain_refills_a_drawn_pool_and_trims_it_after_the_timeout_but_leaves_spec_changes_to_apply() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(2, 10));
+    s.clusters
+        .insert("etl".into(), cluster_from_pool("general", 2));
+    let t0 = 1_000;
+    let world = converge(&s, vec![], t0);
+    assert_eq!(count(&world, "pool", "general", "idle"), 2);
+
+    // A cluster new in the spec, a pool new in the spec and a pool whose
+    // node type changed are apply's: the controller's plan leaves them.
+    let mut changed = s.clone();
+    changed
+        .clusters
+        .insert("fresh".into(), cluster_on("small", 1));
+    changed.pools.insert("spare".into(), pool(1, 2));
+    let p = plan_at(&changed, world.clone(), MAINTAIN, t0);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+    let mut retyped = s.clone();
+    if let Some(p) = retyped.pools.get_mut("general") {
+        p.node_type = Some("medium".into());
+    }
+    let p = plan_at(&retyped, world.clone(), MAINTAIN, t0);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+
+    // An idle instance taken away (by a job cluster, or reclaimed): refilled.
+    let mut drawn = world.clone();
+    let taken = drawn
+        .iter()
+        .position(|i| i.tag(tags::KIND) == Some("pool"))
+        .expect("an idle instance");
+    drawn.remove(taken);
+    let p = plan_at(&s, drawn.clone(), MAINTAIN, t0 + 10);
+    let pc = change(&p, "pool.general");
+    assert!(
+        pc.reasons.iter().any(|r| r.contains("idle 1 -> 2")),
+        "{}",
+        render::text(&p)
+    );
+    assert_eq!(
+        p.changes
+            .iter()
+            .filter(|c| c.action != Action::NoOp)
+            .count(),
+        1
+    );
+    let refilled = simulate(&p, drawn, t0 + 10);
+    assert_eq!(count(&refilled, "pool", "general", "idle"), 2);
+
+    // At min_idle, with the cluster as the spec says: nothing to do.
+    let p = plan_at(&s, world, MAINTAIN, t0);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+}
+
+#[test]
+fn maintain_trims_with_the_spec_minute_and_removes_only_outlived_job_clusters() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(1, 10));
+    s.clusters
+        .insert("wordcount-run-1".into(), cluster_from_pool("general", 2));
+    s.clusters
+        .insert("kept".into(), cluster_from_pool("general", 1));
+    let t0 = 1_000;
+    let mut world = converge(&s, vec![], t0);
+    for i in world
+        .iter_mut()
+        .filter(|i| i.tag(tags::NAME) == Some("wordcount-run-1"))
+    {
+        i.tags.insert(tags::JOB.into(), "wordcount".into());
+        i.tags.insert(tags::EXPIRES.into(), (t0 + 600).to_string());
+    }
+    s.clusters.remove("wordcount-run-1");
+    s.clusters.remove("kept");
+
+    // `kept` left the spec: deleting it is apply's. The job cluster's run may go on.
+    let p = plan_at(&s, world.clone(), MAINTAIN, t0 + 60);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+
+    // Outlived: removed, its instances back in the pool.
+    let p = plan_at(&s, world.clone(), MAINTAIN, t0 + 601);
+    let c = change(&p, "cluster.wordcount-run-1");
+    assert_eq!(c.action, Action::Delete, "{}", render::text(&p));
+    assert!(
+        c.reasons.iter().any(|r| r.contains("outlived its run")),
+        "{:?}",
+        c.reasons
+    );
+    assert_eq!(change(&p, "cluster.kept").action, Action::NoOp);
+    let world = simulate(&p, world, t0 + 601);
+    assert_eq!(count(&world, "pool", "general", "idle"), 4);
+
+    // With a minute of one second, the 15-minute idle timeout is 15 s.
+    let at = |now: u64| {
+        let observed = Observed::from_instances(&s.project, world.clone());
+        let catalog = catalog();
+        build(&PlanInput {
+            spec: &s,
+            observed: &observed,
+            catalog: &catalog,
+            default_image: "img-1",
+            mode: MAINTAIN,
+            now,
+            minute: std::time::Duration::from_secs(1),
+            base_dir: std::path::Path::new("."),
+            start: &Default::default(),
+            nonce: "",
+            secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
+        })
+        .expect("plan builds")
+    };
+    // The instance idle since t0 timed out long ago; the three given back at
+    // t0 + 601 time out 15 s later.
+    let early = at(t0 + 601 + 14);
+    assert!(
+        change(&early, "pool.general")
+            .reasons
+            .iter()
+            .any(|r| r.contains("1 instance above min_idle idle longer than 15 minutes")),
+        "{}",
+        render::text(&early)
+    );
+    let p = at(t0 + 601 + 15);
+    let pc = change(&p, "pool.general");
+    assert!(
+        pc.reasons
+            .iter()
+            .any(|r| r.contains("3 instances above min_idle idle longer than 15 minutes")),
+        "{}",
+        render::text(&p)
+    );
+}
+
+#[test]
+fn maintain_heals_drift_only_when_asked() {
+    let mut s = spec();
+    s.clusters.insert("etl".into(), cluster_on("small", 2));
+    let t0 = 1_000;
+    let mut world = converge(&s, vec![], t0);
+    let worker = world
+        .iter()
+        .position(|i| i.tag(tags::ROLE) == Some("worker"))
+        .expect("a worker");
+    world[worker].state = InstanceState::Terminated;
+    let p = plan_at(&s, world.clone(), MAINTAIN, t0);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+    let p = plan_at(&s, world.clone(), PlanMode::Maintain { heal: true }, t0);
+    let c = change(&p, "cluster.etl");
+    assert!(c.drift, "{}", render::text(&p));
+    let world = simulate(&p, world, t0);
+    assert_eq!(count(&world, "cluster", "etl", "worker"), 2);
 }

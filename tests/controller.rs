@@ -1,0 +1,362 @@
+//! `motorpool controller`, run as a user runs it: pools that refill and
+//! shrink without an apply (local provider, real agents, minutes shortened
+//! with `MOTORPOOL_MINUTE_MS`), one controller per project, an apply that
+//! waits for the controller's pass, a killed controller that converges when
+//! started again, and a pass over 10,000 sim nodes that costs one list call
+//! per page.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{ChildGuard, Env, wait_until};
+
+/// A controller in the background, its log in a file, killed on drop.
+struct Controller {
+    child: ChildGuard,
+    log: PathBuf,
+}
+
+impl Controller {
+    fn start(env: &Env, extra: &[&str]) -> Controller {
+        let log = env
+            .dir
+            .path()
+            .join(format!("controller-{}.log", fastrand_suffix()));
+        let file = std::fs::File::create(&log).expect("controller log");
+        let mut args = vec!["controller", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let child = env
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn the controller");
+        Controller {
+            child: ChildGuard(Some(child)),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until its log has `needle`; panics with the log otherwise.
+    fn wait_for(&self, needle: &str, within: Duration) {
+        assert!(
+            wait_until(within, || self.log().contains(needle)),
+            "the controller never logged {needle:?}:\n{}",
+            self.log()
+        );
+    }
+
+    /// The port its /metrics is served on.
+    fn metrics_port(&self) -> u16 {
+        self.wait_for("serving /metrics", Duration::from_secs(30));
+        let log = self.log();
+        let at = log
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in:\n{log}"));
+        at.rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {at}"))
+    }
+
+    /// SIGTERM, then its exit code and log.
+    fn terminate(mut self) -> (i32, String) {
+        // SAFETY: a signal to a child this test started; no memory is touched.
+        unsafe {
+            libc::kill(self.child.pid(), libc::SIGTERM);
+        }
+        let mut child = self.child.0.take().expect("running");
+        let code = wait_child(&mut child, Duration::from_secs(60));
+        (code, self.log())
+    }
+}
+
+fn wait_child(child: &mut std::process::Child, within: Duration) -> i32 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code().unwrap_or(-1);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn fastrand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// `GET path` from 127.0.0.1:`port`: status and body.
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Nodes of `resource` (`pool.general`) as `status` lists them.
+fn nodes_of(env: &Env, resource: &str) -> usize {
+    env.nodes()
+        .iter()
+        .filter(|n| n["resource"] == resource)
+        .count()
+}
+
+fn cluster_nodes(env: &Env) -> usize {
+    env.nodes()
+        .iter()
+        .filter(|n| {
+            n["resource"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("cluster."))
+        })
+        .count()
+}
+
+#[test]
+fn a_pool_drawn_by_a_job_cluster_refills_and_shrinks_back_without_an_apply() {
+    // A minute of the spec lasts 1 s: the idle timeout of 3 minutes is 3 s.
+    let env = Env::new().with_var("MOTORPOOL_MINUTE_MS", "1000");
+    let flag = env.dir.path().join("go");
+    env.spec(&format!(
+        r#"
+project: refill
+provider: {{ kind: local }}
+pools:
+  general: {{ node_type: small, min_idle: 2, max_capacity: 6, idle_timeout_minutes: 3 }}
+jobs:
+  wait:
+    new_cluster: {{ pool: general, workers: 1 }}
+    tasks:
+      hold: {{ command: "while [ ! -e '{}' ]; do sleep 0.1; done; echo released" }}
+"#,
+        flag.display()
+    ));
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    assert_eq!(nodes_of(&env, "pool.general"), 2);
+    // Only warm idle instances are handed out: wait for their warm-up.
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            let warm = env
+                .nodes()
+                .iter()
+                .filter(|n| n["resource"] == "pool.general" && n["step"] == "runtime")
+                .count();
+            warm == 2
+        }),
+        "the pool never warmed up: {:?}",
+        env.nodes()
+    );
+
+    let controller = Controller::start(&env, &["--interval", "0.3"]);
+    let port = controller.metrics_port();
+
+    // The run's job cluster takes both idle instances; the controller refills the pool while it runs.
+    let run = env.spawn(&["run", "wait"]);
+    assert!(
+        wait_until(Duration::from_secs(120), || cluster_nodes(&env) == 2
+            && nodes_of(&env, "pool.general") == 2),
+        "the pool was not refilled while the job cluster ran: {:?}\n{}",
+        env.nodes(),
+        controller.log()
+    );
+    controller.wait_for(
+        "pool.general: update (idle 0 -> 2 (min_idle 2))",
+        Duration::from_secs(5),
+    );
+    let (status, metrics) = get(port, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    assert!(
+        metrics.contains("motorpool_pool_in_use_instances{project=\"refill\",pool=\"general\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "motorpool_changes_total{project=\"refill\",action=\"update\",outcome=\"done\"}"
+        ),
+        "{metrics}"
+    );
+
+    // The run ends and gives its two instances back: four idle, trimmed to
+    // min_idle once they idled three (short) minutes.
+    std::fs::write(&flag, "").expect("release the job");
+    let out = run.wait().expect_code(0);
+    assert!(out.stdout.contains("released"), "{}", out.stdout);
+    assert_eq!(cluster_nodes(&env), 0);
+    assert!(
+        wait_until(Duration::from_secs(60), || nodes_of(&env, "pool.general")
+            == 2),
+        "the pool never shrank back to min_idle: {:?}\n{}",
+        env.nodes(),
+        controller.log()
+    );
+    controller.wait_for(
+        "2 instances above min_idle idle longer than 3 minutes",
+        Duration::from_secs(5),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || get(port, "/metrics")
+            .1
+            .contains(
+                "motorpool_pool_idle_instances{project=\"refill\",pool=\"general\"} 2"
+            )),
+        "{}",
+        get(port, "/metrics").1
+    );
+    let (status, health) = get(port, "/healthz");
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(get(port, "/nothing").0, 404);
+
+    // Nothing for apply to do after the controller: it kept the spec's promise.
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    let (code, log) = controller.terminate();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("stopping: signal received"), "{log}");
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+    assert!(
+        env.processes().is_empty(),
+        "left running: {:?}",
+        env.processes()
+    );
+}
+
+/// A sim project with one pool: apply it with `min_idle: 1`, then ask for
+/// `grown` idle instances in the spec, which the controller's pass makes
+/// (API calls take 300 ms, instances a second to boot: a pass that launches
+/// takes a couple of seconds).
+fn slow_sim(env: &Env, project: &str, grown: u32) {
+    let spec = |min: u32| {
+        format!(
+            "project: {project}\nprovider: {{ kind: sim, latency_ms: 300, boot_seconds: 1 }}\npools:\n  general: {{ node_type: small, min_idle: {min}, max_capacity: 40 }}\n"
+        )
+    };
+    env.spec(&spec(1));
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    env.spec(&spec(grown));
+}
+
+#[test]
+fn one_controller_acts_per_project_and_an_apply_waits_for_its_pass() {
+    let env = Env::new();
+    slow_sim(&env, "single", 12);
+    let first = Controller::start(&env, &["--interval", "0.2", "--parallelism", "1"]);
+    first.wait_for("a pass every", Duration::from_secs(30));
+
+    let second = env
+        .mp(&["controller", "--listen", "off", "--once"])
+        .expect_code(1);
+    assert!(
+        second
+            .stderr
+            .contains("another controller runs for project `single`"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        second.stderr.contains("`motorpool controller`"),
+        "{}",
+        second.stderr
+    );
+
+    // The first controller's pass launches 11 instances one at a time; an
+    // apply meanwhile waits for it instead of failing, then has nothing to do.
+    first.wait_for("pool.general: update", Duration::from_secs(30));
+    let apply = env.mp(&["apply", "--yes"]).expect_code(0);
+    assert!(
+        apply.stdout.contains("waiting for the project lock")
+            && apply.stdout.contains("`motorpool controller`"),
+        "the apply did not wait for the controller:\n{}\n{}",
+        apply.stdout,
+        first.log()
+    );
+    assert!(apply.stdout.contains("No changes"), "{}", apply.stdout);
+    assert_eq!(nodes_of(&env, "pool.general"), 12);
+    let (code, log) = first.terminate();
+    assert_eq!(code, 0, "{log}");
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}
+
+#[test]
+fn a_controller_killed_mid_pass_and_started_again_converges_with_nothing_made_twice() {
+    let env = Env::new();
+    slow_sim(&env, "killed", 20);
+    let journal = env.project_file("killed", "journal.jsonl");
+    let mut first = Controller::start(&env, &["--interval", "0.2", "--parallelism", "1"]);
+    // Killed as soon as its pass starts applying (its launch is in flight or just done).
+    assert!(
+        wait_until(Duration::from_secs(60), || journal.exists()),
+        "the first controller never applied: {}",
+        first.log()
+    );
+    first.child.kill9();
+
+    let second = Controller::start(&env, &["--interval", "0.2", "--parallelism", "4"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || nodes_of(&env, "pool.general")
+            == 20),
+        "did not converge: {:?}\n{}",
+        env.nodes().len(),
+        second.log()
+    );
+    // Converged, and stays there: no duplicate from the replayed launches.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(nodes_of(&env, "pool.general"), 20, "{}", second.log());
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    let (code, log) = second.terminate();
+    assert_eq!(code, 0, "{log}");
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+}
+
+#[test]
+fn a_pass_over_ten_thousand_sim_nodes_costs_one_list_call_per_page() {
+    let env = Env::new();
+    let mut spec = String::from(
+        "project: big\nprovider: { kind: sim, page_size: 1000 }\npools:\n  general: { node_type: small, min_idle: 1, max_capacity: 4 }\nclusters:\n",
+    );
+    for i in 0..1000 {
+        spec.push_str(&format!("  c{i}: {{ node_type: small, workers: 9 }}\n"));
+    }
+    env.spec(&spec);
+    env.mp(&["apply", "--yes", "--parallelism", "64"])
+        .expect_code(0);
+    let once = env
+        .mp(&["controller", "--once", "--listen", "off"])
+        .expect_code(0);
+    // 10,000 cluster nodes and one idle instance: 11 pages of 1,000.
+    assert!(
+        once.stderr
+            .contains("pass: 10001 instances in 11 pages (11 list calls, 11 provider calls in all), nothing to do"),
+        "{}",
+        once.stderr
+    );
+    env.mp(&["destroy", "--yes", "--parallelism", "64"])
+        .expect_code(0);
+}
