@@ -23,6 +23,7 @@ pub mod providers;
 pub mod registry;
 pub mod runtime;
 pub mod runtime_upload;
+pub mod schedule;
 pub mod secrets;
 pub mod spec;
 pub mod tls;

@@ -360,3 +360,105 @@ fn a_pass_over_ten_thousand_sim_nodes_costs_one_list_call_per_page() {
     env.mp(&["destroy", "--yes", "--parallelism", "64"])
         .expect_code(0);
 }
+
+/// The run records `motorpool run` kept for `job`: their run ids.
+fn run_ids(env: &Env, project: &str, job: &str) -> Vec<String> {
+    let dir = env.project_file(project, "runs").join(job);
+    let mut ids: Vec<String> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(".json"))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn a_scheduled_job_runs_on_time_in_its_time_zone_and_not_twice() {
+    // The next whole minute at least 8 s away, written as Asia/Kolkata's
+    // wall clock (UTC+05:30, no daylight saving).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let mut slot = (now / 60 + 1) * 60;
+    if slot - now < 8 {
+        slot += 60;
+    }
+    let kolkata = slot + 5 * 3600 + 30 * 60;
+    let (minute, hour) = ((kolkata / 60) % 60, (kolkata / 3600) % 24);
+
+    let env = Env::new();
+    env.spec(&format!(
+        r#"
+project: nightly
+provider: {{ kind: local }}
+jobs:
+  report:
+    new_cluster: {{ node_type: small, workers: 1 }}
+    schedule: {{ cron: "{minute} {hour} * * *", timezone: Asia/Kolkata }}
+    tasks:
+      say: {{ command: "echo report made" }}
+"#
+    ));
+    env.mp(&["validate"]).expect_code(0);
+    let mut first = Controller::start(&env, &["--interval", "0.2"]);
+    first.wait_for("a pass every", Duration::from_secs(30));
+    assert!(
+        run_ids(&env, "nightly", "report").is_empty(),
+        "ran before its time"
+    );
+    assert!(
+        wait_until(Duration::from_secs(150), || !run_ids(
+            &env, "nightly", "report"
+        )
+        .is_empty()),
+        "the scheduled run never happened:\n{}",
+        first.log()
+    );
+    first.wait_for("job.report: run due at", Duration::from_secs(5));
+    first.wait_for("ended: succeeded", Duration::from_secs(120));
+    let ids = run_ids(&env, "nightly", "report");
+    assert_eq!(ids.len(), 1, "{ids:?}\n{}", first.log());
+    // run-<unix ms at submit>-<hex>: submitted within a minute of its slot.
+    let submitted_ms: i64 = ids[0]
+        .split('-')
+        .nth(1)
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("run id {}", ids[0]));
+    assert!(
+        submitted_ms >= slot * 1000 && submitted_ms < (slot + 60) * 1000,
+        "submitted at {submitted_ms} ms for the slot at {slot} s"
+    );
+    let logs = env.mp(&["logs", "report"]).expect_code(0);
+    assert!(logs.stdout.contains("report made"), "{}", logs.stdout);
+    assert_eq!(cluster_nodes(&env), 0, "the job cluster was not removed");
+
+    // Killed and started again, the controller does not run the slot again.
+    first.child.kill9();
+    let second = Controller::start(&env, &["--interval", "0.2"]);
+    second.wait_for("a pass every", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        run_ids(&env, "nightly", "report").len(),
+        1,
+        "{}",
+        second.log()
+    );
+    assert!(!second.log().contains("started (pid"), "{}", second.log());
+    let (code, log) = second.terminate();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        env.processes().is_empty(),
+        "left running: {:?}",
+        env.processes()
+    );
+}

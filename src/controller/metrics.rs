@@ -56,6 +56,9 @@ struct Figures {
     changes: BTreeMap<(&'static str, bool), u64>,
     last_pass_end: Option<Instant>,
     last_pass_ok: bool,
+    /// Job -> scheduled runs started, and slots not started.
+    runs_started: BTreeMap<String, u64>,
+    runs_not_started: BTreeMap<String, u64>,
 }
 
 /// The controller's figures, shared by the loop and the server.
@@ -101,6 +104,24 @@ impl Metrics {
         f.provider = provider;
         f.last_pass_end = Some(Instant::now());
         f.last_pass_ok = ok;
+    }
+
+    /// Count a scheduler event; returns its log line.
+    pub fn schedule_event(&self, event: &super::schedules::ScheduleEvent) -> String {
+        use super::schedules::ScheduleEvent;
+        let mut f = self.figures();
+        let (job, line) = match event {
+            ScheduleEvent::Started { job, line } => {
+                *f.runs_started.entry(job.clone()).or_default() += 1;
+                (job, line)
+            }
+            ScheduleEvent::NotStarted { job, line } => {
+                *f.runs_not_started.entry(job.clone()).or_default() += 1;
+                (job, line)
+            }
+            ScheduleEvent::Ended { job, line } => (job, line),
+        };
+        format!("job.{job}: {line}")
     }
 
     pub fn lock_busy(&self) {
@@ -270,6 +291,24 @@ impl Metrics {
             "counter",
             "Changes the controller applied, by action and outcome.",
             &changes,
+        );
+        let per_job = |counts: &BTreeMap<String, u64>| -> Vec<(String, f64)> {
+            counts
+                .iter()
+                .map(|(job, n)| (format!("job=\"{}\"", escape(job)), *n as f64))
+                .collect()
+        };
+        family(
+            "motorpool_scheduled_runs_started_total",
+            "counter",
+            "Runs of scheduled jobs the controller started.",
+            &per_job(&f.runs_started),
+        );
+        family(
+            "motorpool_scheduled_runs_not_started_total",
+            "counter",
+            "Due slots of scheduled jobs not started (at max_concurrent_runs, or missed).",
+            &per_job(&f.runs_not_started),
         );
         out
     }

@@ -18,11 +18,15 @@
 //! locks, a cloud lease named [`controller_lock_name`]); a second one exits
 //! with a message naming the first.
 //!
+//! Each pass also starts the runs of scheduled jobs that came due
+//! ([`schedules`]), whether or not it had pools to keep.
+//!
 //! This module owns the loop, its locks and its log; the rules of what to
-//! change are the planner's, carrying them out is apply's, and what it
-//! shows on `/metrics` is [`metrics`]'.
+//! change are the planner's, carrying them out is apply's, when a job runs
+//! is [`schedules`]', and what it shows on `/metrics` is [`metrics`]'.
 
 pub mod metrics;
+pub mod schedules;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -120,11 +124,20 @@ pub async fn run(options: ControllerOptions, log: &(dyn Fn(&str) + Sync)) -> Res
         if options.heal { ", healing drift" } else { "" }
     ));
 
+    let mut scheduler = schedules::Scheduler::new(&project.dir, &options.path, &options.load)?;
     let mut stop = Shutdown::listen()?;
     loop {
         let started = Instant::now();
         let calls_before = project.client.stats();
-        let outcome = pass(&mut project, &options, &metrics, log).await;
+        let outcome = match engine::load_spec(&options.path, &options.load) {
+            Ok(loaded) => {
+                for event in scheduler.tick(&loaded, engine::unix_now() as i64) {
+                    log(&metrics.schedule_event(&event));
+                }
+                pass(&mut project, &loaded, &options, &metrics, log).await
+            }
+            Err(e) => Err(e),
+        };
         let took = started.elapsed();
         metrics.pass_done(took, outcome.is_ok(), project.client.stats());
         match outcome {
@@ -191,11 +204,11 @@ struct PassSeen {
 
 async fn pass(
     project: &mut Project,
+    loaded: &LoadedSpec,
     options: &ControllerOptions,
     metrics: &Metrics,
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<PassSeen> {
-    let loaded = engine::load_spec(&options.path, &options.load)?;
     if loaded.spec.project != project.name {
         bail!(
             "the spec now names project `{}`, not `{}`: restart the controller for another project",
@@ -205,8 +218,8 @@ async fn pass(
     }
     let mode = PlanMode::Maintain { heal: options.heal };
     let observed = project.observe().await?;
-    metrics.observed(gauges(&loaded, &observed), observed.pages);
-    let plan = plan(project, &loaded, &observed, mode)?;
+    metrics.observed(gauges(loaded, &observed), observed.pages);
+    let plan = plan(project, loaded, &observed, mode)?;
     let mut seen = PassSeen {
         instances: observed.instance_count() as u32,
         pages: observed.pages,
@@ -222,7 +235,7 @@ async fn pass(
         log(&format!("{e:#}; trying again at the next pass"));
         return Ok(seen);
     }
-    let outcome = apply_under_lock(project, &loaded, mode, options, metrics, log).await;
+    let outcome = apply_under_lock(project, loaded, mode, options, metrics, log).await;
     let released = project.unlock().await;
     seen.acted = outcome?;
     released?;

@@ -1151,6 +1151,20 @@ impl<'s> Checker<'_, 's> {
                 self.cluster(c, cn, key_span(node, "new_cluster"), &cwhat);
             }
         }
+        if let (Some(schedule), Some(sn)) = (&j.schedule, node.get("schedule")) {
+            if let Err(e) = crate::schedule::Cron::parse(&schedule.cron) {
+                self.error(
+                    value_span(sn, "cron"),
+                    format!("the schedule of {what}: {e}"),
+                );
+            }
+            if let Err(e) = crate::schedule::zone(schedule.timezone()) {
+                self.error(
+                    value_span(sn, "timezone"),
+                    format!("the schedule of {what}: {e}"),
+                );
+            }
+        }
         let tasks_node = node.get("tasks");
         let Some(entries) = tasks_node.and_then(Node::entries) else {
             return;

@@ -516,9 +516,31 @@ pub struct Job {
     pub timeout_minutes: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_runs: Option<u32>,
+    /// When `motorpool controller` starts runs of the job by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<JobSchedule>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     pub tasks: BTreeMap<String, Task>,
+}
+
+/// A job's schedule: `{ cron: "0 2 * * *", timezone: Europe/Berlin }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSchedule {
+    /// Five cron fields (minute hour day-of-month month day-of-week), or
+    /// `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+    pub cron: String,
+    /// The IANA time zone the fields are read in (default `UTC`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+}
+
+impl JobSchedule {
+    /// The zone's name (`UTC` when not given).
+    pub fn timezone(&self) -> &str {
+        self.timezone.as_deref().unwrap_or("UTC")
+    }
 }
 
 /// A task: a command, or a map (with an optional reduce) over input partitions.
