@@ -9,7 +9,8 @@
 //! two machines (two `$MOTORPOOL_HOME`s with the same project secret)
 //! applying one Azure project against the fake Resource Manager, kept apart
 //! by the lock in the container, `force-unlock`, and a killed holder's lock
-//! taken over once its lease runs out.
+//! taken over once its lease runs out, and at once by the next command of
+//! the holder's own home.
 
 #[path = "../providers/azure/tests/support/mod.rs"]
 mod arm;
@@ -408,4 +409,19 @@ fn a_second_machine_is_refused_by_the_lock_in_the_container_until_force_unlock_o
     );
     assert_eq!(cloud_lock(&azurite), None);
     assert!(fake.project_vms(PROJECT).is_empty());
+
+    // The killed holder's own machine (its home) is not refused by the lock
+    // it left: nobody else of that home can hold it, so it takes it over at once.
+    let (mut holder, held) = holding_apply(&azurite, &first);
+    holder.kill9();
+    let again = mp(&first, &["destroy", "--yes"]).expect_code(0);
+    assert!(
+        again
+            .stdout
+            .contains("Took over the project lock left by a killed motorpool of this machine"),
+        "{}",
+        again.stdout
+    );
+    assert!(again.stdout.contains(&held.id), "{}", again.stdout);
+    assert_eq!(cloud_lock(&azurite), None);
 }

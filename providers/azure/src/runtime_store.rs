@@ -119,3 +119,35 @@ pub(crate) async fn publish(
     signed.set_query(Some(&sas));
     Ok(signed.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_the_account_key_there_is_no_sas_and_the_error_says_what_to_set() {
+        let container = Container {
+            account: "acmemotorpool".into(),
+            name: "motorpool".into(),
+            // Nothing listens there: the refusal comes before any request.
+            endpoint: url::Url::parse("http://127.0.0.1:9/acmemotorpool").expect("url"),
+        };
+        let runtime = RuntimeUpload {
+            path: "/nonexistent/motorpool".into(),
+            sha256: "ab".repeat(32),
+            version: "0.1.0".into(),
+            platform: "x86_64-linux".into(),
+            project: "demo".into(),
+            valid_for: Duration::from_secs(3600),
+        };
+        let http = reqwest::Client::new();
+        match publish(&http, &container, &Auth::Token("t".into()), &runtime).await {
+            Err(ProviderError::Auth(message)) => {
+                for part in ["AZURE_STORAGE_ACCOUNT_KEY", "acmemotorpool", "runtime_url"] {
+                    assert!(message.contains(part), "{part} in {message}");
+                }
+            }
+            other => panic!("expected an authentication error, got {other:?}"),
+        }
+    }
+}
