@@ -3,7 +3,9 @@
 //! plan -> apply -> plan -> drift -> heal -> destroy with real agents
 //! playing the VMs from their custom data, pool VMs moved into a cluster and
 //! back, an apply killed half way, an apply through 429s, 503s and lost
-//! answers, and quota and capacity errors.
+//! answers, quota and capacity errors, and the runtime apply uploads to a
+//! container of the project's on Azurite (Azure's storage emulator) when the
+//! spec gives no `runtime_url`.
 //!
 //! Each test starts its own fake (killed on drop, also on failure). Every
 //! motorpool run gets an explicit loopback `endpoint_url` in the spec and no
@@ -14,6 +16,8 @@
 #[path = "../providers/azure/tests/support/mod.rs"]
 mod arm;
 mod common;
+#[path = "common/object_stores.rs"]
+mod object_stores;
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -22,6 +26,8 @@ use std::time::Duration;
 use arm::{FakeArm, FakeVm, GROUP, SUBNET, SUBSCRIPTION};
 use common::machines::{FakeNodes, Machine, Machines};
 use common::{Env, Run, wait_until};
+use object_stores::{AZURITE_ACCOUNT, AZURITE_KEY, Azurite};
+use sha2::{Digest, Sha256};
 
 const RUNTIME_URL: &str = "https://downloads.example.com/motorpool/0.1.0/motorpool-x86_64-linux";
 const RUNTIME_SHA256: &str = "5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
@@ -465,4 +471,145 @@ fn a_job_runs_on_an_azure_cluster_at_the_address_its_agent_published() {
     let run = mp(&env, &["run", "hello"]).expect_code(0);
     assert!(run.stdout.contains("hello from azure"), "{}", run.stdout);
     mp(&env, &["destroy", "--yes"]).expect_code(0);
+}
+
+/// `mp` with Azurite's account key in the environment (`AZURE_STORAGE_ACCOUNT_KEY`).
+fn mp_with_key(env: &Env, args: &[&str]) -> Run {
+    env.mp_with(args, |cmd| {
+        without_azure_credentials(cmd);
+        cmd.env("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY);
+    })
+}
+
+/// The runtime URL in a VM's custom data: the shell-quoted word that starts
+/// with `base`.
+fn runtime_url_in(custom_data: &str, base: &str) -> String {
+    let start = custom_data
+        .find(base)
+        .unwrap_or_else(|| panic!("no URL of {base} in:\n{custom_data}"));
+    custom_data[start..]
+        .split(['\'', ' ', '\n'])
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn without_runtime_url_apply_uploads_the_runtime_once_to_the_container_and_nodes_get_a_sas_url() {
+    let fake = FakeArm::start();
+    let azurite = Azurite::start();
+    let _machines = machines(&fake, "azrt");
+    let env = Env::new();
+    let blob_endpoint = format!("{}/{AZURITE_ACCOUNT}", azurite.url());
+    env.spec(&format!(
+        "project: azrt\nprovider: {{ kind: azure, subscription_id: {SUBSCRIPTION}, \
+         resource_group: {GROUP}, location: westeurope, subnet_id: \"{SUBNET}\", \
+         endpoint_url: \"{}\", storage_account: {AZURITE_ACCOUNT}, \
+         runtime_container: mp-runtime, blob_endpoint: \"{blob_endpoint}\", \
+         ready_timeout_minutes: 4 }}\n\
+         clusters:\n  etl: {{ node_type: Standard_D2s_v5, workers: 1 }}\n",
+        fake.url()
+    ));
+    // The container stands in for runtime_url: validate asks for none.
+    let valid = mp(&env, &["validate"]);
+    assert!(
+        !valid.stderr.contains("runtime_url"),
+        "validate still asks for runtime_url:\n{}",
+        valid.stderr
+    );
+    valid.expect_code(0);
+
+    // Without the account key there is no SAS to give the nodes: the
+    // error says what to set, and nothing is launched.
+    let keyless = mp(&env, &["apply", "--yes"]).expect_code(1);
+    assert!(
+        keyless.stderr.contains("AZURE_STORAGE_ACCOUNT_KEY"),
+        "{}",
+        keyless.stderr
+    );
+    assert!(fake.project_vms("azrt").is_empty());
+
+    let applied = mp_with_key(&env, &["apply", "--yes"]).expect_code(0);
+    let uploaded = azurite.etags("mp-runtime", "motorpool/runtime/");
+    assert_eq!(uploaded.len(), 1, "one runtime blob: {uploaded:?}");
+    let (name, etag) = uploaded[0].clone();
+    // motorpool/runtime/<version>/x86_64-linux/<sha256>/motorpool
+    let parts: Vec<&str> = name.split('/').collect();
+    assert_eq!(parts.len(), 6, "{name}");
+    assert_eq!(parts[3], "x86_64-linux", "{name}");
+    assert_eq!(parts[5], "motorpool", "{name}");
+    let sha = parts[4].to_string();
+    assert_eq!(sha.len(), 64, "{name}");
+    let containers = azurite.containers_xml();
+    assert!(
+        containers.contains("<motorpool_project>azrt</motorpool_project>"),
+        "the container was made as the project's: {containers}"
+    );
+
+    // Every VM was told the SAS URL of that blob and its checksum.
+    let live = fake.project_vms("azrt");
+    assert_eq!(live.len(), 2, "{live:#?}\n{}", applied.stdout);
+    let mut urls = BTreeSet::new();
+    for vm in &live {
+        common::assert_shell_parses(&vm.custom_data);
+        assert!(vm.custom_data.contains(&sha), "{}", vm.custom_data);
+        urls.insert(runtime_url_in(&vm.custom_data, &azurite.url()));
+    }
+    assert_eq!(urls.len(), 1, "{urls:?}");
+    let url = urls.into_iter().next().expect("a URL");
+    let path_and_query = url
+        .strip_prefix(&azurite.url())
+        .expect("the URL is Azurite's")
+        .to_string();
+    assert!(
+        path_and_query.starts_with(&format!("/{AZURITE_ACCOUNT}/mp-runtime/{name}?")),
+        "{url}"
+    );
+    // (sp, sr and se need no decoding, but for se's colons.)
+    let query: std::collections::BTreeMap<String, String> = path_and_query
+        .split_once('?')
+        .map(|(_, q)| q)
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("%3A", ":")))
+        .collect();
+    assert_eq!(query.get("sp").map(String::as_str), Some("r"), "{query:?}");
+    assert_eq!(query.get("sr").map(String::as_str), Some("b"), "{query:?}");
+    let expiry = query.get("se").cloned().unwrap_or_default();
+    assert!(expiry.ends_with('Z'), "an expiry: {query:?}");
+
+    // A GET of that URL (no other credential) returns exactly the binary
+    // whose checksum the nodes were told.
+    let got = object_stores::http(azurite.port, "GET", &path_and_query, &[], b"");
+    assert_eq!(got.status, 200, "{}", got.text());
+    let digest: String = Sha256::digest(&got.body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(digest, sha);
+    // The container stays private, and the URL only reads.
+    let (path, _) = path_and_query.split_once('?').expect("a query");
+    let anonymous = object_stores::http(azurite.port, "GET", path, &[], b"");
+    assert_ne!(
+        anonymous.status, 200,
+        "the blob is readable without the SAS"
+    );
+    let write = object_stores::http(
+        azurite.port,
+        "PUT",
+        &path_and_query,
+        &[("x-ms-blob-type".into(), "BlockBlob".into())],
+        b"not motorpool",
+    );
+    assert_eq!(write.status, 403, "{}", write.text());
+
+    // A second apply uploads nothing: the blob is the one of the first.
+    mp_with_key(&env, &["apply", "--yes"]).expect_code(0);
+    assert_eq!(
+        azurite.etags("mp-runtime", "motorpool/runtime/"),
+        [(name, etag)]
+    );
+    mp_with_key(&env, &["destroy", "--yes"]).expect_code(0);
+    assert!(fake.project_vms("azrt").is_empty());
 }

@@ -459,6 +459,47 @@ impl Azurite {
         r.body
     }
 
+    /// The account's containers with their metadata, as the service lists them (XML).
+    pub fn containers_xml(&self) -> String {
+        let r = self.signed(
+            "GET",
+            "",
+            "",
+            &[("comp", "list"), ("include", "metadata")],
+            &[],
+            b"",
+        );
+        assert_eq!(r.status, 200, "list containers: {}", r.text());
+        r.text()
+    }
+
+    /// The ETag of every blob under `prefix`, by name.
+    pub fn etags(&self, container: &str, prefix: &str) -> Vec<(String, String)> {
+        let r = self.signed(
+            "GET",
+            container,
+            "",
+            &[
+                ("comp", "list"),
+                ("prefix", prefix),
+                ("restype", "container"),
+            ],
+            &[],
+            b"",
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "list az://{container}/{prefix}: {}",
+            r.text()
+        );
+        let text = r.text();
+        xml_values(&text, "Name")
+            .into_iter()
+            .zip(xml_values(&text, "Etag"))
+            .collect()
+    }
+
     /// The blob names under `prefix`, sorted.
     pub fn blobs(&self, container: &str, prefix: &str) -> Vec<String> {
         let r = self.signed(

@@ -40,12 +40,23 @@
 //! - **put/get/delete_cluster_boot**: a template spec `motorpool-boot-NAME`
 //!   in the resource group, whose version `1` carries the document in its
 //!   metadata: nodes read it with their managed identity.
+//! - **publish_runtime**: the runtime binary as a blob in the container the
+//!   provider block names (`storage_account`, `runtime_container`), handed
+//!   to nodes as a read-only SAS URL, see [`runtime_store`].
+//! - **try_lock / renew_lock / read_lock / unlock**: the project lock as a
+//!   blob in that container, changed only by conditional writes, see
+//!   [`lock`]. Without `storage_account` there is no cloud lock (the local
+//!   one only).
 //!
 //! Errors map to [`ProviderError`] in [`errors`].
 
+mod blob;
 mod catalog;
 mod errors;
+pub mod lock;
 pub mod plugin;
+pub mod runtime_store;
+mod shared_key;
 pub mod tags;
 
 use std::time::{Duration, Instant};
@@ -80,6 +91,9 @@ pub const MANAGEMENT_ENDPOINT: &str = "https://management.azure.com";
 
 /// The OAuth scope of Resource Manager tokens.
 const MANAGEMENT_SCOPE: &str = "https://management.azure.com/.default";
+
+/// The OAuth scope of Blob Storage tokens (used when no account key is set).
+const STORAGE_SCOPE: &str = "https://storage.azure.com/.default";
 
 pub const COMPUTE_API: &str = "2024-07-01";
 pub const RESOURCES_API: &str = "2021-04-01";
@@ -162,6 +176,10 @@ pub struct AzureConfig {
     pub tags: Tags,
     /// Another Resource Manager root; `None`: [`MANAGEMENT_ENDPOINT`].
     pub endpoint_url: Option<String>,
+    /// Where motorpool keeps its own objects (the runtime, the project
+    /// lock); `None`: nowhere (the spec gives `runtime_url`, and the lock is
+    /// the local one only).
+    pub storage: Option<StorageConfig>,
     pub operation_timeout: Duration,
     /// The longest wait between polls of an operation, whatever `Retry-After` says.
     pub max_poll_interval: Duration,
@@ -184,6 +202,7 @@ impl AzureConfig {
             os_disk_type: None,
             tags: Tags::new(),
             endpoint_url: None,
+            storage: None,
             operation_timeout: Duration::from_secs(900),
             max_poll_interval: Duration::from_secs(15),
             concurrency: 16,
@@ -195,6 +214,40 @@ impl AzureConfig {
             .as_deref()
             .unwrap_or(MANAGEMENT_ENDPOINT)
             .trim_end_matches('/')
+    }
+}
+
+/// A container of the project's in a storage account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// The storage account's name.
+    pub account: String,
+    /// The container (made when missing).
+    pub container: String,
+    /// The account's blob service root; `None`: `https://ACCOUNT.blob.core.windows.net`.
+    pub blob_endpoint: Option<String>,
+    /// The account key (base64) given by code (tests); never from the spec.
+    /// `None`: from the environment (`AZURE_STORAGE_ACCOUNT_KEY`, ...), else a token.
+    pub account_key: Option<String>,
+}
+
+impl StorageConfig {
+    fn container(&self) -> Result<blob::Container> {
+        let endpoint = self
+            .blob_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://{}.blob.core.windows.net", self.account));
+        let endpoint = url::Url::parse(&endpoint).map_err(|e| {
+            invalid(
+                "blob_endpoint",
+                format!("`{endpoint}` is not a blob service URL: {e}"),
+            )
+        })?;
+        Ok(blob::Container {
+            account: self.account.clone(),
+            name: self.container.clone(),
+            endpoint,
+        })
     }
 }
 
@@ -213,6 +266,8 @@ pub struct AzureProvider {
     credential: tokio::sync::OnceCell<Credential>,
     group_ready: tokio::sync::OnceCell<()>,
     ssh_key: String,
+    /// The container of [`AzureConfig::storage`].
+    storage: Option<blob::Container>,
 }
 
 impl std::fmt::Debug for AzureProvider {
@@ -416,8 +471,14 @@ impl AzureProvider {
             .ssh_public_key
             .clone()
             .unwrap_or_else(throwaway_ssh_key);
+        let storage = config
+            .storage
+            .as_ref()
+            .map(StorageConfig::container)
+            .transpose()?;
         Ok(AzureProvider {
             config,
+            storage,
             image,
             catalog: catalog(),
             http,
@@ -456,6 +517,10 @@ impl AzureProvider {
     }
 
     async fn token(&self) -> Result<String> {
+        self.token_for(MANAGEMENT_SCOPE).await
+    }
+
+    async fn token_for(&self, scope: &str) -> Result<String> {
         let credential = self
             .credential
             .get_or_try_init(|| async {
@@ -471,7 +536,7 @@ impl AzureProvider {
         match credential {
             Credential::Placeholder => Ok(PLACEHOLDER_TOKEN.to_string()),
             Credential::Chain(chain) => chain
-                .get_token(&[MANAGEMENT_SCOPE])
+                .get_token(&[scope])
                 .await
                 .map(|t| t.token.secret().to_string())
                 .map_err(|e| ProviderError::Auth(format!("no Azure token: {e}"))),
@@ -980,6 +1045,39 @@ impl AzureProvider {
     }
 }
 
+impl AzureProvider {
+    /// The storage account key from the environment, else a Storage token
+    /// of the standard chain.
+    async fn storage_auth(&self, container: &blob::Container) -> Result<blob::Auth> {
+        if let Some(key) = self
+            .config
+            .storage
+            .as_ref()
+            .and_then(|s| s.account_key.as_deref())
+        {
+            return shared_key::AccountKey::new(&container.account, key)
+                .map(blob::Auth::Key)
+                .map_err(ProviderError::Auth);
+        }
+        match blob::key_from_env(&container.account)? {
+            Some(key) => Ok(blob::Auth::Key(key)),
+            None => Ok(blob::Auth::Token(self.token_for(STORAGE_SCOPE).await?)),
+        }
+    }
+
+    fn lock_store<'a>(
+        &'a self,
+        container: &'a blob::Container,
+        auth: &'a blob::Auth,
+    ) -> lock::LockStore<'a> {
+        lock::LockStore {
+            http: &self.http,
+            container,
+            auth,
+        }
+    }
+}
+
 /// The template spec name of cluster boot document `name`.
 pub fn boot_spec_name(name: &str) -> String {
     let safe: String = name
@@ -1251,6 +1349,61 @@ impl Provider for AzureProvider {
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn publish_runtime(
+        &self,
+        runtime: &motorpool_provider::RuntimeUpload,
+    ) -> Result<Option<String>> {
+        let Some(container) = &self.storage else {
+            return Ok(None);
+        };
+        let auth = self.storage_auth(container).await?;
+        runtime_store::publish(&self.http, container, &auth, runtime)
+            .await
+            .map(Some)
+    }
+
+    // The project lock: a blob per project in the storage container ([`lock`]).
+
+    async fn try_lock(
+        &self,
+        project: &str,
+        lock: &motorpool_provider::LockInfo,
+    ) -> Result<motorpool_provider::LockAttempt> {
+        let Some(container) = &self.storage else {
+            return Ok(motorpool_provider::LockAttempt::NoCloudLock);
+        };
+        let auth = self.storage_auth(container).await?;
+        self.lock_store(container, &auth)
+            .try_lock(project, lock)
+            .await
+    }
+
+    async fn renew_lock(&self, project: &str, lock: &motorpool_provider::LockInfo) -> Result<()> {
+        let Some(container) = &self.storage else {
+            return Ok(());
+        };
+        let auth = self.storage_auth(container).await?;
+        self.lock_store(container, &auth)
+            .renew_lock(project, lock)
+            .await
+    }
+
+    async fn read_lock(&self, project: &str) -> Result<Option<motorpool_provider::LockInfo>> {
+        let Some(container) = &self.storage else {
+            return Ok(None);
+        };
+        let auth = self.storage_auth(container).await?;
+        self.lock_store(container, &auth).read_lock(project).await
+    }
+
+    async fn unlock(&self, project: &str, id: &str) -> Result<()> {
+        let Some(container) = &self.storage else {
+            return Ok(());
+        };
+        let auth = self.storage_auth(container).await?;
+        self.lock_store(container, &auth).unlock(project, id).await
     }
 }
 

@@ -1,7 +1,8 @@
 //! The Azure provider's registration with the engine: its settings block
 //! (`provider: { kind: azure, subscription_id, resource_group, location,
 //! subnet_id, ... }`) with the checks Resource Manager would otherwise make at
-//! launch, its capabilities (nodes start themselves from custom data of at
+//! launch (and the Blob service's naming rules for `storage_account` and
+//! `runtime_container`), its capabilities (nodes start themselves from custom data of at
 //! most 64 KiB), how a node reaches Resource Manager with its managed
 //! identity, and the custom-data template.
 
@@ -16,7 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{AzureConfig, AzureProvider, ImageRef, KIND};
+use crate::{AzureConfig, AzureProvider, ImageRef, KIND, StorageConfig};
 
 /// Azure's limit on custom data: 64 KiB before base64.
 pub const USER_DATA_LIMIT: usize = 64 * 1024;
@@ -70,6 +71,25 @@ pub struct AzureSettings {
     /// Another Resource Manager root (e.g. a local stand-in); default: Azure's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
+    /// A storage account for motorpool's own objects, with
+    /// `runtime_container`. Without `runtime_url`, `apply` uploads its own
+    /// binary there once per version and nodes download it through a
+    /// read-only SAS URL (signed with the account key from
+    /// `AZURE_STORAGE_ACCOUNT_KEY`); and the project lock is kept there too
+    /// (a blob per project), so two machines applying one project are kept
+    /// apart. Without it, the project lock is the local file only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_account: Option<String>,
+    /// The container in `storage_account` (made, private, when missing)
+    /// holding the runtime (`motorpool/runtime/...`) and the project lock
+    /// (`motorpool/locks/<project>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_container: Option<String>,
+    /// Another blob service root for `storage_account` (e.g. Azurite's
+    /// `http://127.0.0.1:10000/devstoreaccount1`); default:
+    /// `https://ACCOUNT.blob.core.windows.net`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob_endpoint: Option<String>,
 }
 
 impl AzureSettings {
@@ -87,6 +107,14 @@ impl AzureSettings {
         config.os_disk_type = self.os_disk_type.clone();
         config.tags = self.tags.clone();
         config.endpoint_url = self.endpoint_url.clone();
+        if let (Some(account), Some(container)) = (&self.storage_account, &self.runtime_container) {
+            config.storage = Some(StorageConfig {
+                account: account.clone(),
+                container: container.clone(),
+                blob_endpoint: self.blob_endpoint.clone(),
+                account_key: None,
+            });
+        }
         config
     }
 }
@@ -120,6 +148,26 @@ pub fn is_resource_group(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_alphanumeric() || "_-.()".contains(c))
+}
+
+/// A storage account name: 3 to 24 lower-case letters and digits.
+pub fn is_storage_account(name: &str) -> bool {
+    (3..=24).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+/// A blob container name: 3 to 63 lower-case letters, digits and `-`,
+/// starting and ending with a letter or digit, no `--`.
+pub fn is_container(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
 }
 
 /// `/subscriptions/S/resourceGroups/G/providers/Microsoft.Network/virtualNetworks/V/subnets/N`.
@@ -251,6 +299,53 @@ impl ProviderPlugin for AzurePlugin {
                 format!("`endpoint_url` must be an http:// or https:// URL, found `{url}`"),
             ));
         }
+        if let Some(account) = text("storage_account")
+            && !is_storage_account(account)
+        {
+            problems.push(SettingProblem::at(
+                &["storage_account"],
+                format!(
+                    "`{account}` is not a storage account name (3 to 24 lower-case letters and \
+                     digits)"
+                ),
+            ));
+        }
+        if let Some(container) = text("runtime_container")
+            && !is_container(container)
+        {
+            problems.push(SettingProblem::at(
+                &["runtime_container"],
+                format!(
+                    "`{container}` is not a blob container name (3 to 63 lower-case letters, \
+                     digits and `-`, starting and ending with a letter or digit, no `--`)"
+                ),
+            ));
+        }
+        match (text("storage_account"), text("runtime_container")) {
+            (Some(_), None) => problems.push(SettingProblem::at(
+                &["storage_account"],
+                "`storage_account` needs `runtime_container`: the container motorpool keeps the \
+                 runtime and the project lock in",
+            )),
+            (None, Some(_)) => problems.push(SettingProblem::at(
+                &["runtime_container"],
+                "`runtime_container` needs `storage_account`: the account it is in",
+            )),
+            _ => {}
+        }
+        if let Some(url) = text("blob_endpoint") {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.push(SettingProblem::at(
+                    &["blob_endpoint"],
+                    format!("`blob_endpoint` must be an http:// or https:// URL, found `{url}`"),
+                ));
+            } else if text("storage_account").is_none() {
+                problems.push(SettingProblem::at(
+                    &["blob_endpoint"],
+                    "`blob_endpoint` is the blob service of `storage_account`, which is not set",
+                ));
+            }
+        }
         if let Some(tags) = value.get("tags").and_then(Value::as_object) {
             for (key, v) in tags {
                 if key.starts_with("motorpool-") {
@@ -314,6 +409,12 @@ impl ProviderPlugin for AzurePlugin {
     fn user_data_template(&self) -> Option<&'static str> {
         Some(include_str!("../templates/custom-data.sh"))
     }
+
+    fn publishes_runtime(&self, settings: &Value) -> bool {
+        ["storage_account", "runtime_container"]
+            .iter()
+            .all(|key| settings.get(key).is_some_and(Value::is_string))
+    }
 }
 
 #[cfg(test)]
@@ -349,6 +450,8 @@ mod tests {
             "subnet_id": "/subscriptions/x/subnets/y", "image": "ubuntu",
             "eviction_policy": "Stop", "os_disk_type": "SSD", "os_disk_gb": 5,
             "ssh_public_key": "AAAA", "tags": {"motorpool-x": "v", "a/b": "c"},
+            "storage_account": "My-Account", "runtime_container": "a--b",
+            "blob_endpoint": "127.0.0.1:10000",
         }));
         for needle in [
             "subscription_id: `abc`",
@@ -362,12 +465,51 @@ mod tests {
             "ssh_public_key: ",
             "tags.motorpool-x: tag `motorpool-x`",
             "tags.a/b: tag `a/b`",
+            "storage_account: `My-Account` is not a storage account name",
+            "runtime_container: `a--b` is not a blob container name",
+            "blob_endpoint: `blob_endpoint` must be an http",
         ] {
             assert!(
                 found.iter().any(|p| p.starts_with(needle)),
                 "{needle} in {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn storage_is_an_account_and_a_container_together() {
+        let base = json!({
+            "subscription_id": "00000000-0000-0000-0000-000000000000",
+            "resource_group": "data-rg", "location": "westeurope", "subnet_id": SUBNET,
+        });
+        let with = |extra: Value| {
+            let mut v = base.clone();
+            if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+                v.extend(extra.clone());
+            }
+            v
+        };
+        let both = with(json!({"storage_account": "mpdata01", "runtime_container": "motorpool"}));
+        assert_eq!(problems(both.clone()), Vec::<String>::new());
+        assert!(AzurePlugin.publishes_runtime(&both));
+        assert!(!AzurePlugin.publishes_runtime(&base));
+        let settings: AzureSettings = serde_json::from_value(both).expect("settings");
+        assert_eq!(
+            settings.config().storage.map(|s| s.container),
+            Some("motorpool".to_string())
+        );
+        let alone = problems(with(json!({"storage_account": "mpdata01"})));
+        assert!(
+            alone
+                .iter()
+                .any(|p| p.contains("needs `runtime_container`")),
+            "{alone:?}"
+        );
+        let endpoint = problems(with(json!({"blob_endpoint": "http://127.0.0.1:10000/x"})));
+        assert!(
+            endpoint.iter().any(|p| p.contains("which is not set")),
+            "{endpoint:?}"
+        );
     }
 
     #[test]
