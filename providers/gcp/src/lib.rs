@@ -45,6 +45,8 @@
 //!   item `motorpool-lock-PROJECT` of the same metadata holding the lock as
 //!   JSON, changed only by compare-and-swap on the metadata fingerprint
 //!   (see [`lock`]).
+//! - **publish_runtime**: the runtime binary in Cloud Storage
+//!   (`runtime_bucket`) behind a V4 signed URL, see [`runtime_store`].
 //!
 //! The SDK's own retries are off: the engine retries throttling and 5xx with
 //! backoff and counts them, and two retry layers would multiply. Errors map
@@ -55,6 +57,7 @@ mod errors;
 pub mod labels;
 pub mod lock;
 pub mod plugin;
+pub mod runtime_store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -143,6 +146,9 @@ pub struct GcpConfig {
     pub operation_timeout: Duration,
     /// Per-instance calls in flight at once.
     pub concurrency: usize,
+    /// A Cloud Storage bucket of the project's where `apply` puts the
+    /// runtime when the spec gives no `runtime_url` ([`Provider::publish_runtime`]).
+    pub runtime_bucket: Option<String>,
 }
 
 impl GcpConfig {
@@ -165,6 +171,7 @@ impl GcpConfig {
             settle_timeout: Duration::from_secs(300),
             operation_timeout: Duration::from_secs(600),
             concurrency: 16,
+            runtime_bucket: None,
         }
     }
 }
@@ -1158,6 +1165,18 @@ impl Provider for GcpProvider {
 
     fn default_image(&self) -> String {
         self.image.clone()
+    }
+
+    async fn publish_runtime(
+        &self,
+        runtime: &motorpool_provider::RuntimeUpload,
+    ) -> Result<Option<String>> {
+        let Some(bucket) = &self.config.runtime_bucket else {
+            return Ok(None);
+        };
+        runtime_store::publish(&self.config.project, bucket, runtime)
+            .await
+            .map(Some)
     }
 
     /// Compute's default read and write quotas are per minute (about 20 per
