@@ -48,6 +48,9 @@ const MAX_URL_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long one upload may take (the binary is tens of MB).
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
+/// How long any other Cloud Storage call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The custom metadata key holding the object's SHA-256.
 const SHA_METADATA: &str = "sha256";
 
@@ -136,7 +139,7 @@ impl Bucket {
                 ))
             })?;
         let http = reqwest::Client::builder()
-            .timeout(UPLOAD_TIMEOUT)
+            .connect_timeout(Duration::from_secs(20))
             .build()
             .map_err(|e| ProviderError::Internal(format!("an HTTP client: {e}")))?;
         Ok(Bucket {
@@ -171,7 +174,12 @@ impl Bucket {
         body: Option<Vec<u8>>,
     ) -> Result<(u16, serde_json::Value)> {
         let bearer = self.bearer().await?;
-        let mut request = self.http.request(method, &url);
+        let timeout = if call == "objects.insert" {
+            UPLOAD_TIMEOUT
+        } else {
+            CALL_TIMEOUT
+        };
+        let mut request = self.http.request(method, &url).timeout(timeout);
         if !bearer.is_empty() {
             request = request.bearer_auth(bearer);
         }
