@@ -366,7 +366,10 @@ class FakeGceTest(unittest.TestCase):
     def test_common_metadata_is_a_compare_and_swap_on_its_fingerprint(self):
         # What the project lock relies on: every accepted change makes a new
         # fingerprint, and of two writers that read the same one, only the
-        # first is accepted; the other is refused 412 conditionNotMet.
+        # first is accepted; the other is refused 412 conditionNotMet. (The
+        # discovery document's Metadata.fingerprint: it "changes after every
+        # request to modify or update metadata", and a stale one fails "with
+        # error 412 conditionNotMet".)
         _, project = self.api("GET", "")
         fp = project["commonInstanceMetadata"]["fingerprint"]
         seen = {fp}
