@@ -1,7 +1,7 @@
 //! The motorpool runtime that cloud nodes download when the spec gives no
 //! `runtime_url`: this very binary, stripped, put by the provider where its
 //! nodes can fetch it ([`motorpool_provider::Provider::publish_runtime`]:
-//! on AWS the provider block's `runtime_bucket`, on Azure its
+//! on AWS and GCP the provider block's `runtime_bucket`, on Azure its
 //! `storage_account` and `runtime_container`), handed to the nodes as a
 //! time-limited URL with its SHA-256.
 //!

@@ -3,7 +3,8 @@
 //! plan -> apply -> plan -> drift -> heal -> destroy with real agents playing
 //! the nodes from their startup scripts, pool instances relabelled into a
 //! cluster and back, an apply killed half way, an apply through 429s, 503s
-//! and lost answers, and quota and capacity errors.
+//! and lost answers, quota and capacity errors, and the runtime apply puts
+//! in a `runtime_bucket` on a Cloud Storage emulator (`support/gcs.rs`).
 //!
 //! Each test starts its own fake (killed on drop, also on failure). Every
 //! motorpool run gets an explicit loopback `endpoint_url` in the spec and no
@@ -21,8 +22,10 @@ use std::time::Duration;
 
 use common::machines::{FakeNodes, Machine, Machines};
 use common::{Env, Run, wait_until};
+use gce::gcs::{GcsEmulator, TestKey};
 use gce::{FakeGce, FakeInstance, PROJECT};
 use motorpool_provider::{Provider, tags};
+use sha2::Digest as _;
 
 /// Where the test specs say nodes download the runtime from: never fetched
 /// (the fake runs no startup script; the machine player starts the agent itself).
@@ -523,4 +526,124 @@ fn a_job_runs_on_a_gcp_cluster_at_the_address_its_agent_published() {
     let logs = mp(&env, &["logs", "etl"]).expect_code(0);
     assert!(logs.stdout.contains("(driver)"), "{}", logs.stdout);
     mp(&env, &["destroy", "--yes"]).expect_code(0);
+}
+
+#[test]
+fn without_runtime_url_apply_puts_its_own_runtime_in_the_runtime_bucket_once() {
+    let fake = FakeGce::start();
+    let gcs = GcsEmulator::start();
+    let key = TestKey::new();
+    let env = Env::new();
+    let bucket = "mp-runtime-gcprt";
+    let write = |idle: u32| {
+        env.spec(&format!(
+            "project: gcprt\nprovider: {{ kind: gcp, project: {PROJECT}, zones: [us-central1-a], \
+             endpoint_url: \"{}\", runtime_bucket: {bucket} }}\n\
+             pools:\n  general: {{ node_type: e2-small, min_idle: {idle}, max_capacity: 4 }}\n",
+            fake.url()
+        ))
+    };
+    // Cloud Storage on loopback, with a service account key that can sign.
+    let with_gcs = |signing: bool| {
+        let (url, key) = (gcs.url(), key.path.clone());
+        move |cmd: &mut Command| {
+            without_google_credentials(cmd);
+            cmd.env("STORAGE_EMULATOR_HOST", &url)
+                .env_remove("GOOGLE_SERVICE_ACCOUNT")
+                .env_remove("GOOGLE_SERVICE_ACCOUNT_KEY");
+            if signing {
+                cmd.env("GOOGLE_SERVICE_ACCOUNT_PATH", &key);
+            } else {
+                cmd.env_remove("GOOGLE_SERVICE_ACCOUNT_PATH");
+            }
+        }
+    };
+    write(1);
+    // runtime_bucket stands in for runtime_url: validate asks for neither.
+    let valid = env.mp_with(&["validate"], with_gcs(true)).expect_code(0);
+    assert!(!valid.stderr.contains("runtime_url"), "{}", valid.stderr);
+
+    let applied = env
+        .mp_with(&["apply", "--yes"], with_gcs(true))
+        .expect_code(0);
+    // This very binary, stripped, once, under its version, platform and checksum.
+    let objects = gcs.objects(bucket);
+    assert_eq!(objects.len(), 1, "{objects:#?}\n{}", applied.stdout);
+    let name = objects[0]["name"].as_str().unwrap_or_default().to_string();
+    let sha = objects[0]["metadata"]["sha256"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        name.starts_with("motorpool/runtime/") && name.ends_with(&format!("/{sha}/motorpool")),
+        "{name}"
+    );
+    let generation = objects[0]["generation"].clone();
+    let (_, made) = gcs.json(&format!("/storage/v1/b/{bucket}"));
+    assert_eq!(made["labels"]["motorpool-project"], "gcprt", "{made}");
+
+    // The node was told a signed URL of that object and its checksum, and
+    // the URL serves exactly that file.
+    let live = fake.project_instances(PROJECT, "gcprt");
+    assert_eq!(live.len(), 1, "{live:#?}");
+    let script = &live[0].metadata[motorpool_gcp::STARTUP_SCRIPT_ITEM];
+    common::assert_shell_parses(script);
+    let prefix = format!("{}/{bucket}/{name}?", gcs.url());
+    let start = script
+        .find(&prefix)
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{script}"));
+    let url: String = script[start..]
+        .chars()
+        .take_while(|c| !matches!(c, '\'' | '"') && !c.is_whitespace())
+        .collect();
+    assert!(
+        url.contains("X-Goog-Algorithm=GOOG4-RSA-SHA256") && url.contains("X-Goog-Expires=86400"),
+        "{url}"
+    );
+    assert!(script.contains(&sha), "{script}");
+    let (status, _, body) =
+        gce::gcs::http_get(gcs.port, &url[gcs.url().len()..]).expect("download");
+    assert_eq!(status, 200);
+    let got: String = sha2::Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(got, sha);
+
+    // A second apply that launches again uploads nothing new.
+    write(2);
+    env.mp_with(&["apply", "--yes"], with_gcs(true))
+        .expect_code(0);
+    let objects = gcs.objects(bucket);
+    assert_eq!(objects.len(), 1, "{objects:#?}");
+    assert_eq!(objects[0]["generation"], generation, "uploaded again");
+    let live = fake.project_instances(PROJECT, "gcprt");
+    assert_eq!(live.len(), 2);
+    assert!(live.iter().all(|i| {
+        i.metadata[motorpool_gcp::STARTUP_SCRIPT_ITEM]
+            .contains(&format!("{}/{bucket}/{name}?", gcs.url()))
+    }));
+
+    // Credentials that cannot sign: the apply stops before launching,
+    // saying what to set.
+    write(3);
+    let refused = env
+        .mp_with(&["apply", "--yes"], with_gcs(false))
+        .expect_code(1);
+    for part in [
+        "service account key",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "runtime_url",
+    ] {
+        assert!(
+            refused.stderr.contains(part),
+            "{part:?} in:\n{}",
+            refused.stderr
+        );
+    }
+    assert_eq!(fake.project_instances(PROJECT, "gcprt").len(), 2);
+
+    env.mp_with(&["destroy", "--yes"], with_gcs(true))
+        .expect_code(0);
+    assert!(fake.project_instances(PROJECT, "gcprt").is_empty());
 }

@@ -41,6 +41,12 @@
 //! - **put/get/delete_cluster_boot**: an item `motorpool-boot-NAME` of the
 //!   project's common instance metadata (`projects.setCommonInstanceMetadata`
 //!   with its fingerprint), which every instance of the project can read.
+//! - **try_lock / renew_lock / read_lock / unlock**: the project lock, an
+//!   item `motorpool-lock-PROJECT` of the same metadata holding the lock as
+//!   JSON, changed only by compare-and-swap on the metadata fingerprint
+//!   (see [`lock`]).
+//! - **publish_runtime**: the runtime binary in Cloud Storage
+//!   (`runtime_bucket`) behind a V4 signed URL, see [`runtime_store`].
 //!
 //! The SDK's own retries are off: the engine retries throttling and 5xx with
 //! backoff and counts them, and two retry layers would multiply. Errors map
@@ -49,7 +55,9 @@
 mod catalog;
 mod errors;
 pub mod labels;
+pub mod lock;
 pub mod plugin;
+pub mod runtime_store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -65,8 +73,8 @@ use google_cloud_compute_v1::model::{
     ServiceAccount,
 };
 use motorpool_provider::{
-    Instance, InstanceState, LaunchRequest, NodeType, Page, Provider, ProviderError, Result, Retag,
-    TagFilter, Tags,
+    Instance, InstanceState, LaunchRequest, LockAttempt, LockInfo, NodeType, Page, Provider,
+    ProviderError, Result, Retag, TagFilter, Tags,
 };
 use sha2::{Digest, Sha256};
 
@@ -75,6 +83,7 @@ pub use plugin::{GcpPlugin, GcpSettings};
 
 use errors::{ApiError, OperationError};
 use labels::{LAUNCH_LABEL, TAGS_ITEM};
+use lock::{Edit, lock_item_key};
 
 /// The provider kind.
 pub const KIND: &str = "gcp";
@@ -137,6 +146,9 @@ pub struct GcpConfig {
     pub operation_timeout: Duration,
     /// Per-instance calls in flight at once.
     pub concurrency: usize,
+    /// A Cloud Storage bucket of the project's where `apply` puts the
+    /// runtime when the spec gives no `runtime_url` ([`Provider::publish_runtime`]).
+    pub runtime_bucket: Option<String>,
 }
 
 impl GcpConfig {
@@ -159,6 +171,7 @@ impl GcpConfig {
             settle_timeout: Duration::from_secs(300),
             operation_timeout: Duration::from_secs(600),
             concurrency: 16,
+            runtime_bucket: None,
         }
     }
 }
@@ -1013,10 +1026,46 @@ impl GcpProvider {
         }
     }
 
-    /// Read-modify-write the project's common metadata item `key`.
-    async fn set_project_item(&self, key: &str, value: Option<&str>) -> Result<()> {
+    /// The project's common metadata item `key`, if set.
+    async fn project_item(&self, key: &str) -> Result<Option<String>> {
         let clients = self.clients().await?;
-        for _ in 0..8 {
+        let project = clients
+            .projects
+            .get()
+            .set_project(&self.config.project)
+            .send()
+            .await
+            .map_err(|e| ProviderError::from(ApiError::from_gax("projects.get", &e)))?;
+        Ok(metadata_item(project.common_instance_metadata.as_ref(), key).map(str::to_string))
+    }
+
+    /// Set the project's common metadata item `key` to `value` (`None`: remove it).
+    async fn set_project_item(&self, key: &str, value: Option<&str>) -> Result<()> {
+        self.edit_project_item(key, |current| {
+            Ok(if current == value {
+                Edit::Keep(())
+            } else {
+                Edit::Write(value.map(str::to_string), ())
+            })
+        })
+        .await
+    }
+
+    /// Compare-and-swap on the project's common metadata item `key`: read
+    /// the metadata and its fingerprint, let `decide` choose from the item's
+    /// value, and write with that fingerprint. A write refused as stale
+    /// (someone changed the metadata since the read) is read and decided
+    /// again, so what `decide` saw is what the write replaced. The other
+    /// items stay as they are.
+    async fn edit_project_item<T>(
+        &self,
+        key: &str,
+        mut decide: impl FnMut(Option<&str>) -> Result<Edit<T>>,
+    ) -> Result<T> {
+        let clients = self.clients().await?;
+        let deadline = Instant::now() + self.config.operation_timeout;
+        let mut round: u32 = 0;
+        loop {
             let project = clients
                 .projects
                 .get()
@@ -1025,14 +1074,10 @@ impl GcpProvider {
                 .await
                 .map_err(|e| ProviderError::from(ApiError::from_gax("projects.get", &e)))?;
             let metadata = project.common_instance_metadata.unwrap_or_default();
-            let current = metadata
-                .items
-                .iter()
-                .find(|i| i.key.as_deref() == Some(key))
-                .and_then(|i| i.value.as_deref());
-            if current == value {
-                return Ok(());
-            }
+            let (value, answer) = match decide(metadata_item(Some(&metadata), key))? {
+                Edit::Keep(answer) => return Ok(answer),
+                Edit::Write(value, answer) => (value, answer),
+            };
             let mut items: Vec<gce::metadata::Items> = metadata
                 .items
                 .iter()
@@ -1054,9 +1099,9 @@ impl GcpProvider {
                 .await
             {
                 Ok(op) => {
-                    return self
-                        .wait_global("projects.setCommonInstanceMetadata", op)
-                        .await;
+                    self.wait_global("projects.setCommonInstanceMetadata", op)
+                        .await?;
+                    return Ok(answer);
                 }
                 Err(e) => {
                     let e = ApiError::from_gax("projects.setCommonInstanceMetadata", &e);
@@ -1065,10 +1110,17 @@ impl GcpProvider {
                     }
                 }
             }
+            // Stale: another change came first (its operation may still be
+            // running, and the metadata reads as before it until it is done).
+            if Instant::now() > deadline {
+                return Err(ProviderError::Server(format!(
+                    "the project's metadata kept changing under an update of `{key}`"
+                )));
+            }
+            round += 1;
+            let pause = 20 * u64::from(round.min(10)) + fastrand::u64(0..50);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
-        Err(ProviderError::Server(
-            "the project's metadata kept changing under an update".to_string(),
-        ))
     }
 }
 
@@ -1079,8 +1131,9 @@ enum Written {
     Stale,
 }
 
-/// The project metadata key of cluster boot document `name`.
-pub fn boot_item_key(name: &str) -> String {
+/// A project metadata key: `prefix` and `name`, with what keys may not hold
+/// (anything but letters, digits, `-` and `_`) as `_`, at most 128 bytes.
+pub(crate) fn item_key(prefix: &str, name: &str) -> String {
     let safe: String = name
         .chars()
         .map(|c| {
@@ -1090,9 +1143,14 @@ pub fn boot_item_key(name: &str) -> String {
                 '_'
             }
         })
-        .take(128 - BOOT_ITEM_PREFIX.len())
+        .take(128 - prefix.len())
         .collect();
-    format!("{BOOT_ITEM_PREFIX}{safe}")
+    format!("{prefix}{safe}")
+}
+
+/// The project metadata key of cluster boot document `name`.
+pub fn boot_item_key(name: &str) -> String {
+    item_key(BOOT_ITEM_PREFIX, name)
 }
 
 #[async_trait]
@@ -1107,6 +1165,18 @@ impl Provider for GcpProvider {
 
     fn default_image(&self) -> String {
         self.image.clone()
+    }
+
+    async fn publish_runtime(
+        &self,
+        runtime: &motorpool_provider::RuntimeUpload,
+    ) -> Result<Option<String>> {
+        let Some(bucket) = &self.config.runtime_bucket else {
+            return Ok(None);
+        };
+        runtime_store::publish(&self.config.project, bucket, runtime)
+            .await
+            .map(Some)
     }
 
     /// Compute's default read and write quotas are per minute (about 20 per
@@ -1241,23 +1311,40 @@ impl Provider for GcpProvider {
     }
 
     async fn get_cluster_boot(&self, name: &str) -> Result<Option<String>> {
-        let clients = self.clients().await?;
-        let project = clients
-            .projects
-            .get()
-            .set_project(&self.config.project)
-            .send()
-            .await
-            .map_err(|e| ProviderError::from(ApiError::from_gax("projects.get", &e)))?;
-        Ok(metadata_item(
-            project.common_instance_metadata.as_ref(),
-            &boot_item_key(name),
-        )
-        .map(str::to_string))
+        self.project_item(&boot_item_key(name)).await
     }
 
     async fn delete_cluster_boot(&self, name: &str) -> Result<()> {
         self.set_project_item(&boot_item_key(name), None).await
+    }
+
+    async fn try_lock(&self, project: &str, lock: &LockInfo) -> Result<LockAttempt> {
+        self.edit_project_item(&lock_item_key(project), |current| {
+            lock::take(current, lock, lock::now())
+        })
+        .await
+    }
+
+    async fn renew_lock(&self, project: &str, lock: &LockInfo) -> Result<()> {
+        self.edit_project_item(&lock_item_key(project), |current| {
+            lock::renew(current, project, lock)
+        })
+        .await
+    }
+
+    async fn read_lock(&self, project: &str) -> Result<Option<LockInfo>> {
+        Ok(self
+            .project_item(&lock_item_key(project))
+            .await?
+            .as_deref()
+            .map(lock::parse))
+    }
+
+    async fn unlock(&self, project: &str, id: &str) -> Result<()> {
+        self.edit_project_item(&lock_item_key(project), |current| {
+            lock::remove(current, project, id)
+        })
+        .await
     }
 }
 

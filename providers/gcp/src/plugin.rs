@@ -86,6 +86,12 @@ pub struct GcpSettings {
     /// Instances per aggregatedList page, 1 to 500 (default 500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_size: Option<u32>,
+    /// A Cloud Storage bucket of the project's (made and labelled when
+    /// missing): without `runtime_url`, `apply` uploads its own binary there
+    /// once per version and nodes download it through a signed URL (the
+    /// credentials must be able to sign: a service account key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_bucket: Option<String>,
 }
 
 impl GcpSettings {
@@ -115,6 +121,7 @@ impl GcpSettings {
         if let Some(size) = self.page_size {
             config.page_size = size;
         }
+        config.runtime_bucket = self.runtime_bucket.clone();
         config
     }
 }
@@ -164,6 +171,30 @@ fn is_network_tag(tag: &str) -> bool {
         && tag
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Why `name` is no Cloud Storage bucket name, if it is not: 3 to 63
+/// lowercase letters, digits, `-`, `_` and `.` (dotted names are domain
+/// names, which need a verified domain: refused), starting and ending with a
+/// letter or digit, not starting with `goog` nor containing `google`.
+pub fn check_bucket_name(name: &str) -> Result<(), String> {
+    let ok = (3..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && !name.starts_with("goog")
+        && !name.contains("google");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a Cloud Storage bucket name (3 to 63 lowercase letters, digits, \
+             `-` and `_`, starting and ending with a letter or digit, without `goog` at the \
+             start or `google` in it)"
+        ))
+    }
 }
 
 /// Google Compute Engine: credentials from Application Default Credentials.
@@ -270,6 +301,14 @@ impl ProviderPlugin for GcpPlugin {
                 format!("`endpoint_url` must be an http:// or https:// URL, found `{url}`"),
             ));
         }
+        if let Some(bucket) = text("runtime_bucket")
+            && let Err(problem) = check_bucket_name(bucket)
+        {
+            problems.push(SettingProblem::at(
+                &["runtime_bucket"],
+                format!("`runtime_bucket`: {problem}"),
+            ));
+        }
         if let Some(email) = text("service_account")
             && !email
                 .split_once('@')
@@ -370,6 +409,10 @@ impl ProviderPlugin for GcpPlugin {
     fn user_data_template(&self) -> Option<&'static str> {
         Some(include_str!("../templates/startup-script.sh"))
     }
+
+    fn publishes_runtime(&self, settings: &Value) -> bool {
+        settings.get("runtime_bucket").is_some_and(Value::is_string)
+    }
 }
 
 #[cfg(test)]
@@ -405,6 +448,7 @@ mod tests {
             "network_tags": ["Web"],
             "labels": {"motorpool-x": "a", "Team": "b", "ok": "Bad Value"},
             "service_account": "nobody",
+            "runtime_bucket": "Bad_Bucket",
         }));
         for needle in [
             "project: `My_Project` is not a GCP project id",
@@ -418,6 +462,7 @@ mod tests {
             "labels.Team: `Team` is not a GCP label key",
             "labels.ok: `Bad Value` is not a GCP label value",
             "service_account: `nobody`",
+            "runtime_bucket: `runtime_bucket`: `Bad_Bucket` is not a Cloud Storage bucket name",
         ] {
             assert!(
                 found.iter().any(|p| p.starts_with(needle)),

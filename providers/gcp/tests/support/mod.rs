@@ -3,11 +3,15 @@
 //! also when a test fails, and readers of its `/_fake/` controls.
 //!
 //! Shared by the crate's own tests and by the CLI tests (`tests/gcp.rs`).
+//! `gcs.rs`: the Cloud Storage emulator and a test service account key, for
+//! the runtime upload.
 
 #![allow(dead_code)]
 
 #[path = "../../../testing/fake_process.rs"]
 mod fake_process;
+#[path = "gcs.rs"]
+pub mod gcs;
 
 use std::path::PathBuf;
 use std::time::Duration;

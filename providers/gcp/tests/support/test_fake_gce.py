@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import unittest
 import uuid
@@ -361,6 +362,53 @@ class FakeGceTest(unittest.TestCase):
         self.assertEqual(project["commonInstanceMetadata"]["items"], [{"key": "motorpool-boot", "value": "{}"}])
         status, body = self.api("POST", "/setCommonInstanceMetadata", {"fingerprint": fp, "items": []})
         self.assert_error(status, body, 412, "conditionNotMet")
+
+    def test_common_metadata_is_a_compare_and_swap_on_its_fingerprint(self):
+        # What the project lock relies on: every accepted change makes a new
+        # fingerprint, and of two writers that read the same one, only the
+        # first is accepted; the other is refused 412 conditionNotMet. (The
+        # discovery document's Metadata.fingerprint: it "changes after every
+        # request to modify or update metadata", and a stale one fails "with
+        # error 412 conditionNotMet".)
+        _, project = self.api("GET", "")
+        fp = project["commonInstanceMetadata"]["fingerprint"]
+        seen = {fp}
+        for value in ("a", "b", "b"):
+            status, op = self.api("POST", "/setCommonInstanceMetadata",
+                                  {"fingerprint": fp, "items": [{"key": "motorpool-lock-demo", "value": value}]})
+            self.assertEqual(status, 200, op)
+            self.wait(op)
+            _, project = self.api("GET", "")
+            fp = project["commonInstanceMetadata"]["fingerprint"]
+            self.assertNotIn(fp, seen, "a new fingerprint on every change, even to the same items")
+            seen.add(fp)
+        first = {"fingerprint": fp, "items": [{"key": "motorpool-lock-demo", "value": "first"}]}
+        second = {"fingerprint": fp, "items": [{"key": "motorpool-lock-demo", "value": "second"}]}
+        status, op = self.api("POST", "/setCommonInstanceMetadata", first)
+        self.assertEqual(status, 200, op)
+        status, body = self.api("POST", "/setCommonInstanceMetadata", second)
+        self.assert_error(status, body, 412, "conditionNotMet")
+        error = body["error"]
+        self.assertEqual(error["message"], "Supplied fingerprint does not match current metadata fingerprint.")
+        self.assertEqual(error["errors"][0]["message"], error["message"])
+        self.assertEqual(error["errors"][0]["domain"], "global")
+        self.wait(op)
+        _, project = self.api("GET", "")
+        self.assertEqual(project["commonInstanceMetadata"]["items"],
+                         [{"key": "motorpool-lock-demo", "value": "first"}])
+        # Many writers at once with one fingerprint: exactly one is accepted.
+        fp = project["commonInstanceMetadata"]["fingerprint"]
+        results = []
+
+        def writer(i):
+            results.append(self.api("POST", "/setCommonInstanceMetadata",
+                                    {"fingerprint": fp, "items": [{"key": "k", "value": str(i)}]})[0])
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(sorted(results), [200] + [412] * 7)
 
     # -- listing --------------------------------------------------------------------------
 
