@@ -468,6 +468,31 @@ pub fn plan_against(
     start: &BTreeSet<String>,
     secrets: &crate::secrets::SecretKey,
 ) -> Result<Plan> {
+    plan_sized(
+        spec,
+        base_dir,
+        observed,
+        client,
+        mode,
+        start,
+        secrets,
+        &BTreeMap::new(),
+    )
+}
+
+/// [`plan_against`], with the worker counts the controller chose for
+/// autoscaled clusters.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_sized(
+    spec: &Spec,
+    base_dir: &Path,
+    observed: &Observed,
+    client: &ProviderClient,
+    mode: PlanMode,
+    start: &BTreeSet<String>,
+    secrets: &crate::secrets::SecretKey,
+    autoscaled: &BTreeMap<String, u32>,
+) -> Result<Plan> {
     let nonce = format!("{:016x}", fastrand::u64(..));
     let input = PlanInput {
         spec,
@@ -481,6 +506,7 @@ pub fn plan_against(
         start,
         nonce: &nonce,
         secrets,
+        autoscaled,
     };
     Ok(plan::build(&input)?)
 }

@@ -462,3 +462,112 @@ jobs:
         env.processes()
     );
 }
+
+/// Worker nodes of cluster `name` (its driver not counted).
+fn workers_of(env: &Env, name: &str) -> usize {
+    env.nodes()
+        .iter()
+        .filter(|n| n["resource"] == format!("cluster.{name}") && n["role"] == "worker")
+        .count()
+}
+
+#[test]
+fn an_autoscaled_cluster_grows_while_tasks_wait_and_shrinks_back_after_idling() {
+    // A minute of the spec lasts 1 s: the cluster shrinks after 3 idle seconds.
+    let env = Env::new().with_var("MOTORPOOL_MINUTE_MS", "1000");
+    let dir = env.spec(
+        r#"
+project: scaling
+provider: { kind: local }
+pools:
+  general: { node_type: small, min_idle: 1, max_capacity: 8, idle_timeout_minutes: 600 }
+clusters:
+  etl:
+    pool: general
+    autoscale: { min: 1, max: 3, idle_timeout_minutes: 3 }
+jobs:
+  slow:
+    cluster: etl
+    tasks:
+      count:
+        map: { input: "data/*.txt", partitions: 24, command: "sleep 1; awk '{ print $1 \"\t1\" }'" }
+        reduce: { partitions: 2, command: "awk -F'\t' '{ n[$1] += $2 } END { for (k in n) print k \"\t\" n[k] }'" }
+        output: out/counts
+"#,
+    );
+    std::fs::create_dir_all(dir.join("data")).expect("data dir");
+    let mut text = String::new();
+    for i in 0..480 {
+        text.push_str(&format!("word{}\n", i % 12));
+    }
+    std::fs::write(dir.join("data/words.txt"), &text).expect("input");
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    assert_eq!(workers_of(&env, "etl"), 1);
+    let plan = env.mp(&["plan"]).expect_code(0);
+    assert!(
+        plan.stdout
+            .contains("cluster.etl: autoscaled: 1 worker now (min 1, max 3"),
+        "{}",
+        plan.stdout
+    );
+
+    let controller = Controller::start(&env, &["--interval", "0.3"]);
+    controller.wait_for("a pass every", Duration::from_secs(30));
+    let run = env.spawn(&["run", "slow"]);
+    assert!(
+        wait_until(Duration::from_secs(120), || workers_of(&env, "etl") == 3),
+        "the cluster never grew to its max while tasks waited: {:?}\n{}",
+        env.nodes(),
+        controller.log()
+    );
+    controller.wait_for(
+        "cluster.etl: autoscale 1 -> 3 workers",
+        Duration::from_secs(5),
+    );
+    controller.wait_for("tasks waiting beyond", Duration::from_secs(5));
+    let out = run.wait().expect_code(0);
+    assert!(
+        out.stdout.contains("job `slow` succeeded"),
+        "{}",
+        out.stdout
+    );
+    // Every word counted once: 12 words, 40 times each.
+    let counts = common::read_part_files(&dir.join("out/counts"));
+    assert_eq!(counts.len(), 12, "{counts:?}");
+    assert!(counts.values().all(|n| *n == 40), "{counts:?}");
+    // A size the controller chose is not drift.
+    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+
+    // Idle for 3 (short) minutes: back to one worker, the others back in the pool.
+    let pool_before = nodes_of(&env, "pool.general");
+    assert!(
+        wait_until(Duration::from_secs(60), || workers_of(&env, "etl") == 1),
+        "the cluster never shrank back: {:?}\n{}",
+        env.nodes(),
+        controller.log()
+    );
+    controller.wait_for(
+        "cluster.etl: autoscale 3 -> 1 workers: no task ran",
+        Duration::from_secs(5),
+    );
+    controller.wait_for(
+        "returns 2 instances to pool `general`",
+        Duration::from_secs(5),
+    );
+    assert_eq!(nodes_of(&env, "pool.general"), pool_before + 2);
+    let plan = env.mp(&["plan"]).expect_code(0);
+    assert!(
+        plan.stdout
+            .contains("cluster.etl: autoscaled: 1 worker now (min 1, max 3"),
+        "{}",
+        plan.stdout
+    );
+    let (code, log) = controller.terminate();
+    assert_eq!(code, 0, "{log}");
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+    assert!(
+        env.processes().is_empty(),
+        "left running: {:?}",
+        env.processes()
+    );
+}

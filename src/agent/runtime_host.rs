@@ -303,9 +303,14 @@ impl RuntimeHost {
                 // Readiness needs only the workers: a busy driver's run
                 // count is not a reason to fail it.
                 let running_jobs = h.running.running_jobs().await.unwrap_or(0);
+                let load = h.running.load().await.ok().flatten();
                 Ok(proto::DriverStatusResponse {
                     executors: workers,
                     running_jobs,
+                    load_known: load.is_some(),
+                    queued_tasks: load.map_or(0, |l| l.queued_tasks),
+                    running_tasks: load.map_or(0, |l| l.running_tasks),
+                    slots: load.map_or(0, |l| l.slots),
                 })
             }
             _ => Err(Status::failed_precondition("this node hosts no driver")),

@@ -18,16 +18,19 @@
 //! locks, a cloud lease named [`controller_lock_name`]); a second one exits
 //! with a message naming the first.
 //!
-//! Each pass also starts the runs of scheduled jobs that came due
-//! ([`schedules`]), whether or not it had pools to keep.
+//! Each pass also asks autoscaled clusters' drivers for their load and
+//! plans the sizes [`autoscale`] chooses, and starts the runs of scheduled
+//! jobs that came due ([`schedules`]).
 //!
 //! This module owns the loop, its locks and its log; the rules of what to
 //! change are the planner's, carrying them out is apply's, when a job runs
 //! is [`schedules`]', and what it shows on `/metrics` is [`metrics`]'.
 
+pub mod autoscale;
 pub mod metrics;
 pub mod schedules;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -125,6 +128,7 @@ pub async fn run(options: ControllerOptions, log: &(dyn Fn(&str) + Sync)) -> Res
     ));
 
     let mut scheduler = schedules::Scheduler::new(&project.dir, &options.path, &options.load)?;
+    let mut autoscaler = autoscale::Autoscaler::default();
     let mut stop = Shutdown::listen()?;
     loop {
         let started = Instant::now();
@@ -134,7 +138,15 @@ pub async fn run(options: ControllerOptions, log: &(dyn Fn(&str) + Sync)) -> Res
                 for event in scheduler.tick(&loaded, engine::unix_now() as i64) {
                     log(&metrics.schedule_event(&event));
                 }
-                pass(&mut project, &loaded, &options, &metrics, log).await
+                pass(
+                    &mut project,
+                    &loaded,
+                    &mut autoscaler,
+                    &options,
+                    &metrics,
+                    log,
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -205,6 +217,7 @@ struct PassSeen {
 async fn pass(
     project: &mut Project,
     loaded: &LoadedSpec,
+    autoscaler: &mut autoscale::Autoscaler,
     options: &ControllerOptions,
     metrics: &Metrics,
     log: &(dyn Fn(&str) + Sync),
@@ -219,7 +232,23 @@ async fn pass(
     let mode = PlanMode::Maintain { heal: options.heal };
     let observed = project.observe().await?;
     metrics.observed(gauges(loaded, &observed), observed.pages);
-    let plan = plan(project, loaded, &observed, mode)?;
+    let resizes = autoscaler
+        .decide(
+            loaded,
+            &observed,
+            &project.agent_credential()?,
+            engine::minute(),
+            Instant::now(),
+        )
+        .await;
+    for r in &resizes {
+        log(&format!(
+            "cluster.{}: autoscale {} -> {} workers: {}",
+            r.cluster, r.from, r.to, r.why
+        ));
+    }
+    let sizes: BTreeMap<String, u32> = resizes.iter().map(|r| (r.cluster.clone(), r.to)).collect();
+    let plan = plan(project, loaded, &observed, mode, &sizes)?;
     let mut seen = PassSeen {
         instances: observed.instance_count() as u32,
         pages: observed.pages,
@@ -235,7 +264,7 @@ async fn pass(
         log(&format!("{e:#}; trying again at the next pass"));
         return Ok(seen);
     }
-    let outcome = apply_under_lock(project, loaded, mode, options, metrics, log).await;
+    let outcome = apply_under_lock(project, loaded, mode, &sizes, options, metrics, log).await;
     let released = project.unlock().await;
     seen.acted = outcome?;
     released?;
@@ -246,6 +275,7 @@ async fn apply_under_lock(
     project: &Project,
     loaded: &LoadedSpec,
     mode: PlanMode,
+    sizes: &BTreeMap<String, u32>,
     options: &ControllerOptions,
     metrics: &Metrics,
     log: &(dyn Fn(&str) + Sync),
@@ -254,7 +284,7 @@ async fn apply_under_lock(
         log(&note);
     }
     let observed = project.observe().await?;
-    let plan = plan(project, loaded, &observed, mode)?;
+    let plan = plan(project, loaded, &observed, mode, sizes)?;
     if !plan.has_changes() {
         return Ok(false); // someone else did it meanwhile
     }
@@ -289,8 +319,9 @@ fn plan(
     loaded: &LoadedSpec,
     observed: &Observed,
     mode: PlanMode,
+    sizes: &BTreeMap<String, u32>,
 ) -> Result<Plan> {
-    engine::plan_against(
+    engine::plan_sized(
         &loaded.spec,
         &loaded.base_dir,
         observed,
@@ -298,6 +329,7 @@ fn plan(
         mode,
         &Default::default(),
         &project.secret_key()?,
+        sizes,
     )
 }
 

@@ -87,6 +87,17 @@ impl RunningRole for Driver {
         Ok(running as u32)
     }
 
+    async fn load(&self) -> Result<Option<super::ClusterLoad>, EngineError> {
+        let status = client::cluster_status(&self.address, &self.credential)
+            .await
+            .map_err(|e| EngineError::Unreachable(format!("{e:#}")))?;
+        Ok(Some(super::ClusterLoad {
+            queued_tasks: status.queued_tasks,
+            running_tasks: status.executors.iter().map(|e| e.running_tasks).sum(),
+            slots: status.executors.iter().map(|e| e.cores).sum(),
+        }))
+    }
+
     async fn shutdown(&self) {
         if let Some(handle) = self.handle.lock().await.take() {
             let _ = handle.shutdown().await;

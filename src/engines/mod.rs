@@ -97,6 +97,17 @@ pub struct RoleContext {
     pub minute: Duration,
 }
 
+/// What a driver says of its cluster's work, for the controller's autoscaling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterLoad {
+    /// Tasks ready to run that no worker has room for.
+    pub queued_tasks: u32,
+    /// Tasks running (or queued on a worker) now.
+    pub running_tasks: u32,
+    /// Task slots of the registered workers (their cores).
+    pub slots: u32,
+}
+
 /// A role running on a node, until it is shut down.
 #[async_trait]
 pub trait RunningRole: Send + Sync {
@@ -110,6 +121,13 @@ pub trait RunningRole: Send + Sync {
     /// Jobs running on the driver now: the cluster is idle
     /// (autotermination) while none is. An error on a worker.
     async fn running_jobs(&self) -> Result<u32, EngineError>;
+
+    /// The cluster's load as the driver sees it, for autoscaling; `None`
+    /// when the engine cannot tell (a worker role, or an engine that does
+    /// not say).
+    async fn load(&self) -> Result<Option<ClusterLoad>, EngineError> {
+        Ok(None)
+    }
 
     /// Whether everything the role started still runs (a daemon that died
     /// is drift on its node); Err says what is gone.

@@ -100,6 +100,10 @@ pub struct PlanInput<'a> {
     pub nonce: &'a str,
     /// The project's keys for secret env values (digests, sealing).
     pub secrets: &'a crate::secrets::SecretKey,
+    /// Worker counts the controller chose for autoscaled clusters (by
+    /// name), from their load; kept within the spec's bounds. A cluster
+    /// not here keeps the size it has (its `motorpool-size` tag).
+    pub autoscaled: &'a BTreeMap<String, u32>,
 }
 
 /// Observed states this large have their fingerprint hashed on a thread of
@@ -189,10 +193,12 @@ fn draft_changes(input: &PlanInput<'_>) -> Result<Vec<Change>, PlanError> {
     }
     if input.mode.maintains() {
         // Clusters: only drift is healed, and outlived job clusters removed.
-        for c in changes
-            .iter_mut()
-            .filter(|c| c.kind == ResourceKind::Cluster && !c.drift && c.action != Action::Delete)
-        {
+        for c in changes.iter_mut().filter(|c| {
+            c.kind == ResourceKind::Cluster
+                && !c.drift
+                && c.action != Action::Delete
+                && !input.autoscaled.contains_key(&c.name)
+        }) {
             c.action = Action::NoOp;
             c.ops.clear();
         }
@@ -1071,7 +1077,8 @@ impl<'a> Planner<'a> {
                 && live.iter().any(|i| i.tag(tags::JOB).is_some())
                 && job_cluster_in_use(&live, self.input.now).is_none();
             let heals_this = heal && spec.is_some();
-            if !heals_this && !outlived_job_cluster {
+            let resized = spec.is_some() && self.input.autoscaled.contains_key(name);
+            if !heals_this && !outlived_job_cluster && !resized {
                 return Ok(d.finish()); // the spec's business: apply's
             }
         }
@@ -1113,8 +1120,19 @@ impl<'a> Planner<'a> {
             return Ok(d.finish());
         }
         let staying = self.heal_and_resize(&mut d, &shape, &live, &gone)?;
-        if !self.input.mode.clusters_only_heal() {
+        if !self.input.mode.clusters_only_heal() || self.input.autoscaled.contains_key(name) {
             mend_cluster_tags(&mut d, &shape, &staying);
+        }
+        if let Some(a) = &c.autoscale
+            && d.change.ops.is_empty()
+            && d.action.is_none()
+        {
+            d.reason(format!(
+                "autoscaled: {} now (min {}, max {}; the controller sizes it by load)",
+                plural(shape.desired_workers, "worker"),
+                a.min,
+                a.max
+            ));
         }
         self.schedule_startup(&mut d, shape.boot, &staying);
         Ok(d.finish())
@@ -1192,7 +1210,11 @@ impl<'a> Planner<'a> {
                 i.tag(tags::ROLE) == Some(Role::Worker.as_str()) && i.node_type == worker_type
             })
             .count() as u32;
+        let chosen = self.input.autoscaled.get(address_name(address));
         let desired_workers = match (self.input.mode, &c.autoscale, c.workers) {
+            (_, Some(a), None) if chosen.is_some() => {
+                chosen.copied().unwrap_or(a.min).clamp(a.min, a.max)
+            }
             (m, _, _) if m.clusters_only_heal() => recorded.unwrap_or(healthy_workers_now),
             (_, _, Some(n)) => n,
             (_, Some(a), None) => recorded.unwrap_or(a.min).clamp(a.min, a.max),

@@ -77,6 +77,7 @@ fn plan_at(spec: &Spec, observed: Vec<Instance>, mode: PlanMode, now: u64) -> Pl
         start: &Default::default(),
         nonce: "",
         secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
+        autoscaled: &Default::default(),
     })
     .expect("plan builds")
 }
@@ -289,6 +290,7 @@ fn a_pool_never_exceeds_max_capacity() {
         start: &Default::default(),
         nonce: "",
         secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
+        autoscaled: &Default::default(),
     })
     .expect_err("over capacity");
     assert!(err.to_string().contains("max_capacity 5"), "{err}");
@@ -608,7 +610,11 @@ fn autoscale_starts_at_its_minimum_and_keeps_a_size_within_bounds() {
         "etl".into(),
         Cluster {
             node_type: Some("small".into()),
-            autoscale: Some(Autoscale { min: 2, max: 8 }),
+            autoscale: Some(Autoscale {
+                min: 2,
+                max: 8,
+                idle_timeout_minutes: None,
+            }),
             ..Cluster::default()
         },
     );
@@ -762,6 +768,7 @@ fn maintain_trims_with_the_spec_minute_and_removes_only_outlived_job_clusters() 
             start: &Default::default(),
             nonce: "",
             secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
+            autoscaled: &Default::default(),
         })
         .expect("plan builds")
     };

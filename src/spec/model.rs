@@ -349,7 +349,14 @@ pub struct DriverSpec {
 pub struct Autoscale {
     pub min: u32,
     pub max: u32,
+    /// Minutes without a running task after which `motorpool controller`
+    /// shrinks the cluster back to `min` (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_minutes: Option<u32>,
 }
+
+/// Minutes an autoscaled cluster idles before the controller shrinks it.
+pub const DEFAULT_SCALE_DOWN_MINUTES: u32 = 10;
 
 /// A path linked (local) or mounted (cloud) into every node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -563,9 +563,11 @@ impl Scheduler {
                         error: String::new(),
                     })
                     .collect();
+                let queued_tasks = self.queued_parts();
                 let _ = reply.send(proto::ClusterStatusResponse {
                     executors,
                     active_runs,
+                    queued_tasks,
                     version: crate::runtime::VERSION.to_string(),
                     engine: Default::default(),
                 });
@@ -1608,6 +1610,23 @@ impl Scheduler {
     }
 
     // ------------------------------------------------------------ dispatch
+
+    /// Parts ready to dispatch that no executor took (after a dispatch, all
+    /// are full): the stages `schedule` would hand out from.
+    fn queued_parts(&self) -> u32 {
+        let mut queued = 0usize;
+        for run in self.run_order.iter().filter_map(|id| self.runs.get(id)) {
+            for t in run.tasks.iter().filter(|t| t.state == TState::Running) {
+                for (si, stage) in t.stages.iter().enumerate() {
+                    if si == 1 && !t.stages[0].complete() {
+                        break;
+                    }
+                    queued += stage.pending.len();
+                }
+            }
+        }
+        queued as u32
+    }
 
     fn schedule(&mut self) {
         if !self.executors.values().any(|e| e.tx.is_some()) {
