@@ -411,3 +411,63 @@ jobs:
     assert!(env.nodes().is_empty(), "{:?}", env.nodes());
     assert!(env.processes().is_empty());
 }
+
+#[test]
+fn a_jobs_secret_env_reaches_its_tasks_and_no_output_or_record_holds_it() {
+    let env = Env::new().with_var("MOTORPOOL_TEST_REPORT_TOKEN", "tok-3f9a-never-printed");
+    env.spec(
+        r#"
+project: jobsecrets
+provider: { kind: local }
+jobs:
+  report:
+    new_cluster: { node_type: small, workers: 1 }
+    env:
+      API_TOKEN: { secret: true, from_env: MOTORPOOL_TEST_REPORT_TOKEN }
+      GREETING: hello
+    tasks:
+      check:
+        command: '[ "$API_TOKEN" = "tok-3f9a-never-printed" ] && echo "$GREETING, the token arrived"'
+"#,
+    );
+    env.mp(&["validate"]).expect_code(0);
+    let run = env
+        .mp(&["run", "report", "--output", "json"])
+        .expect_code(0);
+    assert!(run.stdout.contains("\"ok\": true"), "{}", run.stdout);
+    let logs = env.mp(&["logs", "report"]).expect_code(0);
+    assert!(
+        logs.stdout.contains("hello, the token arrived"),
+        "{}",
+        logs.stdout
+    );
+    for text in [&run.stdout, &run.stderr, &logs.stdout] {
+        assert!(!text.contains("tok-3f9a"), "{text}");
+    }
+    // Nothing motorpool keeps in the home (run records, journal) holds it.
+    for entry in walk(env.home()) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("tok-3f9a"),
+            "{} holds the secret",
+            entry.display()
+        );
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => todo.push(path),
+                Ok(t) if t.is_file() => files.push(path),
+                _ => {}
+            }
+        }
+    }
+    files
+}

@@ -740,3 +740,35 @@ clusters:
     assert_eq!(problems.len(), 5, "{problems:#?}");
     assert!(!problems.iter().any(|p| p.contains("pw")), "{problems:#?}");
 }
+
+#[test]
+fn a_jobs_own_env_is_checked_like_a_clusters_secrets_included() {
+    let spec = b"project: p
+clusters:
+  etl: { node_type: small, workers: 1 }
+jobs:
+  report:
+    cluster: etl
+    env:
+      API_TOKEN: { secret: true, from_env: MOTORPOOL_TEST_NEVER_SET_VARIABLE }
+      KEY_FILE: { from_file: ../outside }
+      \"BAD NAME\": x
+      PLAIN: text
+    tasks: { t: { command: \"true\" } }
+";
+    let (_dir, problems) = load_project(&[("motorpool.yaml", spec)]);
+    for (at, words) in [
+        (
+            "motorpool.yaml:8:",
+            "environment variable `MOTORPOOL_TEST_NEVER_SET_VARIABLE`, which is not set",
+        ),
+        ("motorpool.yaml:9:", "leads out of the project"),
+        (
+            "motorpool.yaml:10:7:",
+            "invalid environment variable name \"BAD NAME\" in job `report`",
+        ),
+    ] {
+        assert!(has(&problems, at, words), "{at} {words}: {problems:#?}");
+    }
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+}

@@ -487,15 +487,19 @@ async fn run_on_cluster(
             .map(|c| c.env.clone())
             .unwrap_or_default(),
     };
-    // Secret values are read now, for the tasks only: never printed.
-    let env = crate::secrets::values(&cluster_env, &request.loaded.base_dir)?;
+    // Secret values are read now, for the tasks only: never printed. The
+    // job's own env goes over its cluster's, all of it in the submission.
+    let mut env = crate::secrets::values(&cluster_env, &request.loaded.base_dir)?;
+    env.extend(crate::secrets::values(&job.env, &request.loaded.base_dir)?);
+    let mut submitted = job.clone();
+    submitted.env.clear();
     let summary = target
         .engine
         .run_job(
             &driver,
             JobSubmission {
                 name: request.job.to_string(),
-                job: job.clone(),
+                job: submitted,
                 base_dir: request.loaded.base_dir.clone(),
                 env,
                 exclude: data_paths(request.loaded),

@@ -128,7 +128,16 @@ pub fn to_proto(job: &Job) -> proto::JobDef {
     proto::JobDef {
         retries: job.retries,
         timeout_minutes: job.timeout_minutes,
-        env: job.env.clone().into_iter().collect(),
+        // Secret values never travel in the job's definition: `run` reads
+        // them and hands them over in the submission's env.
+        env: job
+            .env
+            .iter()
+            .filter_map(|(k, v)| match v {
+                crate::spec::EnvValue::Text(text) => Some((k.clone(), text.clone())),
+                crate::spec::EnvValue::Secret(_) => None,
+            })
+            .collect(),
         tasks,
         requires,
     }
@@ -148,7 +157,11 @@ pub fn from_proto(def: proto::JobDef) -> Result<Job, JobDefError> {
     let mut job = Job {
         retries: def.retries,
         timeout_minutes: def.timeout_minutes,
-        env: def.env.into_iter().collect(),
+        env: def
+            .env
+            .into_iter()
+            .map(|(k, v)| (k, crate::spec::EnvValue::Text(v)))
+            .collect(),
         ..Job::default()
     };
     for t in def.tasks {

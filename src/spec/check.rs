@@ -638,8 +638,32 @@ impl<'s> Checker<'_, 's> {
                 );
             }
         }
+        self.env_entries(node, &c.env, what);
         let entries = |key: &str| node.get(key).and_then(Node::entries).unwrap_or_default();
-        for e in entries("env") {
+        for e in entries("tags") {
+            if e.key.to_ascii_lowercase().starts_with(RESERVED_TAG_PREFIX) {
+                self.error(
+                    e.key_span,
+                    format!(
+                        "tag `{}` in {what}: tags starting with `{RESERVED_TAG_PREFIX}` are \
+                         motorpool's own (they say what an instance is); choose another name",
+                        e.key
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The `env` of a cluster or a job: names a process environment can
+    /// carry, no NUL in a value, and secrets whose source is there.
+    fn env_entries(
+        &mut self,
+        node: &Node,
+        env: &std::collections::BTreeMap<String, crate::spec::EnvValue>,
+        what: &str,
+    ) {
+        let entries = node.get("env").and_then(Node::entries).unwrap_or_default();
+        for e in entries {
             if !is_env_name(&e.key) {
                 self.error(
                     e.key_span,
@@ -650,7 +674,7 @@ impl<'s> Checker<'_, 's> {
                     ),
                 );
             }
-            if let Some(crate::spec::EnvValue::Secret(secret)) = c.env.get(&e.key) {
+            if let Some(crate::spec::EnvValue::Secret(secret)) = env.get(&e.key) {
                 self.secret_env(&e.key, secret, &e.value, what);
             }
             if e.value.as_str().is_some_and(|v| v.contains('\0')) {
@@ -659,18 +683,6 @@ impl<'s> Checker<'_, 's> {
                     format!(
                         "the value of environment variable `{}` in {what} holds a NUL byte, \
                          which no process environment can carry",
-                        e.key
-                    ),
-                );
-            }
-        }
-        for e in entries("tags") {
-            if e.key.to_ascii_lowercase().starts_with(RESERVED_TAG_PREFIX) {
-                self.error(
-                    e.key_span,
-                    format!(
-                        "tag `{}` in {what}: tags starting with `{RESERVED_TAG_PREFIX}` are \
-                         motorpool's own (they say what an instance is); choose another name",
                         e.key
                     ),
                 );
@@ -1151,6 +1163,7 @@ impl<'s> Checker<'_, 's> {
                 self.cluster(c, cn, key_span(node, "new_cluster"), &cwhat);
             }
         }
+        self.env_entries(node, &j.env, &what);
         if let (Some(schedule), Some(sn)) = (&j.schedule, node.get("schedule")) {
             if let Err(e) = crate::schedule::Cron::parse(&schedule.cron) {
                 self.error(

@@ -526,8 +526,12 @@ pub struct Job {
     /// When `motorpool controller` starts runs of the job by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<JobSchedule>,
+    /// Environment variables of the job's tasks, over its cluster's: text,
+    /// or a secret (`{ secret: true, from_env: NAME }`, `{ from_file: PATH
+    /// }`, `{ secret: true, value: TEXT }`) read by `run` when it submits
+    /// the job and never printed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     pub tasks: BTreeMap<String, Task>,
 }
 

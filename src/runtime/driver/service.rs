@@ -256,7 +256,11 @@ impl Driver for DriverService {
         let run_dir = self.shared.run_dir(&run_id);
         let work = run_dir.join("work");
         let mut env: BTreeMap<String, String> = r.env.into_iter().collect();
-        env.extend(job.env.clone());
+        // A definition from the wire holds text only (secrets come in `r.env`).
+        env.extend(job.env.iter().filter_map(|(k, v)| match v {
+            crate::spec::EnvValue::Text(text) => Some((k.clone(), text.clone())),
+            crate::spec::EnvValue::Secret(_) => None,
+        }));
         let record = JobRecord {
             run_id: run_id.clone(),
             name: r.name.clone(),
