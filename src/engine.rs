@@ -468,7 +468,7 @@ pub fn plan_against(
     start: &BTreeSet<String>,
     secrets: &crate::secrets::SecretKey,
 ) -> Result<Plan> {
-    plan_sized(
+    plan_with_choices(
         spec,
         base_dir,
         observed,
@@ -476,14 +476,14 @@ pub fn plan_against(
         mode,
         start,
         secrets,
-        &BTreeMap::new(),
+        &plan::ControllerChoices::default(),
     )
 }
 
-/// [`plan_against`], with the worker counts the controller chose for
-/// autoscaled clusters.
+/// [`plan_against`], with what the controller chose (autoscaled sizes,
+/// silent idle clusters to stop).
 #[allow(clippy::too_many_arguments)]
-pub fn plan_sized(
+pub fn plan_with_choices(
     spec: &Spec,
     base_dir: &Path,
     observed: &Observed,
@@ -491,7 +491,7 @@ pub fn plan_sized(
     mode: PlanMode,
     start: &BTreeSet<String>,
     secrets: &crate::secrets::SecretKey,
-    autoscaled: &BTreeMap<String, u32>,
+    choices: &plan::ControllerChoices,
 ) -> Result<Plan> {
     let nonce = format!("{:016x}", fastrand::u64(..));
     let input = PlanInput {
@@ -506,7 +506,7 @@ pub fn plan_sized(
         start,
         nonce: &nonce,
         secrets,
-        autoscaled,
+        choices,
     };
     Ok(plan::build(&input)?)
 }

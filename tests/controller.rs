@@ -535,8 +535,16 @@ jobs:
     let counts = common::read_part_files(&dir.join("out/counts"));
     assert_eq!(counts.len(), 12, "{counts:?}");
     assert!(counts.values().all(|n| *n == 40), "{counts:?}");
-    // A size the controller chose is not drift.
-    env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    // A size the controller chose is not drift (once its pass has finished).
+    assert!(
+        wait_until(Duration::from_secs(30), || env
+            .mp(&["plan", "--detailed-exitcode"])
+            .code
+            == 0),
+        "{}\n{}",
+        env.mp(&["plan"]).stdout,
+        controller.log()
+    );
 
     // Idle for 3 (short) minutes: back to one worker, the others back in the pool.
     let pool_before = nodes_of(&env, "pool.general");
@@ -555,6 +563,17 @@ jobs:
         Duration::from_secs(5),
     );
     assert_eq!(nodes_of(&env, "pool.general"), pool_before + 2);
+    // Once the pass that shrank it has finished (the staying nodes' size
+    // tag is mended after the workers are handed back), nothing is drift.
+    assert!(
+        wait_until(Duration::from_secs(30), || env
+            .mp(&["plan", "--detailed-exitcode"])
+            .code
+            == 0),
+        "{}\n{}",
+        env.mp(&["plan"]).stdout,
+        controller.log()
+    );
     let plan = env.mp(&["plan"]).expect_code(0);
     assert!(
         plan.stdout
@@ -564,6 +583,60 @@ jobs:
     );
     let (code, log) = controller.terminate();
     assert_eq!(code, 0, "{log}");
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+    assert!(
+        env.processes().is_empty(),
+        "left running: {:?}",
+        env.processes()
+    );
+}
+
+#[test]
+fn a_cluster_whose_driver_agent_hangs_is_stopped_when_its_idle_time_is_up() {
+    // A minute of the spec lasts 1 s: autotermination after 5 idle seconds.
+    let env = Env::new().with_var("MOTORPOOL_MINUTE_MS", "1000");
+    env.spec(
+        r#"
+project: hung
+provider: { kind: local }
+clusters:
+  etl: { node_type: small, workers: 1, autotermination_minutes: 5 }
+"#,
+    );
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    // The driver's agent hangs (SIGSTOP) before its own idle clock runs
+    // out: its machine runs on, but nothing on it will ever stop it.
+    let driver = env
+        .nodes()
+        .into_iter()
+        .find(|n| n["role"] == "driver")
+        .expect("a driver");
+    let pid = driver["pid"].as_i64().expect("the driver agent's pid") as i32;
+    // SAFETY: a signal to a process this test's motorpool started; no memory is touched.
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let controller = Controller::start(&env, &["--interval", "0.5"]);
+    controller.wait_for(
+        "cluster.etl: stopping: its driver's agent has not answered",
+        Duration::from_secs(60),
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let nodes = env.nodes();
+            nodes.len() == 1 && nodes[0]["state"] == "stopped"
+        }),
+        "the cluster was not stopped: {:?}\n{}",
+        env.nodes(),
+        controller.log()
+    );
+    // As after the driver's own autotermination: not drift, and `--start` brings it back.
+    let plan = env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
+    assert!(plan.stdout.contains("stopped itself"), "{}", plan.stdout);
+    let (code, log) = controller.terminate();
+    assert_eq!(code, 0, "{log}");
+    env.mp(&["apply", "--yes", "--start", "etl"]).expect_code(0);
+    assert_eq!(cluster_nodes(&env), 2, "{:?}", env.nodes());
     env.mp(&["destroy", "--yes"]).expect_code(0);
     assert!(
         env.processes().is_empty(),

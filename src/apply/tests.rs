@@ -126,7 +126,7 @@ fn plan_for(clusters: &[(&str, &str, u32)]) -> Plan {
         start: &Default::default(),
         nonce: "",
         secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
-        autoscaled: &Default::default(),
+        choices: &Default::default(),
     })
     .expect("plan")
 }

@@ -174,16 +174,20 @@ impl Watch {
     }
 }
 
-fn is_live_driver(i: &Instance) -> bool {
+/// A running driver of a cluster that has not stopped itself.
+pub(super) fn is_live_driver(i: &Instance) -> bool {
     i.state.is_live()
         && i.tag(tags::ROLE) == Some(Role::Driver.as_str())
         && i.tag(tags::AUTOTERMINATED).is_none()
         && i.address.is_some()
 }
 
-/// The driver's load through its agent; `None` when it does not answer or
-/// its engine cannot tell.
-async fn ask(driver: &Instance, credential: &Credential) -> Option<Load> {
+/// What a driver's agent says of its cluster; `None` when it does not
+/// answer within [`ASK_TIMEOUT`] (or has no address this machine can dial).
+pub(super) async fn driver_status(
+    driver: &Instance,
+    credential: &Credential,
+) -> Option<crate::agent::proto::DriverStatusResponse> {
     let address = driver.address.as_deref()?;
     let asked = async {
         let mut agent = crate::bootstrap::run::connect(address, credential)
@@ -195,7 +199,13 @@ async fn ask(driver: &Instance, credential: &Credential) -> Option<Load> {
             .ok()
             .map(|r| r.into_inner())
     };
-    let status = tokio::time::timeout(ASK_TIMEOUT, asked).await.ok()??;
+    tokio::time::timeout(ASK_TIMEOUT, asked).await.ok()?
+}
+
+/// The driver's load through its agent; `None` when it does not answer or
+/// its engine cannot tell.
+async fn ask(driver: &Instance, credential: &Credential) -> Option<Load> {
+    let status = driver_status(driver, credential).await?;
     status.load_known.then_some(Load {
         queued_tasks: status.queued_tasks,
         running_tasks: status.running_tasks,

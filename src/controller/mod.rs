@@ -19,18 +19,19 @@
 //! with a message naming the first.
 //!
 //! Each pass also asks autoscaled clusters' drivers for their load and
-//! plans the sizes [`autoscale`] chooses, and starts the runs of scheduled
-//! jobs that came due ([`schedules`]).
+//! plans the sizes [`autoscale`] chooses, stops clusters whose driver's
+//! agent went silent once they idled their autotermination time ([`idle`]),
+//! and starts the runs of scheduled jobs that came due ([`schedules`]).
 //!
 //! This module owns the loop, its locks and its log; the rules of what to
 //! change are the planner's, carrying them out is apply's, when a job runs
 //! is [`schedules`]', and what it shows on `/metrics` is [`metrics`]'.
 
 pub mod autoscale;
+pub mod idle;
 pub mod metrics;
 pub mod schedules;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ use crate::apply::lock::{CONTROLLER_COMMAND, CloudLease, controller_lock_name, f
 use crate::apply::{ApplyOptions, ProgressMode};
 use crate::engine::{self, Project};
 use crate::observe::{Observed, ResourceKind};
-use crate::plan::{Plan, PlanMode};
+use crate::plan::{ControllerChoices, Plan, PlanMode};
 use crate::spec::{LoadOptions, LoadedSpec};
 use metrics::{Metrics, PoolGauge};
 
@@ -128,7 +129,7 @@ pub async fn run(options: ControllerOptions, log: &(dyn Fn(&str) + Sync)) -> Res
     ));
 
     let mut scheduler = schedules::Scheduler::new(&project.dir, &options.path, &options.load)?;
-    let mut autoscaler = autoscale::Autoscaler::default();
+    let mut watches = Watches::default();
     let mut stop = Shutdown::listen()?;
     loop {
         let started = Instant::now();
@@ -138,15 +139,7 @@ pub async fn run(options: ControllerOptions, log: &(dyn Fn(&str) + Sync)) -> Res
                 for event in scheduler.tick(&loaded, engine::unix_now() as i64) {
                     log(&metrics.schedule_event(&event));
                 }
-                pass(
-                    &mut project,
-                    &loaded,
-                    &mut autoscaler,
-                    &options,
-                    &metrics,
-                    log,
-                )
-                .await
+                pass(&mut project, &loaded, &mut watches, &options, &metrics, log).await
             }
             Err(e) => Err(e),
         };
@@ -217,7 +210,7 @@ struct PassSeen {
 async fn pass(
     project: &mut Project,
     loaded: &LoadedSpec,
-    autoscaler: &mut autoscale::Autoscaler,
+    watches: &mut Watches,
     options: &ControllerOptions,
     metrics: &Metrics,
     log: &(dyn Fn(&str) + Sync),
@@ -232,23 +225,8 @@ async fn pass(
     let mode = PlanMode::Maintain { heal: options.heal };
     let observed = project.observe().await?;
     metrics.observed(gauges(loaded, &observed), observed.pages);
-    let resizes = autoscaler
-        .decide(
-            loaded,
-            &observed,
-            &project.agent_credential()?,
-            engine::minute(),
-            Instant::now(),
-        )
-        .await;
-    for r in &resizes {
-        log(&format!(
-            "cluster.{}: autoscale {} -> {} workers: {}",
-            r.cluster, r.from, r.to, r.why
-        ));
-    }
-    let sizes: BTreeMap<String, u32> = resizes.iter().map(|r| (r.cluster.clone(), r.to)).collect();
-    let plan = plan(project, loaded, &observed, mode, &sizes)?;
+    let choices = watches.decide(project, loaded, &observed, log).await?;
+    let plan = plan(project, loaded, &observed, mode, &choices)?;
     let mut seen = PassSeen {
         instances: observed.instance_count() as u32,
         pages: observed.pages,
@@ -264,7 +242,7 @@ async fn pass(
         log(&format!("{e:#}; trying again at the next pass"));
         return Ok(seen);
     }
-    let outcome = apply_under_lock(project, loaded, mode, &sizes, options, metrics, log).await;
+    let outcome = apply_under_lock(project, loaded, mode, &choices, options, metrics, log).await;
     let released = project.unlock().await;
     seen.acted = outcome?;
     released?;
@@ -275,7 +253,7 @@ async fn apply_under_lock(
     project: &Project,
     loaded: &LoadedSpec,
     mode: PlanMode,
-    sizes: &BTreeMap<String, u32>,
+    choices: &ControllerChoices,
     options: &ControllerOptions,
     metrics: &Metrics,
     log: &(dyn Fn(&str) + Sync),
@@ -284,7 +262,7 @@ async fn apply_under_lock(
         log(&note);
     }
     let observed = project.observe().await?;
-    let plan = plan(project, loaded, &observed, mode, sizes)?;
+    let plan = plan(project, loaded, &observed, mode, choices)?;
     if !plan.has_changes() {
         return Ok(false); // someone else did it meanwhile
     }
@@ -319,9 +297,9 @@ fn plan(
     loaded: &LoadedSpec,
     observed: &Observed,
     mode: PlanMode,
-    sizes: &BTreeMap<String, u32>,
+    choices: &ControllerChoices,
 ) -> Result<Plan> {
-    engine::plan_sized(
+    engine::plan_with_choices(
         &loaded.spec,
         &loaded.base_dir,
         observed,
@@ -329,8 +307,55 @@ fn plan(
         mode,
         &Default::default(),
         &project.secret_key()?,
-        sizes,
+        choices,
     )
+}
+
+/// What the controller watches of clusters' drivers between passes.
+#[derive(Default)]
+struct Watches {
+    autoscaler: autoscale::Autoscaler,
+    idle: idle::IdleWatch,
+}
+
+impl Watches {
+    /// Ask the drivers and decide, logging each decision.
+    async fn decide(
+        &mut self,
+        project: &Project,
+        loaded: &LoadedSpec,
+        observed: &Observed,
+        log: &(dyn Fn(&str) + Sync),
+    ) -> Result<ControllerChoices> {
+        let mut choices = ControllerChoices::default();
+        // Sim nodes run no agent: there is no driver to ask.
+        if project.client.capabilities().node_startup == motorpool_provider::NodeStartup::Simulated
+        {
+            return Ok(choices);
+        }
+        let credential = project.agent_credential()?;
+        let (minute, now) = (engine::minute(), Instant::now());
+        for r in self
+            .autoscaler
+            .decide(loaded, observed, &credential, minute, now)
+            .await
+        {
+            log(&format!(
+                "cluster.{}: autoscale {} -> {} workers: {}",
+                r.cluster, r.from, r.to, r.why
+            ));
+            choices.autoscaled.insert(r.cluster, r.to);
+        }
+        for stop in self
+            .idle
+            .decide(loaded, observed, &credential, minute, now)
+            .await
+        {
+            log(&format!("cluster.{}: stopping: {}", stop.cluster, stop.why));
+            choices.stop_idle.insert(stop.cluster);
+        }
+        Ok(choices)
+    }
 }
 
 /// What `/metrics` shows of the pools and clusters, from one observation.

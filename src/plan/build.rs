@@ -100,10 +100,30 @@ pub struct PlanInput<'a> {
     pub nonce: &'a str,
     /// The project's keys for secret env values (digests, sealing).
     pub secrets: &'a crate::secrets::SecretKey,
-    /// Worker counts the controller chose for autoscaled clusters (by
-    /// name), from their load; kept within the spec's bounds. A cluster
-    /// not here keeps the size it has (its `motorpool-size` tag).
-    pub autoscaled: &'a BTreeMap<String, u32>,
+    /// What the controller decided from what clusters' drivers said
+    /// (nothing, for every other command).
+    pub choices: &'a ControllerChoices,
+}
+
+/// The controller's decisions a plan carries out, besides what the spec
+/// and the observed state say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControllerChoices {
+    /// Worker counts for autoscaled clusters (by name), from their load;
+    /// kept within the spec's bounds. A cluster not here keeps the size it
+    /// has (its `motorpool-size` tag).
+    pub autoscaled: BTreeMap<String, u32>,
+    /// Clusters to stop as their driver's autotermination would have: its
+    /// agent stopped answering and the cluster idled past its
+    /// `autotermination_minutes`.
+    pub stop_idle: BTreeSet<String>,
+}
+
+impl ControllerChoices {
+    /// Whether the controller decided something about cluster `name`.
+    fn touches(&self, name: &str) -> bool {
+        self.autoscaled.contains_key(name) || self.stop_idle.contains(name)
+    }
 }
 
 /// Observed states this large have their fingerprint hashed on a thread of
@@ -197,7 +217,7 @@ fn draft_changes(input: &PlanInput<'_>) -> Result<Vec<Change>, PlanError> {
             c.kind == ResourceKind::Cluster
                 && !c.drift
                 && c.action != Action::Delete
-                && !input.autoscaled.contains_key(&c.name)
+                && !input.choices.touches(&c.name)
         }) {
             c.action = Action::NoOp;
             c.ops.clear();
@@ -1077,9 +1097,13 @@ impl<'a> Planner<'a> {
                 && live.iter().any(|i| i.tag(tags::JOB).is_some())
                 && job_cluster_in_use(&live, self.input.now).is_none();
             let heals_this = heal && spec.is_some();
-            let resized = spec.is_some() && self.input.autoscaled.contains_key(name);
-            if !heals_this && !outlived_job_cluster && !resized {
+            let chosen = spec.is_some() && self.input.choices.touches(name);
+            if !heals_this && !outlived_job_cluster && !chosen {
                 return Ok(d.finish()); // the spec's business: apply's
+            }
+            if let Some(c) = spec.filter(|_| self.input.choices.stop_idle.contains(name)) {
+                self.stop_idle_cluster(&mut d, c, &live);
+                return Ok(d.finish());
             }
         }
         let Some(c) = spec else {
@@ -1120,7 +1144,8 @@ impl<'a> Planner<'a> {
             return Ok(d.finish());
         }
         let staying = self.heal_and_resize(&mut d, &shape, &live, &gone)?;
-        if !self.input.mode.clusters_only_heal() || self.input.autoscaled.contains_key(name) {
+        if !self.input.mode.clusters_only_heal() || self.input.choices.autoscaled.contains_key(name)
+        {
             mend_cluster_tags(&mut d, &shape, &staying);
         }
         if let Some(a) = &c.autoscale
@@ -1167,6 +1192,32 @@ impl<'a> Planner<'a> {
         self.release(d, live);
     }
 
+    /// Stop a cluster as its driver's autotermination would (the
+    /// controller's choice when that driver's agent stopped answering):
+    /// workers back to their pool or away, the driver marked and stopped.
+    fn stop_idle_cluster(&mut self, d: &mut Draft, c: &Cluster, live: &[&Instance]) {
+        if live.iter().any(|i| i.tag(tags::AUTOTERMINATED).is_some()) {
+            return; // stopped already
+        }
+        let (drivers, workers): (Vec<&Instance>, Vec<&Instance>) = live
+            .iter()
+            .partition(|i| i.tag(tags::ROLE) == Some(Role::Driver.as_str()));
+        d.reason(format!(
+            "its driver's agent stopped answering and it idled {} minutes: stopped as its \
+             autotermination would have (`motorpool apply --start` or `motorpool run` starts it again)",
+            c.autotermination_minutes.unwrap_or(0)
+        ));
+        self.release(d, &workers);
+        let mut set = Tags::new();
+        set.insert(tags::AUTOTERMINATED.into(), APPLY_TIME.into());
+        d.op(Op::Retag {
+            ids: ids(&drivers),
+            set,
+            remove: vec![],
+        });
+        d.op(Op::Stop { ids: ids(&drivers) });
+    }
+
     /// What the spec asks of the cluster: where its nodes come from, their
     /// types, what they run, how many workers, its tags and its startup.
     fn cluster_shape(
@@ -1210,7 +1261,7 @@ impl<'a> Planner<'a> {
                 i.tag(tags::ROLE) == Some(Role::Worker.as_str()) && i.node_type == worker_type
             })
             .count() as u32;
-        let chosen = self.input.autoscaled.get(address_name(address));
+        let chosen = self.input.choices.autoscaled.get(address_name(address));
         let desired_workers = match (self.input.mode, &c.autoscale, c.workers) {
             (_, Some(a), None) if chosen.is_some() => {
                 chosen.copied().unwrap_or(a.min).clamp(a.min, a.max)

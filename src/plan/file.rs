@@ -268,7 +268,7 @@ mod tests {
             start: &Default::default(),
             nonce: "n",
             secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
-            autoscaled: &Default::default(),
+            choices: &Default::default(),
         })
         .expect("plan builds")
     }

@@ -15,7 +15,7 @@ pub mod render;
 use motorpool_provider::Tags;
 use serde::{Deserialize, Serialize};
 
-pub use build::{PlanError, PlanInput, PlanMode, build};
+pub use build::{ControllerChoices, PlanError, PlanInput, PlanMode, build};
 
 use crate::observe::ResourceKind;
 use crate::spec::ProviderBlock;

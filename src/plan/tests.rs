@@ -77,7 +77,7 @@ fn plan_at(spec: &Spec, observed: Vec<Instance>, mode: PlanMode, now: u64) -> Pl
         start: &Default::default(),
         nonce: "",
         secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
-        autoscaled: &Default::default(),
+        choices: &Default::default(),
     })
     .expect("plan builds")
 }
@@ -290,7 +290,7 @@ fn a_pool_never_exceeds_max_capacity() {
         start: &Default::default(),
         nonce: "",
         secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
-        autoscaled: &Default::default(),
+        choices: &Default::default(),
     })
     .expect_err("over capacity");
     assert!(err.to_string().contains("max_capacity 5"), "{err}");
@@ -768,7 +768,7 @@ fn maintain_trims_with_the_spec_minute_and_removes_only_outlived_job_clusters() 
             start: &Default::default(),
             nonce: "",
             secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
-            autoscaled: &Default::default(),
+            choices: &Default::default(),
         })
         .expect("plan builds")
     };
@@ -812,4 +812,67 @@ fn maintain_heals_drift_only_when_asked() {
     assert!(c.drift, "{}", render::text(&p));
     let world = simulate(&p, world, t0);
     assert_eq!(count(&world, "cluster", "etl", "worker"), 2);
+}
+
+#[test]
+fn a_silent_idle_cluster_the_controller_chose_stops_as_autotermination_would() {
+    let mut s = spec();
+    s.pools.insert("general".into(), pool(0, 10));
+    s.clusters.insert(
+        "etl".into(),
+        Cluster {
+            pool: Some("general".into()),
+            workers: Some(2),
+            autotermination_minutes: Some(30),
+            ..Cluster::default()
+        },
+    );
+    let t0 = 1_000;
+    let world = converge(&s, vec![], t0);
+    let observed = Observed::from_instances(&s.project, world.clone());
+    let catalog = catalog();
+    let choices = ControllerChoices {
+        stop_idle: ["etl".to_string()].into(),
+        ..ControllerChoices::default()
+    };
+    let p = build(&PlanInput {
+        spec: &s,
+        observed: &observed,
+        catalog: &catalog,
+        default_image: "img-1",
+        mode: PlanMode::Maintain { heal: false },
+        now: t0,
+        minute: std::time::Duration::from_secs(60),
+        base_dir: std::path::Path::new("."),
+        start: &Default::default(),
+        nonce: "",
+        secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
+        choices: &choices,
+    })
+    .expect("plan builds");
+    let c = change(&p, "cluster.etl");
+    assert!(
+        c.reasons
+            .iter()
+            .any(|r| r.contains("its driver's agent stopped answering")),
+        "{}",
+        render::text(&p)
+    );
+    let world = simulate(&p, world, t0);
+    // The workers went back to the pool; the driver is stopped and marked.
+    assert_eq!(count(&world, "pool", "general", "idle"), 2);
+    let driver = world
+        .iter()
+        .find(|i| i.tag(tags::ROLE) == Some("driver"))
+        .expect("the driver stays");
+    assert_eq!(driver.state, InstanceState::Stopped);
+    assert!(driver.tag(tags::AUTOTERMINATED).is_some());
+    // From then on plan sees a cluster that stopped itself: not drift.
+    let p = plan_at(&s, world, PlanMode::Normal, t0 + 1);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+    assert!(
+        change(&p, "cluster.etl").reasons[0].contains("stopped itself"),
+        "{}",
+        render::text(&p)
+    );
 }
