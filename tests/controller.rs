@@ -306,8 +306,17 @@ fn one_controller_acts_per_project_and_an_apply_waits_for_its_pass() {
 
 #[test]
 fn a_controller_killed_mid_pass_and_started_again_converges_with_nothing_made_twice() {
+    // On the local provider every instance is an agent process: a launch
+    // made twice would show as an extra instance and an extra process.
     let env = Env::new();
-    slow_sim(&env, "killed", 20);
+    let spec = |min: u32| {
+        format!(
+            "project: killed\nprovider: {{ kind: local }}\npools:\n  general: {{ node_type: small, min_idle: {min}, max_capacity: 12 }}\n"
+        )
+    };
+    env.spec(&spec(1));
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    env.spec(&spec(8));
     let journal = env.project_file("killed", "journal.jsonl");
     let mut first = Controller::start(&env, &["--interval", "0.2", "--parallelism", "1"]);
     // Killed as soon as its pass starts applying (its launch is in flight or just done).
@@ -318,21 +327,35 @@ fn a_controller_killed_mid_pass_and_started_again_converges_with_nothing_made_tw
     );
     first.child.kill9();
 
-    let second = Controller::start(&env, &["--interval", "0.2", "--parallelism", "4"]);
+    let second = Controller::start(&env, &["--interval", "0.2"]);
     assert!(
-        wait_until(Duration::from_secs(60), || nodes_of(&env, "pool.general")
-            == 20),
+        wait_until(Duration::from_secs(90), || nodes_of(&env, "pool.general")
+            == 8),
         "did not converge: {:?}\n{}",
-        env.nodes().len(),
+        env.nodes(),
         second.log()
     );
-    // Converged, and stays there: no duplicate from the replayed launches.
+    // Converged, and stays there: no duplicate from the replayed launches,
+    // one agent process per instance.
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(nodes_of(&env, "pool.general"), 20, "{}", second.log());
+    assert_eq!(nodes_of(&env, "pool.general"), 8, "{}", second.log());
+    let agents: Vec<i32> = common::processes_mentioning(&env.home().display().to_string())
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == b"agent"))
+        })
+        .collect();
+    assert_eq!(agents.len(), 8, "agent processes: {agents:?}");
     env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
     let (code, log) = second.terminate();
     assert_eq!(code, 0, "{log}");
     env.mp(&["destroy", "--yes"]).expect_code(0);
+    assert!(
+        env.processes().is_empty(),
+        "left running: {:?}",
+        env.processes()
+    );
 }
 
 #[test]
