@@ -382,6 +382,12 @@ impl CloudLease {
         locked(&self.info).id.clone()
     }
 
+    /// Why the lock is no longer held, when a renewal found it gone (its
+    /// lease ran out and someone took it over, or it was force-unlocked).
+    pub fn lost(&self) -> Option<String> {
+        locked(&self.lost).clone()
+    }
+
     /// Stop renewing and remove the lock. An error when the lock was lost
     /// while held (its lease ran out and someone took it over, or it was
     /// force-unlocked): the work done under it may have raced another.

@@ -1,7 +1,8 @@
 //! Autoscaling on load: for each cluster of the spec with `autoscale: {
 //! min, max }`, the worker count the controller asks the plan for, from
 //! what the cluster's engine reports through its driver's agent
-//! (`DriverStatus`: tasks waiting for a slot, tasks running, slots).
+//! (`DriverStatus`, asked by [`super::drivers`]: tasks waiting for a slot,
+//! tasks running, slots).
 //!
 //! The rules:
 //! * **Grow** when tasks wait beyond the cluster's slots on two passes in a
@@ -25,18 +26,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use motorpool_provider::{Instance, tags};
-
-use crate::auth::Credential;
-use crate::observe::{Observed, ResourceKind};
-use crate::spec::{DEFAULT_SCALE_DOWN_MINUTES, LoadedSpec};
-use crate::words::Role;
+use super::drivers::DriverReport;
+use crate::agent::proto::DriverStatusResponse;
+use crate::spec::{DEFAULT_SCALE_DOWN_MINUTES, Spec};
 
 /// Passes in a row that must see tasks waiting before a cluster grows.
 const QUEUED_PASSES_TO_GROW: u32 = 2;
-
-/// How long the controller waits for a driver's agent to answer.
-const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What the controller remembers of one cluster between passes.
 #[derive(Debug, Default)]
@@ -70,42 +65,43 @@ pub struct Autoscaler {
 }
 
 impl Autoscaler {
-    /// Ask every autoscaled cluster's driver for its load and decide: the
-    /// sizes to plan with (every autoscaled cluster whose size changes).
-    pub async fn decide(
+    /// Decide from what the drivers said: the sizes to plan with (every
+    /// autoscaled cluster whose size changes).
+    pub fn decide(
         &mut self,
-        loaded: &LoadedSpec,
-        observed: &Observed,
-        credential: &Credential,
+        spec: &Spec,
+        reports: &[DriverReport],
         minute: Duration,
         now: Instant,
     ) -> Vec<Resize> {
         let mut resizes = Vec::new();
         let mut seen = Vec::new();
-        for (name, cluster) in &loaded.spec.clusters {
+        for report in reports {
+            let Some(cluster) = spec.clusters.get(&report.cluster) else {
+                continue;
+            };
             let (Some(bounds), None) = (&cluster.autoscale, cluster.workers) else {
                 continue;
             };
-            let members = observed.members(ResourceKind::Cluster, name);
-            let Some(driver) = members.iter().find(|i| is_live_driver(i)) else {
+            let Some(load) = report.status.as_ref().and_then(load_of) else {
                 continue;
             };
-            let Some(load) = ask(driver, credential).await else {
-                continue;
-            };
-            seen.push(name.clone());
-            let current = driver
-                .tag(tags::SIZE)
-                .and_then(|s| s.parse::<u32>().ok())
-                .unwrap_or(bounds.min);
+            seen.push(report.cluster.clone());
+            let current = report.size.unwrap_or(bounds.min);
             let idle_for = minute
                 * bounds
                     .idle_timeout_minutes
                     .unwrap_or(DEFAULT_SCALE_DOWN_MINUTES);
-            let watch = self.watches.entry(name.clone()).or_default();
-            if let Some(resize) =
-                watch.next(name, current, load, bounds.min, bounds.max, idle_for, now)
-            {
+            let watch = self.watches.entry(report.cluster.clone()).or_default();
+            if let Some(resize) = watch.next(
+                &report.cluster,
+                current,
+                load,
+                bounds.min,
+                bounds.max,
+                idle_for,
+                now,
+            ) {
                 resizes.push(resize);
             }
         }
@@ -174,38 +170,8 @@ impl Watch {
     }
 }
 
-/// A running driver of a cluster that has not stopped itself.
-pub(super) fn is_live_driver(i: &Instance) -> bool {
-    i.state.is_live()
-        && i.tag(tags::ROLE) == Some(Role::Driver.as_str())
-        && i.tag(tags::AUTOTERMINATED).is_none()
-        && i.address.is_some()
-}
-
-/// What a driver's agent says of its cluster; `None` when it does not
-/// answer within [`ASK_TIMEOUT`] (or has no address this machine can dial).
-pub(super) async fn driver_status(
-    driver: &Instance,
-    credential: &Credential,
-) -> Option<crate::agent::proto::DriverStatusResponse> {
-    let address = driver.address.as_deref()?;
-    let asked = async {
-        let mut agent = crate::bootstrap::run::connect(address, credential)
-            .await
-            .ok()?;
-        agent
-            .driver_status(crate::agent::proto::DriverStatusRequest {})
-            .await
-            .ok()
-            .map(|r| r.into_inner())
-    };
-    tokio::time::timeout(ASK_TIMEOUT, asked).await.ok()?
-}
-
-/// The driver's load through its agent; `None` when it does not answer or
-/// its engine cannot tell.
-async fn ask(driver: &Instance, credential: &Credential) -> Option<Load> {
-    let status = driver_status(driver, credential).await?;
+/// The load in a driver's answer, when its engine can tell.
+fn load_of(status: &DriverStatusResponse) -> Option<Load> {
     status.load_known.then_some(Load {
         queued_tasks: status.queued_tasks,
         running_tasks: status.running_tasks,

@@ -16,9 +16,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::auth::Credential;
-use crate::observe::{Observed, ResourceKind};
-use crate::spec::LoadedSpec;
+use super::drivers::DriverReport;
+use crate::spec::Spec;
 
 /// Passes in a row a driver must stay silent before its cluster may be stopped.
 const SILENT_PASSES: u32 = 2;
@@ -43,31 +42,30 @@ pub struct IdleWatch {
 }
 
 impl IdleWatch {
-    pub async fn decide(
+    /// Decide from what the drivers said (and did not): the clusters to stop.
+    pub fn decide(
         &mut self,
-        loaded: &LoadedSpec,
-        observed: &Observed,
-        credential: &Credential,
+        spec: &Spec,
+        reports: &[DriverReport],
         minute: Duration,
         now: Instant,
     ) -> Vec<IdleStop> {
         let mut stops = Vec::new();
         let mut watched = Vec::new();
-        for (name, cluster) in &loaded.spec.clusters {
-            let Some(minutes) = cluster.autotermination_minutes else {
+        for report in reports {
+            let Some(minutes) = spec
+                .clusters
+                .get(&report.cluster)
+                .and_then(|c| c.autotermination_minutes)
+            else {
                 continue;
             };
-            let members = observed.members(ResourceKind::Cluster, name);
-            let Some(driver) = members.iter().find(|i| super::autoscale::is_live_driver(i)) else {
-                continue;
-            };
-            watched.push(name.clone());
-            let status = super::autoscale::driver_status(driver, credential).await;
-            let seen = self.clusters.entry(name.clone()).or_insert(Seen {
+            watched.push(report.cluster.clone());
+            let seen = self.clusters.entry(report.cluster.clone()).or_insert(Seen {
                 last_busy: now,
                 silent_passes: 0,
             });
-            if let Some(status) = status {
+            if let Some(status) = &report.status {
                 seen.silent_passes = 0;
                 if status.running_jobs > 0 {
                     seen.last_busy = now;
@@ -78,7 +76,7 @@ impl IdleWatch {
             let idle = now.duration_since(seen.last_busy);
             if seen.silent_passes >= SILENT_PASSES && idle >= minute * minutes {
                 stops.push(IdleStop {
-                    cluster: name.clone(),
+                    cluster: report.cluster.clone(),
                     why: format!(
                         "its driver's agent has not answered for {} passes and no job ran for {:.0}s \
                          (autotermination_minutes {minutes})",

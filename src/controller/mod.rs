@@ -28,6 +28,7 @@
 //! is [`schedules`]', and what it shows on `/metrics` is [`metrics`]'.
 
 pub mod autoscale;
+pub mod drivers;
 pub mod idle;
 pub mod metrics;
 pub mod schedules;
@@ -177,6 +178,13 @@ pub async fn run(options: ControllerOptions, log: &(dyn Fn(&str) + Sync)) -> Res
         }
         if options.once {
             break;
+        }
+        if let Some(why) = lease.as_ref().and_then(CloudLease::lost) {
+            bail!(
+                "this controller's lock of project `{}` was lost ({why}): another controller may \
+                 act for it now, so this one stops",
+                project.name
+            );
         }
         let next = options.interval.saturating_sub(started.elapsed());
         if stop.wait(next).await {
@@ -334,23 +342,16 @@ impl Watches {
             return Ok(choices);
         }
         let credential = project.agent_credential()?;
+        let reports = drivers::ask_all(&loaded.spec, observed, &credential).await;
         let (minute, now) = (engine::minute(), Instant::now());
-        for r in self
-            .autoscaler
-            .decide(loaded, observed, &credential, minute, now)
-            .await
-        {
+        for r in self.autoscaler.decide(&loaded.spec, &reports, minute, now) {
             log(&format!(
                 "cluster.{}: autoscale {} -> {} workers: {}",
                 r.cluster, r.from, r.to, r.why
             ));
             choices.autoscaled.insert(r.cluster, r.to);
         }
-        for stop in self
-            .idle
-            .decide(loaded, observed, &credential, minute, now)
-            .await
-        {
+        for stop in self.idle.decide(&loaded.spec, &reports, minute, now) {
             log(&format!("cluster.{}: stopping: {}", stop.cluster, stop.why));
             choices.stop_idle.insert(stop.cluster);
         }
