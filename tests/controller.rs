@@ -178,6 +178,18 @@ jobs:
 
     let controller = Controller::start(&env, &["--interval", "0.3"]);
     let port = controller.metrics_port();
+    // A second controller of the project does not act: it exits, naming the first.
+    let second = env
+        .mp(&["controller", "--once", "--listen", "off"])
+        .expect_code(1);
+    assert!(
+        second
+            .stderr
+            .contains("another controller runs for project `refill`")
+            && second.stderr.contains("Nothing was changed"),
+        "{}",
+        second.stderr
+    );
 
     // The run's job cluster takes both idle instances; the controller refills the pool while it runs.
     let run = env.spawn(&["run", "wait"]);
@@ -537,6 +549,18 @@ jobs:
     let controller = Controller::start(&env, &["--interval", "0.3"]);
     controller.wait_for("a pass every", Duration::from_secs(30));
     let run = env.spawn(&["run", "slow"]);
+    // The controller's pass that grows the cluster holds the project lock
+    // while its new workers start: an apply meanwhile waits for it (on the
+    // local provider, with real agents), then finds nothing to do.
+    controller.wait_for("cluster.etl: update (", Duration::from_secs(120));
+    let apply = env.mp(&["apply", "--yes"]).expect_code(0);
+    assert!(
+        apply.stdout.contains("waiting for the project lock")
+            && apply.stdout.contains("`motorpool controller`"),
+        "the apply did not wait for the controller's pass:\n{}\n{}",
+        apply.stdout,
+        controller.log()
+    );
     assert!(
         wait_until(Duration::from_secs(120), || workers_of(&env, "etl") == 3),
         "the cluster never grew to its max while tasks waited: {:?}\n{}",
