@@ -691,3 +691,52 @@ clusters:
         env.processes()
     );
 }
+
+#[test]
+fn a_job_cluster_that_autoscales_grows_for_its_run_and_goes_after_it() {
+    let env = Env::new().with_var("MOTORPOOL_MINUTE_MS", "1000");
+    let dir = env.spec(
+        r#"
+project: jobscaling
+provider: { kind: local }
+pools:
+  general: { node_type: small, min_idle: 1, max_capacity: 8, idle_timeout_minutes: 600 }
+jobs:
+  wide:
+    new_cluster: { pool: general, autoscale: { min: 1, max: 2 } }
+    tasks:
+      count:
+        map: { input: "data/*.txt", partitions: 16, command: "sleep 1; awk '{ print $1 \"\t1\" }'" }
+        output: out/counts
+"#,
+    );
+    std::fs::create_dir_all(dir.join("data")).expect("data dir");
+    let text: String = (0..160).map(|i| format!("w{}\n", i % 8)).collect();
+    std::fs::write(dir.join("data/words.txt"), &text).expect("input");
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    let controller = Controller::start(&env, &["--interval", "0.3"]);
+    controller.wait_for("a pass every", Duration::from_secs(30));
+    let out = env.mp(&["run", "wide"]).expect_code(0);
+    assert!(
+        out.stdout.contains("job `wide` succeeded"),
+        "{}",
+        out.stdout
+    );
+    controller.wait_for("-run-", Duration::from_secs(5));
+    let log = controller.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cluster.wide-run-") && l.contains("autoscale 1 -> 2 workers")),
+        "{log}"
+    );
+    // Gone with its run; its instances back in the pool, nothing left behind.
+    assert_eq!(cluster_nodes(&env), 0, "{:?}", env.nodes());
+    let (code, log) = controller.terminate();
+    assert_eq!(code, 0, "{log}");
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+    assert!(
+        env.processes().is_empty(),
+        "left running: {:?}",
+        env.processes()
+    );
+}

@@ -233,8 +233,9 @@ async fn pass(
     let mode = PlanMode::Maintain { heal: options.heal };
     let observed = project.observe().await?;
     metrics.observed(gauges(loaded, &observed), observed.pages);
-    let choices = watches.decide(project, loaded, &observed, log).await?;
-    let plan = plan(project, loaded, &observed, mode, &choices)?;
+    let with_runs = with_running_job_clusters(loaded, &observed);
+    let choices = watches.decide(project, &with_runs, &observed, log).await?;
+    let plan = plan(project, &with_runs, &observed, mode, &choices)?;
     let mut seen = PassSeen {
         instances: observed.instance_count() as u32,
         pages: observed.pages,
@@ -270,6 +271,8 @@ async fn apply_under_lock(
         log(&note);
     }
     let observed = project.observe().await?;
+    // A job cluster whose run ended meanwhile is no longer planned for.
+    let loaded = &with_running_job_clusters(loaded, &observed);
     let plan = plan(project, loaded, &observed, mode, choices)?;
     if !plan.has_changes() {
         return Ok(false); // someone else did it meanwhile
@@ -317,6 +320,37 @@ fn plan(
         &project.secret_key()?,
         choices,
     )
+}
+
+/// `loaded`, with the job clusters of runs still going whose job's
+/// `new_cluster` autoscales added as clusters of the spec (as `run` adds
+/// its own), so the controller sizes them like any autoscaled cluster. A job
+/// cluster whose run ended (or expired) is not added: its run, or the
+/// controller's removal of outlived job clusters, is what happens to it.
+fn with_running_job_clusters(loaded: &LoadedSpec, observed: &Observed) -> LoadedSpec {
+    let now = engine::unix_now();
+    let mut with_runs = loaded.clone();
+    for name in observed.names(ResourceKind::Cluster) {
+        if loaded.spec.clusters.contains_key(name) {
+            continue;
+        }
+        let going = observed
+            .members(ResourceKind::Cluster, name)
+            .iter()
+            .filter(|i| i.state.is_live())
+            .find_map(|i| {
+                let expires: u64 = i.tag(tags::EXPIRES)?.parse().ok()?;
+                (expires > now).then_some(i.tag(tags::JOB)?)
+            });
+        let cluster = going
+            .and_then(|job| loaded.spec.jobs.get(job))
+            .and_then(|job| job.new_cluster.as_deref())
+            .filter(|c| c.autoscale.is_some() && c.workers.is_none());
+        if let Some(c) = cluster {
+            with_runs.spec.clusters.insert(name.to_string(), c.clone());
+        }
+    }
+    with_runs
 }
 
 /// What the controller watches of clusters' drivers between passes.
