@@ -1,27 +1,24 @@
 //! The project lock held in the cloud, through the CLI: two machines (two
 //! `$MOTORPOOL_HOME`s with the same project secret) applying one AWS project
-//! against moto's EC2 server on 127.0.0.1. The second is refused by the lock
-//! in EC2, naming its holder; `force-unlock` refuses while the holder runs
-//! and lets the next apply through once it was killed; and a lock left by a
-//! killed holder is taken over once its lease runs out, so it never blocks
-//! forever, and at once by the next command of the holder's own home.
+//! against moto's EC2 server on 127.0.0.1. The sequence is the one every
+//! cloud shares (`common::lock_scenarios`): the second is refused by the
+//! lock in EC2, naming its holder; `force-unlock` refuses while the holder
+//! runs and lets the next apply through once it was killed; and a lock left
+//! by a killed holder is taken over once its lease runs out, so it never
+//! blocks forever, and at once by the next command of the holder's own home.
+//! This file says how the machines reach moto.
 
 mod common;
 #[path = "../providers/aws/tests/support/mod.rs"]
 mod moto;
 
-use std::time::Duration;
-
-use common::{Env, Run, wait_until};
+use common::lock_scenarios::{
+    TwoHomes, a_second_machine_is_refused_until_force_unlock_or_the_lease_runs_out,
+};
 use moto::{AMI, Moto};
 use motorpool_provider::{LockInfo, Provider};
 
 const PROJECT: &str = "awslock";
-const LEASE_SECONDS: &str = "3";
-
-fn mp(env: &Env, args: &[&str]) -> Run {
-    env.mp_with(args, |cmd| moto::with_aws_env(cmd, None))
-}
 
 /// A pool, and with `cluster` a cluster too: nobody plays its nodes here,
 /// so an apply that starts it waits for them (and holds the lock) until killed.
@@ -40,15 +37,6 @@ fn spec(endpoint: &str, cluster: bool) -> String {
     )
 }
 
-/// One machine: its own home, the project's shared secret, a short lease.
-fn machine(endpoint: &str, cluster: bool) -> Env {
-    let env = Env::new()
-        .with_var("MOTORPOOL_PROJECT_SECRET", "awslock-shared-project-secret")
-        .with_var("MOTORPOOL_LOCK_LEASE_SECONDS", LEASE_SECONDS);
-    env.spec(&spec(endpoint, cluster));
-    env
-}
-
 /// The lock as EC2 holds it, read with the provider directly.
 fn cloud_lock(moto: &Moto) -> Option<LockInfo> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -60,112 +48,17 @@ fn cloud_lock(moto: &Moto) -> Option<LockInfo> {
         .expect("read the lock")
 }
 
-/// An apply from `env` that holds the lock and stays (its cluster's nodes
-/// never report: nobody plays them), started in the background.
-fn holding_apply(moto: &Moto, env: &Env) -> (common::ChildGuard, LockInfo) {
-    let mut cmd = env.command(&["apply", "--yes"]);
-    moto::with_aws_env(&mut cmd, None);
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn motorpool");
-    let guard = common::ChildGuard(Some(child));
-    let pid = guard.pid() as u32;
-    let mut held = None;
-    let took = wait_until(Duration::from_secs(30), || {
-        held = cloud_lock(moto).filter(|l| l.pid == pid);
-        held.is_some()
-    });
-    assert!(took, "the apply (pid {pid}) never took the lock");
-    (guard, held.expect("held"))
-}
-
 #[test]
 fn a_second_machine_is_refused_by_the_cloud_lock_until_force_unlock_or_the_lease_runs_out() {
     let moto = Moto::start();
     let url = moto.url();
-    let first = machine(&url, true);
-    let second = machine(&url, false);
-
-    // The first machine's apply holds the lock in EC2, and keeps it alive
-    // past its lease by renewing it.
-    let (mut holder, held) = holding_apply(&moto, &first);
-    assert_eq!(held.command, "apply");
-    assert!(held.owner.contains('@'), "{held:?}");
-    std::thread::sleep(Duration::from_secs(5));
-    let refused = mp(&second, &["apply", "--yes"]).expect_code(1);
-    for part in [
-        format!(
-            "project `{PROJECT}` is locked in the aws cloud by {}",
-            held.owner
-        ),
-        format!("pid {}", holder.pid()),
-        "`motorpool apply`".to_string(),
-        format!("motorpool force-unlock {}", held.id),
-    ] {
-        assert!(
-            refused.stderr.contains(&part),
-            "{part:?} in:\n{}",
-            refused.stderr
-        );
-    }
-    assert_eq!(cloud_lock(&moto).map(|l| l.id), Some(held.id.clone()));
-
-    // force-unlock refuses while the holder runs (it can tell: same machine),
-    // and an id that is not the lock's.
-    let alive = mp(&second, &["force-unlock", &held.id, "--yes"]).expect_code(1);
-    assert!(
-        alive.stderr.contains("still runs on this machine"),
-        "{}",
-        alive.stderr
-    );
-    holder.kill9();
-    let wrong = mp(&second, &["force-unlock", "0000000000000000", "--yes"]).expect_code(1);
-    assert!(wrong.stderr.contains(&held.id), "{}", wrong.stderr);
-    assert!(cloud_lock(&moto).is_some());
-    let unlocked = mp(&second, &["force-unlock", &held.id, "--yes"]).expect_code(0);
-    assert!(unlocked.stdout.contains(&held.owner), "{}", unlocked.stdout);
-    assert_eq!(cloud_lock(&moto), None);
-
-    // The next apply goes through, and releases the lock.
-    mp(&second, &["apply", "--yes"]).expect_code(0);
-    assert_eq!(cloud_lock(&moto), None, "released after the apply");
-    mp(&second, &["plan", "--detailed-exitcode"]).expect_code(0);
-
-    // A holder killed without force-unlock: its lock runs out, and the next
-    // command takes it over by itself.
-    let (mut holder, held) = holding_apply(&moto, &first);
-    holder.kill9();
-    let mut last = None;
-    let through = wait_until(Duration::from_secs(30), || {
-        let run = mp(&second, &["destroy", "--yes"]);
-        let done = run.code == 0;
-        last = Some(run);
-        done
+    a_second_machine_is_refused_until_force_unlock_or_the_lease_runs_out(&TwoHomes {
+        kind: "aws",
+        project: PROJECT,
+        spec: &|cluster| spec(&url, cluster),
+        prepare: &|cmd| moto::with_aws_env(cmd, None),
+        cloud_lock: &|| cloud_lock(&moto),
+        plan_is_clean_after_apply: true,
+        after_destroy: &|| {},
     });
-    let last = last.expect("a destroy ran");
-    assert!(through, "the stale lock still blocks:\n{}", last.stderr);
-    assert!(
-        last.stdout
-            .contains(&format!("Took over the project lock of {}", held.owner)),
-        "{}",
-        last.stdout
-    );
-    assert_eq!(cloud_lock(&moto), None);
-
-    // The killed holder's own machine (its home) is not refused by the lock
-    // it left: nobody else of that home can hold it, so it takes it over at once.
-    let (mut holder, held) = holding_apply(&moto, &first);
-    holder.kill9();
-    let again = mp(&first, &["destroy", "--yes"]).expect_code(0);
-    assert!(
-        again
-            .stdout
-            .contains("Took over the project lock left by a killed motorpool of this machine"),
-        "{}",
-        again.stdout
-    );
-    assert!(again.stdout.contains(&held.id), "{}", again.stdout);
-    assert_eq!(cloud_lock(&moto), None);
 }

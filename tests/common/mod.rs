@@ -6,6 +6,7 @@
 
 pub mod cloud_init;
 pub mod lifecycle;
+pub mod lock_scenarios;
 pub mod machines;
 
 use std::collections::BTreeMap;
