@@ -63,6 +63,20 @@ fn plan(spec: &Spec, observed: Vec<Instance>, mode: PlanMode) -> Plan {
 }
 
 fn plan_at(spec: &Spec, observed: Vec<Instance>, mode: PlanMode, now: u64) -> Plan {
+    plan_with(spec, observed, mode, now, MINUTE, &Default::default())
+}
+
+const MINUTE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A plan as the controller makes it: with a minute of its own and its choices.
+fn plan_with(
+    spec: &Spec,
+    observed: Vec<Instance>,
+    mode: PlanMode,
+    now: u64,
+    minute: std::time::Duration,
+    choices: &ControllerChoices,
+) -> Plan {
     let observed = Observed::from_instances(&spec.project, observed);
     let catalog = catalog();
     build(&PlanInput {
@@ -72,12 +86,12 @@ fn plan_at(spec: &Spec, observed: Vec<Instance>, mode: PlanMode, now: u64) -> Pl
         default_image: "img-1",
         mode,
         now,
-        minute: std::time::Duration::from_secs(60),
+        minute,
         base_dir: std::path::Path::new("."),
         start: &Default::default(),
         nonce: "",
         secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
-        choices: &Default::default(),
+        choices,
     })
     .expect("plan builds")
 }
@@ -754,23 +768,14 @@ fn maintain_trims_with_the_spec_minute_and_removes_only_outlived_job_clusters() 
 
     // With a minute of one second, the 15-minute idle timeout is 15 s.
     let at = |now: u64| {
-        let observed = Observed::from_instances(&s.project, world.clone());
-        let catalog = catalog();
-        build(&PlanInput {
-            spec: &s,
-            observed: &observed,
-            catalog: &catalog,
-            default_image: "img-1",
-            mode: MAINTAIN,
+        plan_with(
+            &s,
+            world.clone(),
+            MAINTAIN,
             now,
-            minute: std::time::Duration::from_secs(1),
-            base_dir: std::path::Path::new("."),
-            start: &Default::default(),
-            nonce: "",
-            secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
-            choices: &Default::default(),
-        })
-        .expect("plan builds")
+            std::time::Duration::from_secs(1),
+            &Default::default(),
+        )
     };
     // The instance idle since t0 timed out long ago; the three given back at
     // t0 + 601 time out 15 s later.
@@ -829,27 +834,18 @@ fn a_silent_idle_cluster_the_controller_chose_stops_as_autotermination_would() {
     );
     let t0 = 1_000;
     let world = converge(&s, vec![], t0);
-    let observed = Observed::from_instances(&s.project, world.clone());
-    let catalog = catalog();
     let choices = ControllerChoices {
         stop_idle: ["etl".to_string()].into(),
         ..ControllerChoices::default()
     };
-    let p = build(&PlanInput {
-        spec: &s,
-        observed: &observed,
-        catalog: &catalog,
-        default_image: "img-1",
-        mode: PlanMode::Maintain { heal: false },
-        now: t0,
-        minute: std::time::Duration::from_secs(60),
-        base_dir: std::path::Path::new("."),
-        start: &Default::default(),
-        nonce: "",
-        secrets: &crate::secrets::SecretKey::derive(&crate::auth::Credential::new("test"), "p"),
-        choices: &choices,
-    })
-    .expect("plan builds");
+    let p = plan_with(
+        &s,
+        world.clone(),
+        PlanMode::Maintain { heal: false },
+        t0,
+        MINUTE,
+        &choices,
+    );
     let c = change(&p, "cluster.etl");
     assert!(
         c.reasons
