@@ -69,6 +69,12 @@ impl Controller {
             .unwrap_or_else(|| panic!("no port in {at}"))
     }
 
+    /// SIGTERM; it must exit 0.
+    fn stop(self) {
+        let (code, log) = self.terminate();
+        assert_eq!(code, 0, "{log}");
+    }
+
     /// SIGTERM, then its exit code and log.
     fn terminate(mut self) -> (i32, String) {
         // SAFETY: a signal to a child this test started; no memory is touched.
@@ -252,12 +258,7 @@ jobs:
     let (code, log) = controller.terminate();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("stopping: signal received"), "{log}");
-    env.mp(&["destroy", "--yes"]).expect_code(0);
-    assert!(
-        env.processes().is_empty(),
-        "left running: {:?}",
-        env.processes()
-    );
+    env.destroy_leaving_nothing();
 }
 
 /// A sim project with one pool: apply it with `min_idle: 1`, then ask for
@@ -311,8 +312,7 @@ fn one_controller_acts_per_project_and_an_apply_waits_for_its_pass() {
     );
     assert!(apply.stdout.contains("No changes"), "{}", apply.stdout);
     assert_eq!(nodes_of(&env, "pool.general"), 12);
-    let (code, log) = first.terminate();
-    assert_eq!(code, 0, "{log}");
+    first.stop();
     env.mp(&["destroy", "--yes"]).expect_code(0);
 }
 
@@ -360,14 +360,8 @@ fn a_controller_killed_mid_pass_and_started_again_converges_with_nothing_made_tw
         .collect();
     assert_eq!(agents.len(), 8, "agent processes: {agents:?}");
     env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
-    let (code, log) = second.terminate();
-    assert_eq!(code, 0, "{log}");
-    env.mp(&["destroy", "--yes"]).expect_code(0);
-    assert!(
-        env.processes().is_empty(),
-        "left running: {:?}",
-        env.processes()
-    );
+    second.stop();
+    env.destroy_leaving_nothing();
 }
 
 #[test]
@@ -489,8 +483,7 @@ jobs:
         second.log()
     );
     assert!(!second.log().contains("started (pid"), "{}", second.log());
-    let (code, log) = second.terminate();
-    assert_eq!(code, 0, "{log}");
+    second.stop();
     assert!(
         env.processes().is_empty(),
         "left running: {:?}",
@@ -628,14 +621,8 @@ jobs:
         "{}",
         plan.stdout
     );
-    let (code, log) = controller.terminate();
-    assert_eq!(code, 0, "{log}");
-    env.mp(&["destroy", "--yes"]).expect_code(0);
-    assert!(
-        env.processes().is_empty(),
-        "left running: {:?}",
-        env.processes()
-    );
+    controller.stop();
+    env.destroy_leaving_nothing();
 }
 
 #[test]
@@ -680,16 +667,10 @@ clusters:
     // As after the driver's own autotermination: not drift, and `--start` brings it back.
     let plan = env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
     assert!(plan.stdout.contains("stopped itself"), "{}", plan.stdout);
-    let (code, log) = controller.terminate();
-    assert_eq!(code, 0, "{log}");
+    controller.stop();
     env.mp(&["apply", "--yes", "--start", "etl"]).expect_code(0);
     assert_eq!(cluster_nodes(&env), 2, "{:?}", env.nodes());
-    env.mp(&["destroy", "--yes"]).expect_code(0);
-    assert!(
-        env.processes().is_empty(),
-        "left running: {:?}",
-        env.processes()
-    );
+    env.destroy_leaving_nothing();
 }
 
 #[test]
@@ -731,12 +712,6 @@ jobs:
     );
     // Gone with its run; its instances back in the pool, nothing left behind.
     assert_eq!(cluster_nodes(&env), 0, "{:?}", env.nodes());
-    let (code, log) = controller.terminate();
-    assert_eq!(code, 0, "{log}");
-    env.mp(&["destroy", "--yes"]).expect_code(0);
-    assert!(
-        env.processes().is_empty(),
-        "left running: {:?}",
-        env.processes()
-    );
+    controller.stop();
+    env.destroy_leaving_nothing();
 }

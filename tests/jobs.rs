@@ -166,12 +166,7 @@ jobs:
 
     // The spec's cluster stays (it is the spec's); nothing drifted.
     env.mp(&["plan", "--detailed-exitcode"]).expect_code(0);
-    env.mp(&["destroy", "--yes"]).expect_code(0);
-    assert!(
-        env.processes().is_empty(),
-        "left running: {:?}",
-        env.processes()
-    );
+    env.destroy_leaving_nothing();
 }
 
 #[test]

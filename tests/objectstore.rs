@@ -151,12 +151,7 @@ fn word_count_on(
     let text = format!("{}{}", run.stdout, run.stderr);
     assert!(text.contains(bad_input), "{text}");
 
-    env.mp(&["destroy", "--yes"]).expect_code(0);
-    assert!(
-        env.processes().is_empty(),
-        "left running: {:?}",
-        env.processes()
-    );
+    env.destroy_leaving_nothing();
 }
 
 #[test]

@@ -154,6 +154,13 @@ impl Env {
         pids
     }
 
+    /// `destroy --yes`, then no process of this home is left (by pid).
+    pub fn destroy_leaving_nothing(&self) {
+        self.mp(&["destroy", "--yes"]).expect_code(0);
+        let left = self.processes();
+        assert!(left.is_empty(), "left running: {left:?}");
+    }
+
     pub fn project_file(&self, project: &str, file: &str) -> PathBuf {
         self.home().join("projects").join(project).join(file)
     }
