@@ -327,9 +327,12 @@ fn plan(
 /// its own), so the controller sizes them like any autoscaled cluster. A job
 /// cluster whose run ended (or expired) is not added: its run, or the
 /// controller's removal of outlived job clusters, is what happens to it.
-fn with_running_job_clusters(loaded: &LoadedSpec, observed: &Observed) -> LoadedSpec {
+fn with_running_job_clusters<'a>(
+    loaded: &'a LoadedSpec,
+    observed: &Observed,
+) -> std::borrow::Cow<'a, LoadedSpec> {
     let now = engine::unix_now();
-    let mut with_runs = loaded.clone();
+    let mut with_runs = std::borrow::Cow::Borrowed(loaded);
     for name in observed.names(ResourceKind::Cluster) {
         if loaded.spec.clusters.contains_key(name) {
             continue;
@@ -347,7 +350,12 @@ fn with_running_job_clusters(loaded: &LoadedSpec, observed: &Observed) -> Loaded
             .and_then(|job| job.new_cluster.as_deref())
             .filter(|c| c.autoscale.is_some() && c.workers.is_none());
         if let Some(c) = cluster {
-            with_runs.spec.clusters.insert(name.to_string(), c.clone());
+            // Copied only when a run's cluster is added: most passes add none.
+            with_runs
+                .to_mut()
+                .spec
+                .clusters
+                .insert(name.to_string(), c.clone());
         }
     }
     with_runs
