@@ -202,6 +202,18 @@ fn count(world: &[Instance], kind: &str, name: &str, role: &str) -> usize {
         .count()
 }
 
+/// What `motorpool run` does once its job cluster is up: mark the cluster's
+/// instances as the run of `job`, outlived at `expires`.
+fn mark_as_run(world: &mut [Instance], cluster: &str, job: &str, expires: u64) {
+    for i in world
+        .iter_mut()
+        .filter(|i| i.tag(tags::NAME) == Some(cluster))
+    {
+        i.tags.insert(tags::JOB.into(), job.into());
+        i.tags.insert(tags::EXPIRES.into(), expires.to_string());
+    }
+}
+
 /// Apply plans until nothing changes; panics if that takes more than 3 rounds.
 fn converge(spec: &Spec, mut world: Vec<Instance>, now: u64) -> Vec<Instance> {
     for _ in 0..3 {
@@ -356,14 +368,7 @@ fn a_job_cluster_is_left_to_its_run_until_it_expires_and_then_goes_back_to_its_p
         .insert("wordcount-run-1".into(), cluster_from_pool("general", 2));
     let t0 = 1_000;
     let mut world = converge(&s, vec![], t0);
-    // What `motorpool run` does once the job cluster is up: mark it as the run's.
-    for i in world
-        .iter_mut()
-        .filter(|i| i.tag(tags::NAME) == Some("wordcount-run-1"))
-    {
-        i.tags.insert(tags::JOB.into(), "wordcount".into());
-        i.tags.insert(tags::EXPIRES.into(), (t0 + 600).to_string());
-    }
+    mark_as_run(&mut world, "wordcount-run-1", "wordcount", t0 + 600);
     s.clusters.clear();
 
     // While the run may go on, plan leaves the job cluster alone (no drift, no delete).
@@ -739,13 +744,7 @@ fn maintain_trims_with_the_spec_minute_and_removes_only_outlived_job_clusters() 
         .insert("kept".into(), cluster_from_pool("general", 1));
     let t0 = 1_000;
     let mut world = converge(&s, vec![], t0);
-    for i in world
-        .iter_mut()
-        .filter(|i| i.tag(tags::NAME) == Some("wordcount-run-1"))
-    {
-        i.tags.insert(tags::JOB.into(), "wordcount".into());
-        i.tags.insert(tags::EXPIRES.into(), (t0 + 600).to_string());
-    }
+    mark_as_run(&mut world, "wordcount-run-1", "wordcount", t0 + 600);
     s.clusters.remove("wordcount-run-1");
     s.clusters.remove("kept");
 

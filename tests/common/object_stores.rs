@@ -475,25 +475,7 @@ impl Azurite {
 
     /// The ETag of every blob under `prefix`, by name.
     pub fn etags(&self, container: &str, prefix: &str) -> Vec<(String, String)> {
-        let r = self.signed(
-            "GET",
-            container,
-            "",
-            &[
-                ("comp", "list"),
-                ("prefix", prefix),
-                ("restype", "container"),
-            ],
-            &[],
-            b"",
-        );
-        assert_eq!(
-            r.status,
-            200,
-            "list az://{container}/{prefix}: {}",
-            r.text()
-        );
-        let text = r.text();
+        let text = self.list(container, prefix);
         xml_values(&text, "Name")
             .into_iter()
             .zip(xml_values(&text, "Etag"))
@@ -502,6 +484,13 @@ impl Azurite {
 
     /// The blob names under `prefix`, sorted.
     pub fn blobs(&self, container: &str, prefix: &str) -> Vec<String> {
+        let mut names = xml_values(&self.list(container, prefix), "Name");
+        names.sort();
+        names
+    }
+
+    /// List Blobs under `prefix`: the service's XML answer.
+    fn list(&self, container: &str, prefix: &str) -> String {
         let r = self.signed(
             "GET",
             container,
@@ -520,9 +509,7 @@ impl Azurite {
             "list az://{container}/{prefix}: {}",
             r.text()
         );
-        let mut names = xml_values(&r.text(), "Name");
-        names.sort();
-        names
+        r.text()
     }
 }
 

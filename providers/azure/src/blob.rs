@@ -123,6 +123,20 @@ impl Container {
         self.endpoint.scheme() == "https"
     }
 
+    /// A HEAD of `url` (the container's or a blob's properties).
+    pub async fn head(&self, http: &reqwest::Client, auth: &Auth, url: &Url) -> Result<BlobAnswer> {
+        self.send(
+            http,
+            auth,
+            reqwest::Method::HEAD,
+            url,
+            &[],
+            Vec::new(),
+            None,
+        )
+        .await
+    }
+
     /// One request, signed; any status is an answer (the caller reads it),
     /// a request that got none is [`ProviderError::Server`] (retryable).
     #[allow(clippy::too_many_arguments)]
@@ -219,17 +233,7 @@ impl Container {
         metadata: &[(&str, &str)],
     ) -> Result<()> {
         let url = self.container_url()?;
-        let head = self
-            .send(
-                http,
-                auth,
-                reqwest::Method::HEAD,
-                &url,
-                &[],
-                Vec::new(),
-                None,
-            )
-            .await?;
+        let head = self.head(http, auth, &url).await?;
         if head.status == 200 {
             return Ok(());
         }

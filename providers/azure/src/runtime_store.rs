@@ -59,17 +59,7 @@ pub(crate) async fn publish(
         .await?;
     let name = runtime.object_name();
     let url = container.blob_url(&name)?;
-    let head = container
-        .send(
-            http,
-            auth,
-            reqwest::Method::HEAD,
-            &url,
-            &[],
-            Vec::new(),
-            None,
-        )
-        .await?;
+    let head = container.head(http, auth, &url).await?;
     let present = match head.status {
         200 => head
             .header(&format!("x-ms-meta-{SHA_METADATA}"))
