@@ -631,7 +631,8 @@ pub struct MapStage {
     /// How many partitions to split the input into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u32>,
-    /// Or a target partition size in MiB.
+    /// Or the largest partition in MiB: the input is cut into partitions no
+    /// larger, as many as fill whole waves over the cluster's cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_mb: Option<u32>,
 }
