@@ -1374,5 +1374,27 @@ async fn inputs_on_this_machine_are_read_where_they_lie() {
         }
     }
     assert!(copied.is_empty(), "inputs were copied: {copied:?}");
+
+    // Python workers read their ranges themselves on this machine, and
+    // count what workers fed through the driver (ReadInput) count.
+    std::fs::write(base.path().join("part.py"), PARTITION_PY).expect("write part.py");
+    let remote = Cluster::start_remote(2, 1).await;
+    let mut records = Vec::new();
+    for (cluster, out) in [(&cluster, "out/here"), (&remote, "out/there")] {
+        let summary = run(
+            cluster,
+            "python-in-place",
+            partition_job("count", true, out),
+            base.path(),
+            |_| {},
+        )
+        .await;
+        assert!(summary.ok, "{summary:#?}");
+        assert_eq!(read_part_files(&base.path().join(out)), reference, "{out}");
+        let t = summary.task("count").expect("task");
+        records.push((t.records_in, t.input_bytes));
+    }
+    assert_eq!(records[0], records[1], "in place vs through the driver");
+    remote.shutdown().await;
     cluster.shutdown().await;
 }

@@ -138,7 +138,23 @@ fn task_env(def: &proto::StageDef, spec: &proto::TaskSpec, stage: &str) -> Vec<(
 }
 
 fn count_lines(data: &[u8]) -> u64 {
-    data.iter().filter(|&&b| b == b'\n').count() as u64
+    // Byte-wide counters per lane (the compiler vectorises the inner loop),
+    // summed before any of them can overflow: several times faster than a
+    // filter-count, which widens every byte to 64 bits.
+    const LANES: usize = 32;
+    let mut total = 0u64;
+    for block in data.chunks(255 * LANES) {
+        let mut lanes = [0u8; LANES];
+        let mut rows = block.chunks_exact(LANES);
+        for row in &mut rows {
+            for (lane, &b) in lanes.iter_mut().zip(row) {
+                *lane += u8::from(b == b'\n');
+            }
+        }
+        total += lanes.iter().map(|&n| u64::from(n)).sum::<u64>();
+        total += rows.remainder().iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    total
 }
 
 // ---------------------------------------------------------------- input
@@ -211,6 +227,8 @@ fn read_objects(ranges: Vec<proto::InputRange>) -> Result<Feed, TaskError> {
 /// A byte range of an input file this executor opened itself.
 struct LocalRange {
     file: std::fs::File,
+    /// The file as the driver saw it (path and identity).
+    id: proto::LocalFile,
     start: u64,
     end: u64,
     /// The range ends its file without a newline: one follows (as ReadInput sends it).
@@ -239,6 +257,7 @@ fn open_local(spec: &proto::TaskSpec) -> Option<Vec<LocalRange>> {
         }
         out.push(LocalRange {
             file,
+            id: want.clone(),
             start: r.start,
             end: r.end,
             newline_after,
@@ -765,12 +784,38 @@ async fn run_python(
         let e = lost(&worker, "did not start");
         return Err(e);
     }
+    // Input on this machine: the worker reads its byte ranges itself, as
+    // one Python process reads its file, instead of taking every byte
+    // through this process and a pipe.
+    let local = match feed {
+        Feed::Local { ranges, rx: None } if batch_op == b'M' => ranges.take(),
+        _ => None,
+    };
     let stdin = &mut worker.stdin;
     let stdout = &mut worker.stdout;
     let feeder = async {
         let mut bytes = 0u64;
         let mut carry: Vec<u8> = Vec::new();
         let io = |e: std::io::Error| failed(format!("cannot write to the Python worker: {e}"));
+        if let Some(ranges) = local {
+            for r in ranges {
+                bytes += r.end - r.start + u64::from(r.newline_after);
+                let frame = serde_json::json!({
+                    "path": r.id.path,
+                    "dev": r.id.dev,
+                    "ino": r.id.ino,
+                    "size": r.id.size,
+                    "mtime_ns": r.id.mtime_ns,
+                    "start": r.start,
+                    "end": r.end,
+                });
+                write_frame(stdin, b'P', frame.to_string().as_bytes())
+                    .await
+                    .map_err(io)?;
+            }
+            write_frame(stdin, end_op, &[]).await.map_err(io)?;
+            return Ok::<_, TaskError>(bytes);
+        }
         while let Some(chunk) = feed.next().await? {
             bytes += chunk.len() as u64;
             match chunk.iter().rposition(|&b| b == b'\n') {
@@ -1163,4 +1208,38 @@ async fn reduce_in(
         records_out,
         shuffle_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_lines;
+
+    #[test]
+    fn lines_are_counted_across_lanes_blocks_and_tails() {
+        for len in [
+            0usize,
+            1,
+            31,
+            32,
+            33,
+            255 * 32 - 1,
+            255 * 32,
+            255 * 32 + 1,
+            100_000,
+        ] {
+            let data: Vec<u8> = (0..len)
+                .map(|i| {
+                    if i % 7 == 3 || i % 1000 == 0 {
+                        b'\n'
+                    } else {
+                        b'x'
+                    }
+                })
+                .collect();
+            let want = data.iter().filter(|&&b| b == b'\n').count() as u64;
+            assert_eq!(count_lines(&data), want, "{len} bytes");
+        }
+        // Every byte a newline: no lane may overflow.
+        assert_eq!(count_lines(&vec![b'\n'; 1 << 20]), 1 << 20);
+    }
 }

@@ -3,7 +3,10 @@ after another, for as long as its executor keeps it.
 
 Frames on stdin/stdout: op (1 byte), payload length (u32 little endian),
 payload. To the worker: L (load, JSON), then M... E (map) or R... F (reduce).
-From the worker: O (output lines), then D (done, JSON) or X (failed, JSON).
+A map's input comes as M frames (its lines) or, when the input file is on
+this machine, as P frames (JSON: a file's path and identity and a byte
+range), which the worker reads itself. From the worker: O (output lines),
+then D (done, JSON) or X (failed, JSON).
 
 A map function takes one record per call, or (load "per": "partition") an
 iterator over the whole partition's records in one call, returning an
@@ -20,6 +23,7 @@ import os
 import struct
 import sys
 import traceback
+from itertools import chain
 
 IN = os.fdopen(0, "rb", buffering=1 << 20)
 OUT = os.fdopen(os.dup(1), "wb", buffering=1 << 20)
@@ -109,7 +113,10 @@ def key_text(k):
 
 
 def value_text(v):
-    if isinstance(v, str) and "\n" not in v and "\r" not in v:
+    t = type(v)
+    if t is int:
+        return str(v)  # what JSON writes for an int, without the encoder's call
+    if t is str and "\n" not in v and "\r" not in v:
         return v
     return _dumps(v)
 
@@ -123,6 +130,10 @@ def enc_json(k, v):
 
 
 def json_or_str(s):
+    # A counter is the common value: a JSON non-negative integer (no sign,
+    # no leading zero) is read by int(), many times faster than the decoder.
+    if s.isascii() and s.isdigit() and (s[0] != "0" or len(s) == 1):
+        return int(s)
     try:
         return json.loads(s)
     except ValueError:
@@ -202,82 +213,151 @@ def emit_all(result, out, enc, red):
         out.add(enc(k, v))
 
 
-def run_map_partition(load, capture):
-    """One call per partition: the function gets an iterator over the
-    partition's records, fed from M frames as it consumes them."""
+READ_CHUNK = 1 << 20
+
+
+def open_local(spec, files):
+    """The file a P frame names, opened once per task, when it is still the
+    very file the driver planned with (device, inode, size, mtime)."""
+    fd = files.get(spec["path"])
+    if fd is None:
+        fd = os.open(spec["path"], os.O_RDONLY | os.O_CLOEXEC)
+        files[spec["path"]] = fd
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
+            spec["dev"], spec["ino"], spec["size"], spec["mtime_ns"]
+        ):
+            raise OSError(f"{spec['path']} changed after the job was planned")
+    return fd
+
+
+def local_batches(spec, files):
+    """The lines of a P frame's byte range, a chunk's worth at a time. A
+    range starts at a line and ends after a newline, or at the file's end
+    (where a last line without one still counts)."""
+    fd = open_local(spec, files)
+    at, end = spec["start"], spec["end"]
+    carry = b""
+    while at < end:
+        data = os.pread(fd, min(READ_CHUNK, end - at), at)
+        if not data:
+            raise OSError(f"{spec['path']} is shorter than when the job was planned")
+        at += len(data)
+        last = data.rfind(b"\n")
+        if last < 0:
+            carry += data
+            continue
+        first = data.find(b"\n")
+        # Lines are cut at newlines (ASCII), so each piece decodes as the whole would.
+        lines = [(carry + data[:first]).decode("utf-8", "surrogateescape")]
+        if last > first:
+            lines += str(memoryview(data)[first + 1:last], "utf-8", "surrogateescape").split("\n")
+        carry = data[last + 1:]
+        yield lines
+    if carry:
+        yield [carry.decode("utf-8", "surrogateescape")]
+
+
+def count_local(spec, files):
+    """Lines of a P frame's range (a task that stopped reading early)."""
+    fd = open_local(spec, files)
+    at, end, n, tail = spec["start"], spec["end"], 0, b"\n"
+    while at < end:
+        data = os.pread(fd, min(READ_CHUNK, end - at), at)
+        if not data:
+            break
+        at += len(data)
+        n += data.count(b"\n")
+        tail = data[-1:]
+    return n + (tail != b"\n")
+
+
+class Input:
+    """A map task's input: batches of records from M or P frames up to E."""
+
+    def __init__(self):
+        self.records_in = 0
+        self.ended = False
+        self.files = {}
+        # The P frame being read: its rest is counted if the function stops early.
+        self.reading = None
+
+    def batches(self):
+        while not self.ended:
+            op, payload = recv()
+            if op is None:
+                sys.exit(0)
+            if op == b"M":
+                lines = lines_of(payload)
+                self.records_in += len(lines)
+                yield lines
+            elif op == b"P":
+                self.reading = local_batches(json.loads(payload), self.files)
+                for lines in self.reading:
+                    self.records_in += len(lines)
+                    yield lines
+                self.reading = None
+            elif op == b"E":
+                self.ended = True
+            else:
+                sys.exit(2)
+
+    def drain(self):
+        """Reads the frames left unread (after an error, or a function that
+        stopped early) up to E, counting their records."""
+        if self.reading is not None:
+            try:
+                for lines in self.reading:
+                    self.records_in += len(lines)
+            except (OSError, ValueError):
+                pass
+            self.reading = None
+        while not self.ended:
+            op, payload = recv()
+            if op is None:
+                sys.exit(0)
+            if op == b"M":
+                self.records_in += payload.count(b"\n")
+            elif op == b"P":
+                try:
+                    self.records_in += count_local(json.loads(payload), self.files)
+                except (OSError, ValueError, KeyError):
+                    pass
+            elif op == b"E":
+                self.ended = True
+            else:
+                sys.exit(2)
+
+    def close(self):
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
+
+def run_map(load, capture):
+    """A map task: the function once per record (combined map-side with the
+    reducer when there is one), or once per partition (`per: partition`)
+    over an iterator of its records."""
     out = Output()
     error = None
-    state = {"records_in": 0, "ended": False}
+    source = Input()
     try:
         fn = load_function(load["file"], load["map"])
         red = load_function(load["combiner_file"], load["combiner"]) if load.get("combiner") else None
         enc = enc_json if load.get("codec") == "json" else enc_text
     except BaseException:
         error = error_text()
-
-    def records():
-        while not state["ended"]:
-            op, payload = recv()
-            if op is None:
-                sys.exit(0)
-            if op == b"M":
-                lines = lines_of(payload)
-                state["records_in"] += len(lines)
-                yield from lines
-            elif op == b"E":
-                state["ended"] = True
-            else:
-                sys.exit(2)
-
     if error is None:
         try:
-            emit_all(fn(records()), out, enc, red)
-        except BaseException:
-            error = error_text()
-    # Whatever the function left unread is still on the wire: read to E.
-    while not state["ended"]:
-        op, payload = recv()
-        if op is None:
-            sys.exit(0)
-        if op == b"M":
-            state["records_in"] += payload.count(b"\n")
-        elif op == b"E":
-            state["ended"] = True
-        else:
-            sys.exit(2)
-    finish(out, error, state["records_in"], capture)
-
-
-def run_map(load, capture):
-    if load.get("per") == "partition":
-        run_map_partition(load, capture)
-        return
-    out = Output()
-    error = None
-    records_in = 0
-    acc = None
-    try:
-        fn = load_function(load["file"], load["map"])
-        red = None
-        if load.get("combiner"):
-            red = load_function(load["combiner_file"], load["combiner"])
-            acc = {}
-        enc = enc_json if load.get("codec") == "json" else enc_text
-    except BaseException:
-        error = error_text()
-    while True:
-        op, payload = recv()
-        if op is None:
-            sys.exit(0)
-        if op == b"M":
-            if error is not None:
-                continue
-            try:
-                lines = lines_of(payload)
-                records_in += len(lines)
-                if acc is not None:
-                    get = acc.get
-                    missing = _MISSING
+            if load.get("per") == "partition":
+                # The function pulls records one at a time from C (chain),
+                # not through a generator frame resumed per record.
+                emit_all(fn(chain.from_iterable(source.batches())), out, enc, red)
+            elif red is not None:
+                acc = {}
+                get = acc.get
+                missing = _MISSING
+                for lines in source.batches():
                     for rec in lines:
                         for k, v in fn(rec):
                             old = get(k, missing)
@@ -286,24 +366,21 @@ def run_map(load, capture):
                         for k, v in acc.items():
                             out.add(enc(k, v))
                         acc.clear()
-                else:
-                    add = out.add
+                for k, v in acc.items():
+                    out.add(enc(k, v))
+            else:
+                add = out.add
+                for lines in source.batches():
                     for rec in lines:
                         for k, v in fn(rec):
                             add(enc(k, v))
-            except BaseException:
-                error = error_text()
-        elif op == b"E":
-            if error is None and acc:
-                try:
-                    for k, v in acc.items():
-                        out.add(enc(k, v))
-                except BaseException:
-                    error = error_text()
-            finish(out, error, records_in, capture)
-            return
-        else:
-            sys.exit(2)
+        except BaseException:
+            error = error_text()
+    try:
+        source.drain()
+    finally:
+        source.close()
+    finish(out, error, source.records_in, capture)
 
 
 def run_reduce(load, capture):
