@@ -8,105 +8,10 @@
 mod common;
 
 use std::io::{Read as _, Write as _};
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{ChildGuard, Env, wait_until};
-
-/// A controller in the background, its log in a file, killed on drop.
-struct Controller {
-    child: ChildGuard,
-    log: PathBuf,
-}
-
-impl Controller {
-    fn start(env: &Env, extra: &[&str]) -> Controller {
-        let log = env
-            .dir
-            .path()
-            .join(format!("controller-{}.log", fastrand_suffix()));
-        let file = std::fs::File::create(&log).expect("controller log");
-        let mut args = vec!["controller", "--listen", "127.0.0.1:0"];
-        args.extend_from_slice(extra);
-        let child = env
-            .command(&args)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn the controller");
-        Controller {
-            child: ChildGuard(Some(child)),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait until its log has `needle`; panics with the log otherwise.
-    fn wait_for(&self, needle: &str, within: Duration) {
-        assert!(
-            wait_until(within, || self.log().contains(needle)),
-            "the controller never logged {needle:?}:\n{}",
-            self.log()
-        );
-    }
-
-    /// The port its /metrics is served on.
-    fn metrics_port(&self) -> u16 {
-        self.wait_for("serving /metrics", Duration::from_secs(30));
-        let log = self.log();
-        let at = log
-            .split("http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in:\n{log}"));
-        at.rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {at}"))
-    }
-
-    /// SIGTERM; it must exit 0.
-    fn stop(self) {
-        let (code, log) = self.terminate();
-        assert_eq!(code, 0, "{log}");
-    }
-
-    /// SIGTERM, then its exit code and log.
-    fn terminate(mut self) -> (i32, String) {
-        // SAFETY: a signal to a child this test started; no memory is touched.
-        unsafe {
-            libc::kill(self.child.pid(), libc::SIGTERM);
-        }
-        let mut child = self.child.0.take().expect("running");
-        let code = wait_child(&mut child, Duration::from_secs(60));
-        (code, self.log())
-    }
-}
-
-fn wait_child(child: &mut std::process::Child, within: Duration) -> i32 {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.code().unwrap_or(-1);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the process did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn fastrand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+use common::controller::Controller;
+use common::{Env, wait_until};
 
 /// `GET path` from 127.0.0.1:`port`: status and body.
 fn get(port: u16, path: &str) -> (u16, String) {
@@ -337,7 +242,7 @@ fn a_controller_killed_mid_pass_and_started_again_converges_with_nothing_made_tw
         "the first controller never applied: {}",
         first.log()
     );
-    first.child.kill9();
+    first.kill9();
 
     let second = Controller::start(&env, &["--interval", "0.2"]);
     assert!(
@@ -472,7 +377,7 @@ jobs:
     assert_eq!(cluster_nodes(&env), 0, "the job cluster was not removed");
 
     // Killed and started again, the controller does not run the slot again.
-    first.child.kill9();
+    first.kill9();
     let second = Controller::start(&env, &["--interval", "0.2"]);
     second.wait_for("a pass every", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(3));

@@ -4,7 +4,8 @@
 //! virtualenv) and the machine's Java 17; formation starts a real Spark
 //! master and workers; `motorpool run` hands PySpark scripts to
 //! `spark-submit`. Answers are checked against plain Python computing the
-//! same thing.
+//! same thing. Under `motorpool controller`, a cluster with `autoscale`
+//! grows while an application's tasks wait and shrinks back after.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::controller::Controller;
 use common::{Env, processes_mentioning, wait_until};
 
 /// The machine-wide cache the nodes install pyspark into: made once in the
@@ -449,6 +451,91 @@ jobs:
     assert_no_jvm_left(&env);
     env.mp(&["destroy", "--yes"]).expect_code(0);
     assert!(env.processes().is_empty(), "{:?}", env.processes());
+}
+
+/// A job wide enough to wait for cores: 48 partitions of a second each.
+const WIDE_PY: &str = r#"
+import time
+from pyspark.sql import SparkSession
+spark = SparkSession.builder.appName("wide").getOrCreate()
+def slow(x):
+    time.sleep(1)
+    return x
+total = spark.sparkContext.parallelize(range(48), 48).map(slow).sum()
+print("SUM", total)
+spark.stop()
+"#;
+
+#[test]
+fn an_autoscaled_spark_cluster_grows_while_its_stages_wait_and_shrinks_back_after() {
+    // A minute of the spec lasts 1 s: the cluster shrinks after 3 idle seconds.
+    let env = spark_env().with_var("MOTORPOOL_MINUTE_MS", "1000");
+    let dir = env.spec(
+        r#"
+project: sparkscale
+provider: { kind: local }
+clusters:
+  analytics:
+    node_type: small
+    autoscale: { min: 1, max: 2, idle_timeout_minutes: 3 }
+    engine: { kind: spark, version: "4.0.1" }
+jobs:
+  wide:
+    cluster: analytics
+    tasks:
+      sum: { spark: { script: jobs/wide.py } }
+"#,
+    );
+    std::fs::create_dir_all(dir.join("jobs")).expect("jobs dir");
+    std::fs::write(dir.join("jobs/wide.py"), WIDE_PY).expect("wide.py");
+    env.mp(&["apply", "--yes"]).expect_code(0);
+    assert_eq!(jvms_of(&env, "deploy.worker.Worker").len(), 1);
+
+    let controller = Controller::start(&env, &["--interval", "0.5"]);
+    controller.wait_for("a pass every", Duration::from_secs(30));
+    let run = env.spawn(&["run", "wide"]);
+    // One worker of one core, 48 tasks waiting in the application's stage:
+    // the controller reads them from the application's UI and adds a worker,
+    // whose executor then takes tasks of the same application.
+    controller.wait_for(
+        "cluster.analytics: autoscale 1 -> 2 workers",
+        Duration::from_secs(120),
+    );
+    controller.wait_for("tasks waiting beyond", Duration::from_secs(5));
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            jvms_of(&env, "CoarseGrainedExecutorBackend").len() == 2
+        }),
+        "the new worker never ran an executor of the application: {:?}\n{}",
+        env.nodes(),
+        controller.log()
+    );
+    let out = run.wait().expect_code(0);
+    let expected: u64 = (0..48u64).sum();
+    assert!(
+        out.stdout.contains(&format!("SUM {expected}")),
+        "{}",
+        out.stdout
+    );
+
+    // Idle for 3 (short) minutes: back to one worker, with no drift.
+    controller.wait_for(
+        "cluster.analytics: autoscale 2 -> 1 workers: no task ran",
+        Duration::from_secs(120),
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            jvms_of(&env, "deploy.worker.Worker").len() == 1
+                && env.mp(&["plan", "--detailed-exitcode"]).code == 0
+        }),
+        "{:?}\n{}\n{}",
+        env.nodes(),
+        env.mp(&["plan"]).stdout,
+        controller.log()
+    );
+    controller.stop();
+    env.mp(&["destroy", "--yes"]).expect_code(0);
+    assert_no_jvm_left(&env);
 }
 
 #[test]

@@ -20,7 +20,10 @@
 //! `spark:` task as `spark-submit --master spark://...` in the job's
 //! directory ([`SparkSubmit`]). The cluster is ready when the master reports
 //! every worker ALIVE, and idle when neither motorpool nor anyone else has
-//! an application running on it.
+//! an application running on it. Each application motorpool submits gets a
+//! UI port of its own, so the driver can read its active stages
+//! (`/api/v1/applications/.../stages`) and tell the controller how many
+//! tasks wait beyond the workers' cores ([`RunningRole::load`]).
 //!
 //! This module owns the daemons' command lines, their lifetimes and the
 //! master's JSON; it must not know how a node was made or how jobs are
@@ -59,6 +62,10 @@ pub const MASTER_KEY: &str = "spark.master";
 /// ... its web UI (`http://host:port`), and its ALIVE workers.
 pub const MASTER_UI_KEY: &str = "spark.master_ui";
 pub const ALIVE_WORKERS_KEY: &str = "spark.alive_workers";
+
+/// An application's UI port: "0" (any) as motorpool sets it for the
+/// cluster, a port of its own per submitted application.
+const UI_PORT: &str = "spark.ui.port";
 
 /// How long a daemon may take to listen.
 const DAEMON_START: Duration = Duration::from_secs(90);
@@ -437,6 +444,9 @@ pub struct WorkerState {
     pub host: String,
     #[serde(default)]
     pub state: String,
+    /// The cores it offers executors.
+    #[serde(default)]
+    pub cores: u32,
 }
 
 impl MasterState {
@@ -445,41 +455,107 @@ impl MasterState {
     }
 }
 
-/// `GET http://{address}/json/` from the master's web UI (HTTP/1.0: the
-/// server closes the connection after the answer).
+/// One stage of an application as its REST API lists it
+/// (`/api/v1/applications/{id}/stages`), the counts autoscaling reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StageState {
+    #[serde(default)]
+    num_tasks: u32,
+    #[serde(default)]
+    num_active_tasks: u32,
+    #[serde(default)]
+    num_complete_tasks: u32,
+    /// Partitions done at least once (retries and speculation not counted
+    /// twice); older releases lack it.
+    #[serde(default)]
+    num_completed_indices: Option<u32>,
+}
+
+impl StageState {
+    /// Tasks of the stage that wait for a core.
+    fn pending(&self) -> u32 {
+        let done = self
+            .num_completed_indices
+            .unwrap_or(self.num_complete_tasks);
+        self.num_tasks
+            .saturating_sub(done)
+            .saturating_sub(self.num_active_tasks)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct AppEntry {
+    #[serde(default)]
+    id: String,
+}
+
+/// The load of the application whose UI listens at `ui`: (tasks waiting,
+/// tasks running) over its active stages. `Ok(None)` when nothing listens
+/// there any more: the application ended.
+async fn application_load(ui: SocketAddr) -> Result<Option<(u32, u32)>, String> {
+    if !accepts(ui).await {
+        return Ok(None);
+    }
+    let apps: Vec<AppEntry> =
+        http_get_json(ui, "/api/v1/applications", "Spark application").await?;
+    let (mut queued, mut running) = (0u32, 0u32);
+    for app in apps {
+        let path = format!("/api/v1/applications/{}/stages?status=active", app.id);
+        let stages: Vec<StageState> = http_get_json(ui, &path, "Spark application").await?;
+        for stage in stages {
+            queued = queued.saturating_add(stage.pending());
+            running = running.saturating_add(stage.num_active_tasks);
+        }
+    }
+    Ok(Some((queued, running)))
+}
+
+/// `GET http://{address}/json/` from the master's web UI.
 async fn master_state(address: SocketAddr) -> Result<MasterState, String> {
+    http_get_json(address, "/json/", "Spark master").await
+}
+
+/// `GET http://{address}{path}` from a Spark web UI (the master's, an
+/// application's), its JSON answer read as `T`. HTTP/1.0: the server closes
+/// the connection after the answer and never chunks it.
+async fn http_get_json<T: serde::de::DeserializeOwned>(
+    address: SocketAddr,
+    path: &str,
+    who: &str,
+) -> Result<T, String> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(address)
             .await
-            .map_err(|e| format!("cannot reach the Spark master's UI at {address}: {e}"))?;
+            .map_err(|e| format!("cannot reach the {who}'s UI at {address}: {e}"))?;
         let request =
-            format!("GET /json/ HTTP/1.0\r\nHost: {address}\r\nAccept: application/json\r\n\r\n");
+            format!("GET {path} HTTP/1.0\r\nHost: {address}\r\nAccept: application/json\r\n\r\n");
         stream
             .write_all(request.as_bytes())
             .await
-            .map_err(|e| format!("cannot ask the Spark master: {e}"))?;
+            .map_err(|e| format!("cannot ask the {who}: {e}"))?;
         let mut answer = Vec::new();
         stream
             .take(8 << 20)
             .read_to_end(&mut answer)
             .await
-            .map_err(|e| format!("cannot read the Spark master's answer: {e}"))?;
+            .map_err(|e| format!("cannot read the {who}'s answer: {e}"))?;
         Ok::<Vec<u8>, String>(answer)
     };
     let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .map_err(|_| format!("the Spark master at {address} did not answer in 10 s"))??;
+        .map_err(|_| format!("the {who} at {address} did not answer in 10 s"))??;
     let split = answer
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or("the Spark master's answer has no body")?;
+        .ok_or_else(|| format!("the {who}'s answer has no body"))?;
     let status_line = String::from_utf8_lossy(&answer[..split]);
     if !status_line.starts_with("HTTP/1.1 200") && !status_line.starts_with("HTTP/1.0 200") {
         let first = status_line.lines().next().unwrap_or_default().to_string();
-        return Err(format!("the Spark master answered {first}"));
+        return Err(format!("the {who} answered {first} to {path}"));
     }
     serde_json::from_slice(&answer[split + 4..])
-        .map_err(|e| format!("the Spark master's status is not JSON: {e}"))
+        .map_err(|e| format!("the {who}'s answer to {path} is not what Spark writes: {e}"))
 }
 
 /// What `status` and `ClusterStatus` say of a master: its URL, its UI and
@@ -497,6 +573,39 @@ async fn describe_master(url: &str, ui: SocketAddr) -> BTreeMap<String, String> 
     d
 }
 
+/// How long an application's UI may take to listen before its entry in
+/// [`Applications`] is dropped for nothing answering there.
+const APP_UI_GRACE: Duration = Duration::from_secs(120);
+/// How long the applications' UIs have to say what their stages wait for:
+/// well inside the time the controller gives a driver's whole answer.
+const APP_UI_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The web UIs of the applications this driver submitted, and when each was
+/// submitted: where autoscaling asks for waiting tasks.
+#[derive(Default, Clone)]
+struct Applications(Arc<std::sync::Mutex<BTreeMap<SocketAddr, std::time::Instant>>>);
+
+impl Applications {
+    fn add(&self, ui: SocketAddr) {
+        if let Ok(mut apps) = self.0.lock() {
+            apps.insert(ui, std::time::Instant::now());
+        }
+    }
+
+    fn all(&self) -> Vec<(SocketAddr, std::time::Instant)> {
+        self.0
+            .lock()
+            .map(|apps| apps.iter().map(|(a, t)| (*a, *t)).collect())
+            .unwrap_or_default()
+    }
+
+    fn forget(&self, ui: SocketAddr) {
+        if let Ok(mut apps) = self.0.lock() {
+            apps.remove(&ui);
+        }
+    }
+}
+
 /// What the bundled driver needs to run `spark:` tasks on this node.
 struct SparkSubmit {
     install: Install,
@@ -505,17 +614,31 @@ struct SparkSubmit {
     master_ui: SocketAddr,
     /// The cluster's own properties (motorpool's, then `spark_conf`).
     properties: BTreeMap<String, String>,
+    applications: Applications,
 }
 
 impl SparkSubmit {
     /// The full command line of a task: motorpool's properties, then the
     /// cluster's `spark_conf`, then the task's `conf` (later wins), then
-    /// the script and its arguments.
-    fn command_line(&self, task: &SparkTask) -> Vec<String> {
+    /// the script and its arguments. `ui_port` replaces motorpool's "any
+    /// port" for the application's UI (a setting of the cluster's or the
+    /// task's wins over it); the port the UI will listen on, when it is
+    /// known and the UI on, comes back beside the command line.
+    fn command_line(&self, task: &SparkTask, ui_port: Option<u16>) -> (Vec<String>, Option<u16>) {
         let mut conf = self.properties.clone();
+        if let Some(port) = ui_port
+            && conf.get(UI_PORT).is_some_and(|p| p == "0")
+        {
+            conf.insert(UI_PORT.into(), port.to_string());
+        }
         for (k, v) in &task.conf {
             conf.insert(k.clone(), v.clone());
         }
+        let ui_on = conf.get("spark.ui.enabled").is_none_or(|v| v != "false");
+        let watched = conf
+            .get(UI_PORT)
+            .and_then(|p| p.parse::<u16>().ok())
+            .filter(|p| ui_on && *p != 0);
         let mut argv = vec![
             self.install
                 .spark_home
@@ -535,15 +658,20 @@ impl SparkSubmit {
         }
         argv.push(task.script.clone());
         argv.extend(task.args.iter().cloned());
-        argv
+        (argv, watched)
     }
 }
 
 #[async_trait]
 impl EngineTasks for SparkSubmit {
     fn spark_submit(&self, task: &SparkTask) -> Result<Launch, String> {
+        let ip = self.master_ui.ip();
+        let (argv, watched) = self.command_line(task, free_port(ip).ok());
+        if let Some(port) = watched {
+            self.applications.add(SocketAddr::new(ip, port));
+        }
         Ok(Launch {
-            argv: self.command_line(task),
+            argv,
             env: self.env.clone(),
         })
     }
@@ -559,6 +687,7 @@ struct SparkDriver {
     master: Mutex<Option<Daemon>>,
     master_url: String,
     master_ui: SocketAddr,
+    applications: Applications,
 }
 
 #[async_trait]
@@ -587,6 +716,42 @@ impl RunningRole for SparkDriver {
             .map(|s| s.activeapps.len() as u32)
             .unwrap_or(0);
         Ok(ours.max(theirs))
+    }
+
+    /// Slots are the ALIVE workers' cores; waiting and running tasks are
+    /// those of the active stages of the applications motorpool submitted,
+    /// read from their UIs' REST API. Applications someone else submitted
+    /// keep the cluster busy (`running_jobs`) but their stages are not read.
+    async fn load(&self) -> Result<Option<super::ClusterLoad>, EngineError> {
+        let state = master_state(self.master_ui)
+            .await
+            .map_err(EngineError::Unreachable)?;
+        let mut load = super::ClusterLoad {
+            slots: state.alive_workers().iter().map(|w| w.cores).sum(),
+            ..Default::default()
+        };
+        // All at once, each within a bound: a slow UI costs this answer its
+        // tasks, never the driver's status (one that does not answer in
+        // time is taken for a driver that hangs).
+        let apps = self.applications.all();
+        let answers = futures_util::future::join_all(apps.iter().map(|(ui, _)| async move {
+            tokio::time::timeout(APP_UI_TIMEOUT, application_load(*ui))
+                .await
+                .unwrap_or_else(|_| Err(format!("{ui} did not answer in time")))
+        }))
+        .await;
+        for ((ui, submitted), answer) in apps.into_iter().zip(answers) {
+            match answer {
+                Ok(Some((queued, running))) => {
+                    load.queued_tasks = load.queued_tasks.saturating_add(queued);
+                    load.running_tasks = load.running_tasks.saturating_add(running);
+                }
+                Ok(None) if submitted.elapsed() > APP_UI_GRACE => self.applications.forget(ui),
+                // Not listening yet, or no answer this time.
+                Ok(None) | Err(_) => {}
+            }
+        }
+        Ok(Some(load))
     }
 
     async fn health(&self) -> Result<(), EngineError> {
@@ -667,7 +832,7 @@ impl Spark {
         let mut properties = shared_properties(&context, ip);
         // Applications: their UI and ports picked by the OS (nothing is
         // shared between two at once), executors sized to fit a worker.
-        properties.insert("spark.ui.port".into(), "0".into());
+        properties.insert(UI_PORT.into(), "0".into());
         properties.insert(
             "spark.pyspark.python".into(),
             install.python.display().to_string(),
@@ -683,12 +848,14 @@ impl Spark {
         for (k, v) in &context.conf {
             properties.insert(k.clone(), v.clone());
         }
+        let applications = Applications::default();
         let submit = SparkSubmit {
             env: install.env(ip, &app_conf),
             install,
             master_url: master_url.clone(),
             master_ui,
             properties,
+            applications: applications.clone(),
         };
         let runtime = match bundled::start_driver(&context, Some(Arc::new(submit))).await {
             Ok(runtime) => runtime,
@@ -702,6 +869,7 @@ impl Spark {
             master: Mutex::new(Some(master)),
             master_url,
             master_ui,
+            applications,
         })
     }
 
@@ -884,8 +1052,10 @@ mod tests {
             properties: [
                 ("spark.port.maxRetries".to_string(), "0".to_string()),
                 ("spark.sql.shuffle.partitions".to_string(), "8".to_string()),
+                ("spark.ui.port".to_string(), "0".to_string()),
             ]
             .into(),
+            applications: Applications::default(),
         };
         let task = SparkTask {
             script: "jobs/aggregate.py".into(),
@@ -893,8 +1063,9 @@ mod tests {
             py_files: vec!["jobs/lib.py".into(), "jobs/more.zip".into()],
             conf: [("spark.sql.shuffle.partitions".to_string(), "2".to_string())].into(),
         };
+        let (argv, ui) = submit.command_line(&task, Some(4321));
         assert_eq!(
-            submit.command_line(&task),
+            argv,
             [
                 "/c/pyspark/bin/spark-submit",
                 "--master",
@@ -903,6 +1074,8 @@ mod tests {
                 "spark.port.maxRetries=0",
                 "--conf",
                 "spark.sql.shuffle.partitions=2",
+                "--conf",
+                "spark.ui.port=4321",
                 "--py-files",
                 "jobs/lib.py,jobs/more.zip",
                 "jobs/aggregate.py",
@@ -910,12 +1083,92 @@ mod tests {
                 "--flag; rm -rf /",
             ]
         );
+        // The application's UI is watched where it will listen...
+        assert_eq!(ui, Some(4321));
+        // ... at the task's own port when it names one, and not when it turns the UI off.
+        let mut own = task.clone();
+        own.conf.insert("spark.ui.port".into(), "4444".into());
+        assert_eq!(submit.command_line(&own, Some(4321)).1, Some(4444));
+        let mut off = task.clone();
+        off.conf.insert("spark.ui.enabled".into(), "false".into());
+        assert_eq!(submit.command_line(&off, Some(4321)).1, None);
+        // No free port found: any port, not watched.
+        let (argv, ui) = submit.command_line(&task, None);
+        assert!(argv.contains(&"spark.ui.port=0".to_string()), "{argv:?}");
+        assert_eq!(ui, None);
+    }
+
+    /// An application's UI on loopback answering the two REST calls as
+    /// Spark does (HTTP/1.0, closed after the answer).
+    async fn fake_application_ui() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = vec![0u8; 4096];
+                let n = stream.read(&mut request).await.unwrap_or(0);
+                let line = String::from_utf8_lossy(&request[..n]).to_string();
+                let body = if line
+                    .starts_with("GET /api/v1/applications/app-7/stages?status=active ")
+                {
+                    r#"[{"stageId":0,"numTasks":48,"numActiveTasks":1,"numCompleteTasks":5,"numCompletedIndices":5}]"#
+                } else if line.starts_with("GET /api/v1/applications ") {
+                    r#"[{"id":"app-7","name":"wide","attempts":[]}]"#
+                } else {
+                    ""
+                };
+                let head = if body.is_empty() {
+                    "HTTP/1.1 404 Not Found"
+                } else {
+                    "HTTP/1.1 200 OK"
+                };
+                let answer = format!(
+                    "{head}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn an_application_ui_tells_its_waiting_and_running_tasks() {
+        let ui = fake_application_ui().await;
+        assert_eq!(application_load(ui).await, Ok(Some((48 - 5 - 1, 1))));
+        // Nothing listens: the application ended.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        assert_eq!(application_load(gone).await, Ok(None));
+    }
+
+    #[test]
+    fn waiting_tasks_are_those_of_active_stages_not_done_nor_running() {
+        let stages: Vec<StageState> = serde_json::from_str(
+            r#"[{"status":"ACTIVE","stageId":3,"numTasks":24,"numActiveTasks":2,
+                 "numCompleteTasks":5,"numFailedTasks":1,"numCompletedIndices":4},
+                {"status":"ACTIVE","stageId":4,"numTasks":3,"numActiveTasks":0,"numCompleteTasks":0}]"#,
+        )
+        .expect("stages");
+        assert_eq!(stages[0].pending(), 24 - 4 - 2);
+        assert_eq!(stages[1].pending(), 3);
+        // Speculative copies never make it negative.
+        let over = StageState {
+            num_tasks: 2,
+            num_active_tasks: 2,
+            num_complete_tasks: 1,
+            num_completed_indices: Some(1),
+        };
+        assert_eq!(over.pending(), 0);
     }
 
     #[test]
     fn the_master_state_reads_alive_workers() {
         let json = r#"{"url":"spark://127.0.0.1:7077","workers":[
-            {"id":"w1","host":"127.0.0.1","port":1,"state":"ALIVE"},
+            {"id":"w1","host":"127.0.0.1","port":1,"state":"ALIVE","cores":2},
             {"id":"w2","host":"127.0.0.1","port":2,"state":"DEAD"}],
             "aliveworkers":1,"activeapps":[{"id":"app-1"}],"status":"ALIVE"}"#;
         let state: MasterState = serde_json::from_str(json).expect("parses");
@@ -925,6 +1178,7 @@ mod tests {
             .map(|w| w.id.as_str())
             .collect();
         assert_eq!(alive, ["w1"]);
+        assert_eq!(state.alive_workers()[0].cores, 2);
         assert_eq!(state.activeapps.len(), 1);
     }
 

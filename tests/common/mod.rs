@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod cloud_init;
+pub mod controller;
 pub mod lifecycle;
 pub mod lock_scenarios;
 pub mod machines;
