@@ -23,6 +23,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+#[path = "../../providers/testing/install_once.rs"]
+mod install_once;
+
 /// The Azurite release the tests run against (`scripts/test` pins the same).
 pub const AZURITE_VERSION: &str = "3.37.0";
 /// Azurite's well-known development account and key (public, documented).
@@ -212,85 +215,31 @@ pub fn azurite_program() -> PathBuf {
     }
 }
 
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    // <target>/<profile>/deps/<test binary>
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from("target"))
-}
-
 fn find_or_install_azurite() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("MOTORPOOL_AZURITE_BLOB").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!(
-                "MOTORPOOL_AZURITE_BLOB is {}, which is not a file",
-                p.display()
-            ))
-        };
-    }
-    let target = target_dir();
-    let dir = target.join("azurite");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let program = dir.join("node_modules/.bin/azurite-blob");
-    let marker = dir.join(format!(".motorpool-azurite-{AZURITE_VERSION}"));
-    let lock_path = target.join("azurite.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
-    // SAFETY: flock on a file descriptor we own; released when `lock` closes.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(format!(
-            "cannot lock {}: {}",
-            lock_path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    if marker.is_file() && program.is_file() {
-        return Ok(program);
-    }
-    eprintln!(
-        "installing azurite@{AZURITE_VERSION} into {} (once)",
-        dir.display()
-    );
-    let out = Command::new("npm")
-        .args([
-            "install",
-            "--no-audit",
-            "--no-fund",
-            "--loglevel=error",
-            "--prefix",
-        ])
-        .arg(&dir)
-        .arg(format!("azurite@{AZURITE_VERSION}"))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run npm: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "npm install azurite@{AZURITE_VERSION} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    if !program.is_file() {
-        return Err(format!(
-            "npm installed azurite but {} is missing",
-            program.display()
-        ));
-    }
-    std::fs::write(&marker, AZURITE_VERSION)
-        .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
-    Ok(program)
+    let package = format!("azurite@{AZURITE_VERSION}");
+    let tool = install_once::Tool {
+        env_var: "MOTORPOOL_AZURITE_BLOB",
+        dir: "azurite",
+        program: "node_modules/.bin/azurite-blob",
+        package: &package,
+        marker: &format!("azurite-{AZURITE_VERSION}"),
+    };
+    install_once::find_or_install(&tool, |dir| {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        install_once::run(
+            Command::new("npm")
+                .args([
+                    "install",
+                    "--no-audit",
+                    "--no-fund",
+                    "--loglevel=error",
+                    "--prefix",
+                ])
+                .arg(dir)
+                .arg(&package),
+        )
+    })
 }
 
 /// Azurite's blob service on 127.0.0.1, with its data in a temporary

@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 
 use motorpool_aws::{AwsConfig, AwsProvider, Credentials};
 
+#[path = "../../../testing/install_once.rs"]
+mod install_once;
+
 /// The moto release the tests run against (`scripts/test` pins the same).
 pub const MOTO_VERSION: &str = "5.2.5";
 pub const REGION: &str = "us-east-1";
@@ -107,18 +110,6 @@ pub fn provider(endpoint: &str, adjust: impl FnOnce(&mut AwsConfig)) -> AwsProvi
 // ---------------------------------------------------------------------------
 // moto
 
-/// The cargo target directory this test binary runs from.
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    // <target>/<profile>/deps/<test binary>
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from("target"))
-}
-
 /// The `moto_server` program, made once per process (and per target dir,
 /// under a file lock, across processes).
 pub fn moto_server_program() -> PathBuf {
@@ -134,80 +125,15 @@ pub fn moto_server_program() -> PathBuf {
 }
 
 fn find_or_install_moto() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("MOTORPOOL_MOTO_SERVER").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!(
-                "MOTORPOOL_MOTO_SERVER is {}, which is not a file",
-                p.display()
-            ))
-        };
-    }
-    let target = target_dir();
-    std::fs::create_dir_all(&target)
-        .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
-    let venv = target.join("moto-venv");
-    let program = venv.join("bin").join("moto_server");
-    let marker = venv.join(format!(".motorpool-moto-{MOTO_VERSION}"));
-    let lock_path = target.join("moto-venv.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
-    // SAFETY: flock on a file descriptor we own; released when `lock` closes.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(format!(
-            "cannot lock {}: {}",
-            lock_path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    if marker.is_file() && program.is_file() {
-        return Ok(program);
-    }
-    eprintln!(
-        "making a virtualenv with moto[server]=={MOTO_VERSION} in {} (once)",
-        venv.display()
-    );
-    run(Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&venv))?;
-    run(Command::new(venv.join("bin").join("pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        &format!("moto[server]=={MOTO_VERSION}"),
-    ]))?;
-    if !program.is_file() {
-        return Err(format!(
-            "pip installed moto but {} is missing",
-            program.display()
-        ));
-    }
-    std::fs::write(&marker, MOTO_VERSION)
-        .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
-    Ok(program)
-}
-
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+    let package = format!("moto[server]=={MOTO_VERSION}");
+    let tool = install_once::Tool {
+        env_var: "MOTORPOOL_MOTO_SERVER",
+        dir: "moto-venv",
+        program: "bin/moto_server",
+        package: &package,
+        marker: &format!("moto-{MOTO_VERSION}"),
+    };
+    install_once::find_or_install(&tool, |venv| install_once::pip_venv(venv, &package))
 }
 
 /// A free TCP port on 127.0.0.1 (free when this returns).

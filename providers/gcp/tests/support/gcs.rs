@@ -18,38 +18,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+#[path = "../../../testing/install_once.rs"]
+mod install_once;
+
 /// The emulator's version on PyPI.
 pub const EMULATOR_VERSION: &str = "2026.7.19";
 
 /// The service account email of [`TestKey`].
 pub const TEST_ACCOUNT: &str = "runtime-test@motorpool-test.iam.gserviceaccount.com";
-
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from("target"))
-}
-
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
 
 /// The emulator program, made once per process (and per target dir, under
 /// a file lock, across processes). No emulator, no pass: the test fails.
@@ -67,61 +43,15 @@ pub fn emulator_program() -> PathBuf {
 }
 
 fn find_or_install() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("MOTORPOOL_GCS_EMULATOR").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!(
-                "MOTORPOOL_GCS_EMULATOR is {}, which is not a file",
-                p.display()
-            ))
-        };
-    }
-    let target = target_dir();
-    std::fs::create_dir_all(&target)
-        .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
-    let venv = target.join("gcs-venv");
-    let program = venv.join("bin").join("gcp-storage-emulator");
-    let lock_path = target.join("gcs-venv.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
-    // SAFETY: flock on a file descriptor we own; released when `lock` closes.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(format!(
-            "cannot lock {}: {}",
-            lock_path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    if program.is_file() {
-        return Ok(program);
-    }
-    eprintln!(
-        "making a virtualenv with gcp-storage-emulator=={EMULATOR_VERSION} in {} (once)",
-        venv.display()
-    );
-    run(Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&venv))?;
-    run(Command::new(venv.join("bin").join("pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        &format!("gcp-storage-emulator=={EMULATOR_VERSION}"),
-    ]))?;
-    if program.is_file() {
-        Ok(program)
-    } else {
-        Err(format!(
-            "pip installed gcp-storage-emulator but {} is missing",
-            program.display()
-        ))
-    }
+    let package = format!("gcp-storage-emulator=={EMULATOR_VERSION}");
+    let tool = install_once::Tool {
+        env_var: "MOTORPOOL_GCS_EMULATOR",
+        dir: "gcs-venv",
+        program: "bin/gcp-storage-emulator",
+        package: &package,
+        marker: &format!("gcs-{EMULATOR_VERSION}"),
+    };
+    install_once::find_or_install(&tool, |venv| install_once::pip_venv(venv, &package))
 }
 
 /// One plain HTTP/1.1 request to 127.0.0.1:`port`: status, headers, body.
@@ -267,16 +197,18 @@ impl TestKey {
     pub fn new() -> TestKey {
         let dir = tempfile::tempdir().expect("a key directory");
         let pem = dir.path().join("key.pem");
-        run(Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ])
-            .arg(&pem))
+        install_once::run(
+            Command::new("openssl")
+                .args([
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                    "-out",
+                ])
+                .arg(&pem),
+        )
         .unwrap_or_else(|e| panic!("the signing tests need openssl to make a test key: {e}"));
         let private_key = std::fs::read_to_string(&pem).expect("the key");
         let key = serde_json::json!({
