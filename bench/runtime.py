@@ -232,11 +232,17 @@ def single_process(form, mb, data, job):
             out = subprocess.run([os.path.join(job, "wcnative"), "map"], stdin=f, capture_output=True, check=True)
         seconds = time.perf_counter() - start
         return {"seconds": seconds, **digest_lines(out.stdout.decode().splitlines())}
+    what = "Python Counter" if form == "partition" else "Python calling tokenize and add"
+    log(f"==> single process over {mb} MiB: {what}")
+    mode, args = python_twin(form, data, job)
+    return peer(sys.executable, mode, *args)
+
+
+def python_twin(form, data, job):
+    """A Python form's twin over `data`: its runtime_peers.py mode and arguments."""
     if form == "partition":
-        log(f"==> single process over {mb} MiB: Python Counter")
-        return peer(sys.executable, "python-wordcount", data)
-    log(f"==> single process over {mb} MiB: Python calling tokenize and add")
-    return peer(sys.executable, "python-functions", data, os.path.join(job, "wc.py"))
+        return "python-wordcount", [data]
+    return "python-functions", [data, os.path.join(job, "wc.py")]
 
 
 def halves(data):
@@ -266,26 +272,34 @@ def twin_pair(form, mb, parts, job):
     shared as a cluster's workers share them), with nothing between them."""
     log(f"==> two single processes at once over {mb} MiB, half each: {TWINS[form]}")
     procs = []
-    for part in parts:
-        if form == "native":
-            argv = [sys.executable, "-c", (
-                "import subprocess,sys,time,json;t=time.perf_counter();"
-                "subprocess.run([sys.argv[1],'map'],stdin=open(sys.argv[2],'rb'),stdout=subprocess.DEVNULL,check=True);"
-                "print(json.dumps({'seconds':time.perf_counter()-t}))"),
-                os.path.join(job, "wcnative"), part]
-        elif form == "partition":
-            argv = [sys.executable, os.path.join(BENCH, "runtime_peers.py"), "python-wordcount", part]
-        else:
-            argv = [sys.executable, os.path.join(BENCH, "runtime_peers.py"), "python-functions", part,
-                    os.path.join(job, "wc.py")]
-        procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True))
-    seconds = 0.0
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode != 0:
-            sys.exit(f"the twin pair ({form}) failed")
-        seconds = max(seconds, json.loads(out.strip().splitlines()[-1])["seconds"])
-    return {"seconds": seconds}
+    try:
+        for part in parts:
+            if form == "native":
+                argv = [sys.executable, "-c", (
+                    "import subprocess,sys,time,json;t=time.perf_counter();"
+                    "subprocess.run([sys.argv[1],'map'],stdin=open(sys.argv[2],'rb'),stdout=subprocess.DEVNULL,check=True);"
+                    "print(json.dumps({'seconds':time.perf_counter()-t}))"),
+                    os.path.join(job, "wcnative"), part]
+            else:
+                mode, args = python_twin(form, part, job)
+                argv = [sys.executable, os.path.join(BENCH, "runtime_peers.py"), mode] + args
+            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                                          start_new_session=True))
+        seconds = 0.0
+        for p in procs:
+            out, _ = p.communicate()
+            if p.returncode != 0:
+                sys.exit(f"the twin pair ({form}) failed")
+            seconds = max(seconds, json.loads(out.strip().splitlines()[-1])["seconds"])
+        return {"seconds": seconds}
+    finally:
+        # Both stop with this call, also when one failed: each with its group.
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
 
 SPEC = """\
