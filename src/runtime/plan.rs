@@ -496,12 +496,15 @@ pub fn resolve_input(dir: &Path, pattern: &str) -> anyhow::Result<Vec<(PathBuf, 
 /// How many map partitions `total` bytes get on `cores` cores.
 ///
 /// `partitions` is taken as written. Otherwise the partition size
-/// (`partition_mb`, or the default) is an upper bound: the count is the
-/// smallest that keeps partitions within it, raised so that every core gets
-/// work (down to [`MIN_SPLIT_BYTES`] a partition), and then to a whole number
-/// of waves. Partitions of equal bytes take about equally long, so a last
-/// wave with fewer partitions than cores leaves the others idle: 5 partitions
-/// on 2 cores take 3 partitions' time where 6 smaller ones take 2.5.
+/// (`partition_mb`, or the default) is an upper bound, with Hadoop's 10%
+/// slop: the count is the smallest that leaves at most a tenth of a
+/// partition over, spread evenly (256 MiB and a few bytes make 4 partitions
+/// on 2 cores, not 5 raised to 6). It is raised so that every core gets work
+/// (down to [`MIN_SPLIT_BYTES`] a partition), and then to a whole number of
+/// waves. Partitions of equal bytes take about
+/// equally long, so a last wave with fewer partitions than cores leaves the
+/// others idle: 5 partitions on 2 cores take 3 partitions' time where 6
+/// smaller ones take 2.5.
 pub fn partition_count(
     total: u64,
     partitions: Option<u32>,
@@ -515,7 +518,12 @@ pub fn partition_count(
     let cores = (cores as u64).max(1);
     let target = u64::from(partition_mb.unwrap_or(default_partition_mb).max(1)) << 20;
     let splits = total.div_ceil(MIN_SPLIT_BYTES);
-    let mut n = total.div_ceil(target).max(cores.min(splits));
+    // ceil(total / target - 0.1)
+    let within_slop = total
+        .saturating_mul(10)
+        .saturating_sub(target)
+        .div_ceil(target.saturating_mul(10));
+    let mut n = within_slop.max(1).max(cores.min(splits));
     if n > cores {
         n = n.div_ceil(cores).saturating_mul(cores).min(splits.max(n));
     }
@@ -843,9 +851,14 @@ mod tests {
         assert_eq!(partition_count(1 << 30, None, None, 64, 2), 16);
         assert_eq!(partition_count(1000, None, None, 64, 4), 1);
         assert_eq!(partition_count(1 << 20, None, None, 64, 4), 4);
-        // A partition size is an upper bound, filled up to whole waves.
+        // A partition size is an upper bound (with 10% slop), filled up to
+        // whole waves.
         let mib = 1u64 << 20;
-        assert_eq!(partition_count(256 * mib + 11, None, Some(64), 64, 2), 6);
+        assert_eq!(partition_count(256 * mib + 11, None, Some(64), 64, 2), 4);
+        assert_eq!(partition_count(262 * mib, None, Some(64), 64, 2), 4);
+        assert_eq!(partition_count(263 * mib, None, Some(64), 64, 2), 6);
+        assert_eq!(partition_count(70 * mib, None, Some(64), 64, 1), 1);
+        assert_eq!(partition_count(71 * mib, None, Some(64), 64, 1), 2);
         assert_eq!(partition_count(256 * mib, None, Some(64), 64, 2), 4);
         assert_eq!(partition_count(256 * mib, None, Some(64), 64, 3), 6);
         assert_eq!(partition_count(30 * mib, None, Some(64), 64, 2), 2);

@@ -632,7 +632,8 @@ pub struct MapStage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u32>,
     /// Or the largest partition in MiB: the input is cut into partitions no
-    /// larger, as many as fill whole waves over the cluster's cores.
+    /// larger (give or take Hadoop's 10% slop, so a few bytes over do not
+    /// add a partition), as many as fill whole waves over the cluster's cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_mb: Option<u32>,
 }
