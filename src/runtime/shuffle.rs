@@ -214,13 +214,28 @@ impl ShuffleWriter {
 
 struct Head {
     line: Vec<u8>,
+    /// The key's length: found once per line, not at every comparison.
+    key_len: usize,
     source: usize,
 }
 
 impl Head {
+    fn new(line: Vec<u8>, source: usize) -> Head {
+        let key_len = key_of(&line).len();
+        Head {
+            line,
+            key_len,
+            source,
+        }
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.line[..self.key_len]
+    }
+
     fn cmp_key(&self, other: &Head) -> Ordering {
-        key_of(&self.line)
-            .cmp(key_of(&other.line))
+        self.key()
+            .cmp(other.key())
             .then(self.source.cmp(&other.source))
     }
 }
@@ -273,16 +288,19 @@ pub fn merge_sorted<R: BufRead>(
     let mut heap = BinaryHeap::with_capacity(sources.len());
     for (i, s) in sources.iter_mut().enumerate() {
         if let Some(line) = next(s, Vec::new())? {
-            heap.push(Head { line, source: i });
+            heap.push(Head::new(line, i));
         }
     }
-    while let Some(head) = heap.pop() {
-        emit(&head.line)?;
-        if let Some(line) = next(&mut sources[head.source], head.line)? {
-            heap.push(Head {
-                line,
-                source: head.source,
-            });
+    // The smallest head is emitted and replaced in place by its source's next
+    // line: one sift down, where a pop and a push take two.
+    while let Some(mut top) = heap.peek_mut() {
+        emit(&top.line)?;
+        let source = top.source;
+        match next(&mut sources[source], std::mem::take(&mut top.line))? {
+            Some(line) => *top = Head::new(line, source),
+            None => {
+                std::collections::binary_heap::PeekMut::pop(top);
+            }
         }
     }
     Ok(())
@@ -340,6 +358,15 @@ mod tests {
         })
         .expect("merge");
         assert_eq!(out, b"a\t1\nb\t2\nc\t1\nc\t2\n");
+        // Equal keys come in the order of their sources, not of their values.
+        let runs: Vec<&[u8]> = vec![b"b\t9\nb\t8\n", b"a\t0\nb\t1\n", b"b\t5\nc"];
+        let mut out = Vec::new();
+        merge_sorted(runs, |l| {
+            out.extend_from_slice(l);
+            Ok(())
+        })
+        .expect("merge");
+        assert_eq!(out, b"a\t0\nb\t9\nb\t8\nb\t1\nb\t5\nc\n");
     }
 
     #[test]
