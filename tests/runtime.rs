@@ -353,6 +353,121 @@ async fn wordcount_python_functions_equal_the_reference() {
     cluster.shutdown().await;
 }
 
+/// A Python map and reduce whose keys and values are of every JSON kind,
+/// with the characters JSON escapes; and one process running the same
+/// functions, printing lines as the reduce output does.
+const KINDS_PY: &str = r#"
+import json
+import sys
+
+
+def pairs(line):
+    for word in line.split():
+        yield word, 1
+        yield ("len", len(word)), 0.5
+        yield 'q"' + word[:2], -1
+        yield "b\\" + word[:1], [word[:1]]
+        yield "\u00e9\t" + word[:1], {"n": 1}
+        yield len(word), "x\ty"
+
+
+def merge(a, b):
+    if isinstance(a, dict):
+        return {"n": a["n"] + b["n"]}
+    if isinstance(a, list):
+        return sorted(set(a + b))
+    if isinstance(a, str):
+        return max(a, b)
+    return a + b
+
+
+if __name__ == "__main__":
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    acc = {}
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            for line in f.read().splitlines():
+                for k, v in pairs(line):
+                    k = list(k) if isinstance(k, tuple) else k
+                    key = dumps(k)
+                    acc[key] = (k, merge(acc[key][1], v)) if key in acc else (k, v)
+    for k, v in acc.values():
+        plain_key = isinstance(k, str) and not any(c in k for c in "\t\n\r")
+        plain_value = type(v) is int or (isinstance(v, str) and not any(c in v for c in "\n\r"))
+        print((k if plain_key else dumps(k)) + "\t" + (str(v) if plain_value else dumps(v)))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_keys_and_values_of_every_json_kind_cross_the_shuffle_intact() {
+    let cluster = Cluster::start(2, 2).await;
+    let (base, _) = job_dir(3000, 2, 5);
+    std::fs::write(base.path().join("kinds.py"), KINDS_PY).expect("write kinds.py");
+    let f = |function: &str| PythonFunction {
+        file: "kinds.py".into(),
+        function: function.into(),
+        per: None,
+    };
+    let mut job = Job::default();
+    job.tasks.insert(
+        "kinds".into(),
+        Task {
+            map: Some(MapStage {
+                input: "data/*.txt".into(),
+                python: Some(f("pairs")),
+                partitions: Some(4),
+                ..MapStage::default()
+            }),
+            reduce: Some(ReduceStage {
+                partitions: Some(3),
+                python: Some(f("merge")),
+                ..ReduceStage::default()
+            }),
+            output: Some("out/kinds".into()),
+            ..Task::default()
+        },
+    );
+    let summary = run(&cluster, "kinds", job, base.path(), |_| {}).await;
+    assert!(summary.ok, "{summary:#?}");
+    let mut got: Vec<String> = (0..3)
+        .flat_map(|i| {
+            let part = base.path().join(format!("out/kinds/part-{i:05}"));
+            std::fs::read_to_string(&part)
+                .unwrap_or_else(|e| panic!("{}: {e}", part.display()))
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    got.sort();
+    let one_process = Command::new("python3")
+        .arg("kinds.py")
+        .args(["data/part0.txt", "data/part1.txt"])
+        .current_dir(base.path())
+        .output()
+        .expect("python3 runs");
+    assert!(one_process.status.success(), "{one_process:?}");
+    let mut want: Vec<String> = String::from_utf8_lossy(&one_process.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    want.sort();
+    // Every kind made it: a tuple key as a JSON list, an escaped key, a float sum.
+    for needle in [
+        r#"["len",4]"#,
+        "q\"ka\t-",
+        "b\\k\t[\"k\"]",
+        r#""\u00e9\tk""#,
+        "4\tx\ty",
+    ] {
+        assert!(
+            want.iter().any(|l| l.starts_with(needle)),
+            "{needle} not in {want:?}"
+        );
+    }
+    assert_eq!(got, want);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_executor_does_not_change_the_result() {
     let mut cluster = Cluster::start(0, 1).await;

@@ -125,8 +125,35 @@ def enc_text(k, v):
     return key_text(k) + "\t" + value_text(v) + "\n"
 
 
+def json_text(x):
+    """JSON of x as the encoder writes it; a plain ASCII str and an int
+    without the encoder's call (words and counters are most of what a
+    Python map hands a Python reduce)."""
+    t = type(x)
+    if t is str:
+        # What the encoder leaves unescaped (ensure_ascii): space to tilde,
+        # but for the quote and the backslash.
+        if x.isascii() and x.isprintable() and '"' not in x and "\\" not in x:
+            return '"' + x + '"'
+    elif t is int:
+        return str(x)
+    return _dumps(x)
+
+
 def enc_json(k, v):
-    return _dumps(k) + "\t" + _dumps(v) + "\n"
+    return json_text(k) + "\t" + json_text(v) + "\n"
+
+
+def json_value(s):
+    """json.loads(s) for JSON as json_text writes it: a non-negative int
+    (no sign, no leading zero) and a string without escapes are read
+    without the decoder's call."""
+    if s.isascii():
+        if s.isdigit() and (s[0] != "0" or len(s) == 1):
+            return int(s)
+        if len(s) >= 2 and s[0] == '"' and s[-1] == '"' and "\\" not in s and s.count('"') == 2:
+            return s[1:-1]
+    return json.loads(s)
 
 
 def json_or_str(s):
@@ -382,8 +409,8 @@ def run_reduce(load, capture):
     try:
         red = load_function(load["file"], load["reduce"])
         as_json = load.get("codec") == "json"
-        dec_key = json.loads if as_json else (lambda s: s)
-        dec_val = json.loads if as_json else json_or_str
+        dec_key = json_value if as_json else (lambda s: s)
+        dec_val = json_value if as_json else json_or_str
     except BaseException:
         error = error_text()
     cur_raw = None
@@ -398,16 +425,16 @@ def run_reduce(load, capture):
             try:
                 lines = lines_of(payload)
                 records_in += len(lines)
+                add = out.add
                 for line in lines:
                     raw, _, vtext = line.partition("\t")
-                    v = dec_val(vtext)
                     if raw == cur_raw:
-                        cur_val = red(cur_val, v)
+                        cur_val = red(cur_val, dec_val(vtext))
                     else:
                         if cur_raw is not None:
-                            out.add(key_text(dec_key(cur_raw)) + "\t" + value_text(cur_val) + "\n")
+                            add(key_text(dec_key(cur_raw)) + "\t" + value_text(cur_val) + "\n")
                         cur_raw = raw
-                        cur_val = v
+                        cur_val = dec_val(vtext)
             except BaseException:
                 error = error_text()
         elif op == b"F":
