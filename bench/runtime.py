@@ -25,8 +25,9 @@ distributed and PySpark, in one run, on this machine.
              Dask bag               read_text.str.split().flatten().frequencies()
              Every answer is checked equal (distinct words, total, sha256).
              Each form and its twin run one after the other, --repeat rounds
-             (default 3), so both see the same machine; the best round counts
-             and every round is printed (these machines are noisy).
+             (default 3), so both see the same machine, in the opposite order
+             every other round; the best round counts, and every round and
+             the ratio within each round are printed (these machines are noisy).
              Beside them, the twin twice at once over the two halves of the
              input: the most two cores of this machine give that work right
              now, and how much of it motorpool reaches.
@@ -51,6 +52,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -433,21 +435,31 @@ def main():
             except OSError:
                 shutil.copyfile(inputs[mb], link)
             # Each form next to its twin, round after round, so that both see
-            # the same machine; the best of the rounds counts.
+            # the same machine; the best of the rounds counts. Every other
+            # round runs them in the opposite order (ABBA), so that a machine
+            # speeding up or slowing down favours none of them.
             for round_ in range(args.repeat):
                 for out in forms:
                     name = FORM_JOBS[out]
-                    log(f"==> motorpool: {name} over {mb} MiB (round {round_ + 1} of {args.repeat})")
-                    r = submit(submitter, address, job, name)
-                    t = r["summary"]["tasks"][0]
-                    keep(results, f"wordcount-{mb}/motorpool-{out}", {
-                        "seconds": r["wall_s"],
-                        "maps": t["map_partitions"],
-                        "shuffle_bytes": t["shuffle_bytes"],
-                        **digest_dir(os.path.join(job, "out", out)),
-                    })
-                    keep(results, f"wordcount-{mb}/{TWINS[out]}", single_process(out, mb, inputs[mb], job))
-                    keep(results, f"pair-{mb}/{TWINS[out]}", twin_pair(out, mb, halves(inputs[mb]), job))
+
+                    def form():
+                        log(f"==> motorpool: {name} over {mb} MiB (round {round_ + 1} of {args.repeat})")
+                        r = submit(submitter, address, job, name)
+                        t = r["summary"]["tasks"][0]
+                        keep(results, f"wordcount-{mb}/motorpool-{out}", {
+                            "seconds": r["wall_s"],
+                            "maps": t["map_partitions"],
+                            "shuffle_bytes": t["shuffle_bytes"],
+                            **digest_dir(os.path.join(job, "out", out)),
+                        })
+
+                    steps = [
+                        form,
+                        lambda: keep(results, f"wordcount-{mb}/{TWINS[out]}", single_process(out, mb, inputs[mb], job)),
+                        lambda: keep(results, f"pair-{mb}/{TWINS[out]}", twin_pair(out, mb, halves(inputs[mb]), job)),
+                    ]
+                    for step in steps if round_ % 2 == 0 else reversed(steps):
+                        step()
     finally:
         procs.stop_all()
 
@@ -526,6 +538,11 @@ def report(results, args, sizes):
             twin_rounds = " ".join(f"{x:.2f}" for x in wc[twin].get("rounds", []))
             pair_rounds = " ".join(f"{x:.2f}" for x in (pair or {}).get("rounds", []))
             print(f"    rounds (s): motorpool {rounds}; twin {twin_rounds}; two twins {pair_rounds}")
+            # The ratio within each round: the form and its twin minutes apart at most.
+            within = [t / m for m, t in zip(wc[mine].get("rounds", []), wc[twin].get("rounds", []))]
+            if len(within) > 1:
+                print(f"    ratio within each round: {' '.join(f'{x:.2f}x' for x in within)}"
+                      f" (median {statistics.median(within):.2f}x)")
         for k, label in [("pyspark", "PySpark RDD"), ("dask", "Dask bag")]:
             if k not in wc:
                 continue
