@@ -252,10 +252,14 @@ fn open_local(spec: &proto::TaskSpec) -> Option<Vec<LocalRange>> {
     Some(out)
 }
 
-/// Reads `ranges` in chunks of up to [`CHUNK`] into `emit` (which returns
-/// false to stop early). Returns the bytes and lines handed over.
+/// Hands `ranges` over in chunks of up to [`CHUNK`]: read into `emit`
+/// (which returns false to stop early), or, given a pipe, spliced into it
+/// (splice(2): the page cache's pages go in by reference, never copied
+/// through this process), `emit` then carrying only what cannot be spliced.
+/// Returns the bytes and lines handed over.
 fn read_ranges(
     ranges: Vec<LocalRange>,
+    mut splice_into: Option<&std::fs::File>,
     mut emit: impl FnMut(&[u8]) -> std::io::Result<bool>,
 ) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::FileExt;
@@ -265,6 +269,24 @@ fn read_ranges(
         let mut at = r.start;
         while at < r.end {
             let want = ((r.end - at) as usize).min(CHUNK);
+            if let Some(pipe) = splice_into {
+                match splice_chunk(&r.file, at, want, pipe) {
+                    Ok(Some(0)) => return Err(shorter_than_seen()),
+                    Ok(Some(n)) => {
+                        records += count_lines_at(&r.file, at, n, &mut buf)?;
+                        at += n as u64;
+                        bytes += n as u64;
+                        continue;
+                    }
+                    // This file system cannot splice: copy from here on.
+                    Ok(None) => splice_into = None,
+                    // It stopped reading; its exit code tells.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                        return Ok((bytes, records));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let n = r.file.read_at(&mut buf[..want], at)?;
             if n == 0 {
                 return Err(shorter_than_seen());
@@ -287,76 +309,76 @@ fn read_ranges(
     Ok((bytes, records))
 }
 
-/// Moves `ranges` into the pipe `to` with splice(2): the page cache's pages
-/// go into the pipe by reference, so the bytes are copied once (by the
-/// reader) instead of three times (into this process, into the pipe, out of
-/// it). Lines are counted from a small buffer that stays in cache. `None`
-/// when the file system cannot splice (before anything was moved): the
-/// caller copies instead. Returns the bytes and lines handed over, stopping
-/// early when the reader closed its end.
+/// Splices up to `want` bytes of `file` at `at` into `pipe`: the bytes
+/// moved (0 at the file's end), or `None` when this file system cannot.
 #[cfg(target_os = "linux")]
-fn splice_ranges(ranges: &[LocalRange], to: &std::fs::File) -> Option<std::io::Result<(u64, u64)>> {
-    use std::io::Write as _;
+fn splice_chunk(
+    file: &std::fs::File,
+    at: u64,
+    want: usize,
+    pipe: &std::fs::File,
+) -> std::io::Result<Option<usize>> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
-    const COUNT_BUF: usize = 64 << 10;
-    let (mut bytes, mut records) = (0u64, 0u64);
-    let mut buf = vec![0u8; COUNT_BUF];
-    let mut to = to;
-    for r in ranges {
-        let mut at = r.start;
-        while at < r.end {
-            let want = ((r.end - at) as usize).min(CHUNK);
-            let mut offset = at as libc::loff_t;
-            // SAFETY: both descriptors are open and owned by `r.file` and `to`
-            // for the call; `offset` is a valid loff_t the kernel updates.
-            let n = unsafe {
-                libc::splice(
-                    r.file.as_raw_fd(),
-                    &mut offset,
-                    to.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    want,
-                    libc::SPLICE_F_MOVE,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                return match e.raw_os_error() {
-                    Some(libc::EINVAL | libc::ENOSYS) if bytes == 0 => None,
-                    Some(libc::EPIPE) => Some(Ok((bytes, records))),
-                    Some(libc::EINTR) => continue,
-                    _ => Some(Err(e)),
-                };
-            }
-            if n == 0 {
-                return Some(Err(shorter_than_seen()));
-            }
-            let end = at + n as u64;
-            while at < end {
-                let k = ((end - at) as usize).min(COUNT_BUF);
-                match r.file.read_at(&mut buf[..k], at) {
-                    Ok(0) => return Some(Err(shorter_than_seen())),
-                    Ok(got) => {
-                        records += count_lines(&buf[..got]);
-                        at += got as u64;
-                    }
-                    Err(e) => return Some(Err(e)),
-                }
-            }
-            bytes += n as u64;
+    loop {
+        let mut offset = at as libc::loff_t;
+        // SAFETY: both descriptors are open and owned by `file` and `pipe`
+        // for the call; `offset` is a valid loff_t the kernel updates.
+        let n = unsafe {
+            libc::splice(
+                file.as_raw_fd(),
+                &mut offset,
+                pipe.as_raw_fd(),
+                std::ptr::null_mut(),
+                want,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
         }
-        if r.newline_after {
-            match to.write_all(b"\n") {
-                Ok(()) => (bytes, records) = (bytes + 1, records + 1),
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                    return Some(Ok((bytes, records)));
-                }
-                Err(e) => return Some(Err(e)),
-            }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EINVAL | libc::ENOSYS) => return Ok(None),
+            _ => return Err(e),
         }
     }
-    Some(Ok((bytes, records)))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn splice_chunk(
+    _file: &std::fs::File,
+    _at: u64,
+    _want: usize,
+    _pipe: &std::fs::File,
+) -> std::io::Result<Option<usize>> {
+    Ok(None)
+}
+
+/// The lines in `n` bytes of `file` at `at` (bytes spliced past this
+/// process), read back in pieces small enough to stay in cache.
+fn count_lines_at(
+    file: &std::fs::File,
+    mut at: u64,
+    n: usize,
+    buf: &mut [u8],
+) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: usize = 64 << 10;
+    let len = PIECE.min(buf.len());
+    let piece = &mut buf[..len];
+    let end = at + n as u64;
+    let mut lines = 0;
+    while at < end {
+        let k = ((end - at) as usize).min(piece.len());
+        let got = file.read_at(&mut piece[..k], at)?;
+        if got == 0 {
+            return Err(shorter_than_seen());
+        }
+        lines += count_lines(&piece[..got]);
+        at += got as u64;
+    }
+    Ok(lines)
 }
 
 fn shorter_than_seen() -> std::io::Error {
@@ -413,7 +435,7 @@ impl Feed {
                     let ranges = ranges.take().unwrap_or_default();
                     let (tx, new_rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
                     tokio::task::spawn_blocking(move || {
-                        let read = read_ranges(ranges, |chunk| {
+                        let read = read_ranges(ranges, None, |chunk| {
                             Ok(tx.blocking_send(Ok(chunk.to_vec())).is_ok())
                         });
                         if let Err(e) = read {
@@ -731,14 +753,12 @@ async fn run_process(
         }
     });
     let feeder = async {
-        if let (Some(ranges), Some(mut w)) = (local, pipe_w.take()) {
+        if let (Some(ranges), Some(w)) = (local, pipe_w.take()) {
             return tokio::task::spawn_blocking(move || {
                 use std::io::Write as _;
-                #[cfg(target_os = "linux")]
-                if let Some(spliced) = splice_ranges(&ranges, &w) {
-                    return spliced;
-                }
-                read_ranges(ranges, |chunk| match w.write_all(chunk) {
+                // Spliced where it can be, written (through a shared
+                // reference: `&File` writes too) where it cannot.
+                read_ranges(ranges, Some(&w), |chunk| match (&w).write_all(chunk) {
                     Ok(()) => Ok(true),
                     // It stopped reading; its exit code tells.
                     Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
