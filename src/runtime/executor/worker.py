@@ -157,12 +157,10 @@ def json_value(s):
 
 
 def json_or_str(s):
-    # A counter is the common value: a JSON non-negative integer (no sign,
-    # no leading zero) is read by int(), many times faster than the decoder.
-    if s.isascii() and s.isdigit() and (s[0] != "0" or len(s) == 1):
-        return int(s)
+    """A text value read as JSON where it is JSON (a counter, most often),
+    else as the text itself."""
     try:
-        return json.loads(s)
+        return json_value(s)
     except ValueError:
         return s
 
