@@ -304,34 +304,51 @@ async fn wordcount_streaming_equals_the_reference() {
     cluster.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn wordcount_python_functions_equal_the_reference() {
-    let cluster = Cluster::start(2, 2).await;
-    // Small partitions: they travel inside their task messages.
-    let (base, reference) = job_dir(6000, 2, 2);
+/// A job of one task `name`: a per-record Python map and a Python reduce,
+/// both from `file`, over `data/*.txt` in `partitions` (map, reduce).
+fn python_job(
+    name: &str,
+    (file, map, reduce): (&str, &str, &str),
+    (map_partitions, reduce_partitions): (u32, u32),
+    output: &str,
+) -> Job {
     let f = |function: &str| PythonFunction {
-        file: "wc.py".into(),
+        file: file.into(),
         function: function.into(),
         per: None,
     };
     let mut job = Job::default();
     job.tasks.insert(
-        "count".into(),
+        name.into(),
         Task {
             map: Some(MapStage {
                 input: "data/*.txt".into(),
-                python: Some(f("tokenize")),
-                partitions: Some(6),
+                python: Some(f(map)),
+                partitions: Some(map_partitions),
                 ..MapStage::default()
             }),
             reduce: Some(ReduceStage {
-                partitions: Some(4),
-                python: Some(f("add")),
+                partitions: Some(reduce_partitions),
+                python: Some(f(reduce)),
                 ..ReduceStage::default()
             }),
-            output: Some("out/wordcount".into()),
+            output: Some(output.into()),
             ..Task::default()
         },
+    );
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wordcount_python_functions_equal_the_reference() {
+    let cluster = Cluster::start(2, 2).await;
+    // Small partitions: they travel inside their task messages.
+    let (base, reference) = job_dir(6000, 2, 2);
+    let job = python_job(
+        "count",
+        ("wc.py", "tokenize", "add"),
+        (6, 4),
+        "out/wordcount",
     );
     let summary = run(&cluster, "wordcount-py", job.clone(), base.path(), |_| {}).await;
     assert!(summary.ok, "{summary:#?}");
@@ -402,30 +419,7 @@ async fn python_keys_and_values_of_every_json_kind_cross_the_shuffle_intact() {
     let cluster = Cluster::start(2, 2).await;
     let (base, _) = job_dir(3000, 2, 5);
     std::fs::write(base.path().join("kinds.py"), KINDS_PY).expect("write kinds.py");
-    let f = |function: &str| PythonFunction {
-        file: "kinds.py".into(),
-        function: function.into(),
-        per: None,
-    };
-    let mut job = Job::default();
-    job.tasks.insert(
-        "kinds".into(),
-        Task {
-            map: Some(MapStage {
-                input: "data/*.txt".into(),
-                python: Some(f("pairs")),
-                partitions: Some(4),
-                ..MapStage::default()
-            }),
-            reduce: Some(ReduceStage {
-                partitions: Some(3),
-                python: Some(f("merge")),
-                ..ReduceStage::default()
-            }),
-            output: Some("out/kinds".into()),
-            ..Task::default()
-        },
-    );
+    let job = python_job("kinds", ("kinds.py", "pairs", "merge"), (4, 3), "out/kinds");
     let summary = run(&cluster, "kinds", job, base.path(), |_| {}).await;
     assert!(summary.ok, "{summary:#?}");
     let mut got: Vec<String> = (0..3)

@@ -350,23 +350,25 @@ mod tests {
         all.sort();
         assert_eq!(all, ["a\t1", "a\t9", "b\t1", "b\t3", "c\t2"]);
 
-        let runs: Vec<&[u8]> = vec![b"a\t1\nc\t1\n", b"b\t2\nc\t2", b""];
-        let mut out = Vec::new();
-        merge_sorted(runs, |l| {
-            out.extend_from_slice(l);
-            Ok(())
-        })
-        .expect("merge");
-        assert_eq!(out, b"a\t1\nb\t2\nc\t1\nc\t2\n");
+        assert_eq!(
+            merged(&[b"a\t1\nc\t1\n", b"b\t2\nc\t2", b""]),
+            b"a\t1\nb\t2\nc\t1\nc\t2\n"
+        );
         // Equal keys come in the order of their sources, not of their values.
-        let runs: Vec<&[u8]> = vec![b"b\t9\nb\t8\n", b"a\t0\nb\t1\n", b"b\t5\nc"];
+        assert_eq!(
+            merged(&[b"b\t9\nb\t8\n", b"a\t0\nb\t1\n", b"b\t5\nc"]),
+            b"a\t0\nb\t9\nb\t8\nb\t1\nb\t5\nc\n"
+        );
+    }
+
+    fn merged(runs: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
-        merge_sorted(runs, |l| {
+        merge_sorted(runs.to_vec(), |l| {
             out.extend_from_slice(l);
             Ok(())
         })
         .expect("merge");
-        assert_eq!(out, b"a\t0\nb\t9\nb\t8\nb\t1\nb\t5\nc\n");
+        out
     }
 
     #[test]
